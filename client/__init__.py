@@ -1,0 +1,1 @@
+"""gRPC client for the ranker ensemble: request contract, request generator, scoring, validation."""

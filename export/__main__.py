@@ -1,0 +1,69 @@
+"""`python -m export`: write the ONNX models, their model cards and the Triton configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
+from export.model import SplitNotExactError, build_model, full_mask_refusal
+from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph, write_model_card
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export the ranking transformer as three ONNX models into a Triton model "
+        "repository: user_encoder (history -> user_kv, once per request), target_fusion "
+        "(N candidates + user_kv -> scores) and ranker_naive (the baseline/oracle), plus the "
+        "Triton configs (including the `ranker` ensemble) generated from the same model config.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="model config JSON (default: %(default)s); see export/configs/")
+    p.add_argument("--output", default=str(REPO_ROOT / "model_repository"),
+                   help="model repository to write into (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None,
+                   help="PyTorch state_dict to load (default: seeded random init)")
+    p.add_argument("--fp16", action="store_true",
+                   help="export fp16 weights and user_kv (for GPU serving; I/O stays int64/fp32)")
+    p.add_argument("--naive-only", action="store_true",
+                   help="export only ranker_naive (the only graph a `full`-mask model may have)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = ModelConfig.load(args.config)
+        graphs = ["ranker_naive"] if args.naive_only else list(GRAPHS)
+        if cfg.mask == "full" and any(g in SPLIT_GRAPHS for g in graphs):
+            raise SplitNotExactError(
+                "refusing to export the user_encoder/target_fusion split: "
+                + full_mask_refusal(cfg.mask)
+            )
+        model = build_model(cfg, args.checkpoint)
+    except (ConfigError, SplitNotExactError, ValueError, FileNotFoundError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    if args.fp16:
+        model = model.half()
+    out = Path(args.output)
+    print(f"export: mask={cfg.mask} d_model={cfg.d_model} layers={cfg.num_layers} "
+          f"heads={cfg.num_heads} max_history={cfg.max_history} -> {out}")
+    for name in graphs:
+        t0 = time.perf_counter()
+        path = out / name / "1" / "model.onnx"
+        export_graph(model, name, path, fp16=args.fp16)
+        write_model_card(path.parent / "model_card.json", cfg, model, [name], args.fp16,
+                         args.checkpoint)
+        size_mb = path.stat().st_size / 2**20
+        print(f"export: wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

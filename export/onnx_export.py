@@ -1,0 +1,162 @@
+"""Export the three ONNX graphs (user_encoder, target_fusion, ranker_naive) from one model.
+
+Every graph has dynamic L and N (zero included), no batch axis, and is written at an opset the
+production container's ONNX Runtime (1.19 in NGC 24.10, opset <= 21) runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from client import contract as c
+from export.config import ModelConfig
+from export.model import RankingTransformer, SplitNotExactError, full_mask_refusal
+
+OPSET = 17  # LayerNormalization is a single op from 17; <= 20 keeps NGC 24.10 happy.
+REQUEST_NAMES = [s.name for s in c.request_inputs(1)]
+
+
+class UserEncoder(nn.Module):
+    """History -> user_kv, last_event_timestamp. Once per request."""
+
+    def __init__(self, model: RankingTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, items: Tensor, actions: Tensor, timestamps: Tensor) -> tuple[Tensor, Tensor]:
+        user_kv, last_ts = self.model.encode_user(items, actions, timestamps)
+        return user_kv.to(self.model.item_emb.weight.dtype), last_ts
+
+
+class TargetFusion(nn.Module):
+    """N candidates + the shared user_kv -> scores [N, T], all candidates in one pass."""
+
+    def __init__(self, model: RankingTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, cand_items: Tensor, cand_cats: Tensor, request_ts: Tensor, profile: Tensor,
+        user_kv: Tensor, last_ts: Tensor,
+    ) -> Tensor:
+        dtype = self.model.item_emb.weight.dtype
+        scores = self.model.score_candidates(
+            cand_items, cand_cats, request_ts, profile.to(dtype), user_kv, last_ts
+        )
+        return scores.float()
+
+
+class NaiveRanker(nn.Module):
+    """The whole request contract -> scores, the history re-encoded for every candidate."""
+
+    def __init__(self, model: RankingTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *request: Tensor) -> Tensor:
+        *ids, profile = request
+        return self.model(*ids, profile.to(self.model.item_emb.weight.dtype)).float()
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    module: type[nn.Module]
+    inputs: list[str]
+    outputs: list[str]
+
+
+GRAPHS = {
+    "user_encoder": GraphSpec(
+        "user_encoder", UserEncoder, list(c.HISTORY_INPUTS), [c.USER_KV, c.LAST_EVENT_TIMESTAMP]
+    ),
+    "target_fusion": GraphSpec(
+        "target_fusion", TargetFusion,
+        [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
+         c.LAST_EVENT_TIMESTAMP],
+        [c.SCORES],
+    ),
+    "ranker_naive": GraphSpec("ranker_naive", NaiveRanker, REQUEST_NAMES, [c.SCORES]),
+}
+SPLIT_GRAPHS = ("user_encoder", "target_fusion")
+
+# Which axis of each tensor is dynamic, and its name in the ONNX graph.
+DYNAMIC_AXES = {
+    **{n: {0: "L"} for n in c.HISTORY_INPUTS},
+    **{n: {0: "N"} for n in c.CANDIDATE_INPUTS},
+    c.USER_KV: {3: "L"},
+    c.SCORES: {0: "N"},
+}
+
+
+def example_inputs(cfg: ModelConfig, length: int = 5, n: int = 3) -> dict[str, Tensor]:
+    """Small tracing inputs. Sizes only seed the trace: every variable axis is exported dynamic."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        c.HISTORY_ITEM_IDS: torch.randint(0, 1000, (length,), generator=g),
+        c.HISTORY_ACTION_IDS: torch.randint(0, 4, (length,), generator=g),
+        c.HISTORY_TIMESTAMPS: torch.arange(length, dtype=torch.int64) * 60 + 1_700_000_000,
+        c.CANDIDATE_ITEM_IDS: torch.randint(0, 1000, (n,), generator=g),
+        c.CANDIDATE_CATEGORY_IDS: torch.randint(0, 50, (n,), generator=g),
+        c.REQUEST_TIMESTAMP: torch.tensor([1_700_000_600]),
+        c.USER_PROFILE: torch.randn(cfg.profile_dim, generator=g),
+        c.USER_KV: torch.randn(cfg.num_layers, 2, cfg.num_heads, length, cfg.head_dim),
+        c.LAST_EVENT_TIMESTAMP: torch.tensor([1_700_000_000 + 60 * (length - 1)]),
+    }
+
+
+def export_graph(
+    model: RankingTransformer, name: str, path: Path, fp16: bool = False
+) -> None:
+    """Trace one graph of `model` into `path` (a single self-contained .onnx file)."""
+    spec = GRAPHS[name]
+    if name in SPLIT_GRAPHS and model.cfg.mask == "full":
+        raise SplitNotExactError(full_mask_refusal(model.cfg.mask))
+    module = spec.module(model).eval()
+    inputs = example_inputs(model.cfg)
+    if fp16:
+        inputs[c.USER_KV] = inputs[c.USER_KV].half()
+    args = tuple(inputs[n] for n in spec.inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-to-int conversions
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=OPSET,
+            input_names=spec.inputs, output_names=spec.outputs,
+            dynamic_axes={n: DYNAMIC_AXES[n] for n in spec.inputs + spec.outputs
+                          if n in DYNAMIC_AXES},
+        )
+    onnx.checker.check_model(str(path))
+
+
+def weight_hash(model: nn.Module) -> str:
+    """sha256 over the state_dict (names, shapes, bytes): which weights a model file carries."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_model_card(path: Path, cfg: ModelConfig, model: nn.Module, graphs: list[str],
+                     fp16: bool, checkpoint: str | None) -> None:
+    card = {
+        "config": cfg.to_dict(),
+        "opset": OPSET,
+        "precision": "fp16" if fp16 else "fp32",
+        "weights": checkpoint or f"seeded random init (seed {cfg.seed})",
+        "weight_sha256": weight_hash(model),
+        "graphs": graphs,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
+    path.write_text(json.dumps(card, indent=2) + "\n")
