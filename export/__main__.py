@@ -10,6 +10,7 @@ from pathlib import Path
 from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
 from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph, write_model_card
+from export.triton_configs import config_source, write_configs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                          args.checkpoint)
         size_mb = path.stat().st_size / 2**20
         print(f"export: wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
+    if not args.naive_only:
+        for path in write_configs(cfg, out, config_source(Path(args.config)), fp16=args.fp16):
+            print(f"export: wrote {path}")
     return 0
 
 

@@ -1,0 +1,76 @@
+"""Start the local tritonserver (local flavour of model_repository/) in the foreground.
+
+Waits until the server and every model are ready and says so; stops the server cleanly on
+SIGINT/SIGTERM. Run it through scripts/serve.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from scripts.triton_local import BUILD_DIR, MODEL_REPOSITORY, ServerError, start_server
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/serve.sh",
+        description="Serve model_repository/ with a real tritonserver (from the nvidia-pytriton "
+        "wheel, no Docker, CPU): ONNX models run with ONNX Runtime in python-backend models, the "
+        "`ranker` ensemble config is the production one. Binds 127.0.0.1; gRPC only unless "
+        "--http-port/--metrics-port are given; model control API off. Run `python -m export` "
+        "first.",
+    )
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=None, help="enable HTTP on this port")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="enable Prometheus metrics on this port")
+    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
+                   help="model repository to serve (default %(default)s)")
+    p.add_argument("--log-file", type=Path, default=None,
+                   help="server log (default build/logs/tritonserver_<grpc-port>.log)")
+    p.add_argument("--cache-bytes", type=int, default=0,
+                   help="enable Triton's local response cache with this many bytes")
+    p.add_argument("--ready-timeout", type=float, default=180.0,
+                   help="seconds to wait for every model to be ready (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"serve: starting tritonserver on 127.0.0.1:{args.grpc_port} (gRPC)", flush=True)
+    try:
+        server = start_server(
+            grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+            repository=args.repository, build_dir=BUILD_DIR, log_file=args.log_file,
+            cache_bytes=args.cache_bytes, timeout_s=args.ready_timeout,
+        )
+    except ServerError as e:
+        print(f"serve: error: {e}", file=sys.stderr)
+        return 1
+    print(f"serve: ready: grpc {server.grpc_url}, models {', '.join(server.models)}; "
+          f"tritonserver pid {server.pid}; log {server.log_file}", flush=True)
+    while not stopping and server.process.poll() is None:
+        time.sleep(0.2)
+    if server.process.poll() is not None and not stopping:
+        print(f"serve: error: tritonserver exited with code {server.process.returncode}; "
+              f"log tail:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    code = server.stop()
+    print(f"serve: stopped tritonserver (exit code {code})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

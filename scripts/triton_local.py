@@ -1,0 +1,257 @@
+"""A real tritonserver on this machine, without Docker (the local flavour).
+
+The nvidia-pytriton wheel ships a tritonserver 2.51 binary, its libraries and the python backend,
+but no onnxruntime backend. This module
+1. copies the wheel's server folder once into build/tritonserver and adds the python-backend stub;
+2. builds a runnable copy of model_repository/ in which each ONNX model gets the local flavour of
+   its config (only the backend lines change) and scripts/local_backend/model.py beside a link to
+   the very same model.onnx; the `ranker` ensemble config is copied unchanged;
+3. starts the server bound to 127.0.0.1 with the model control API off, waits until the server and
+   every model are ready, and stops it by PID.
+Used by scripts/serve.py (the command), the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.triton_configs import ONNX_MODELS, parse, to_flavour, to_text
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_DIR = REPO_ROOT / "build"
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+LOCAL_BACKEND_MODEL = Path(__file__).resolve().parent / "local_backend" / "model.py"
+
+
+class ServerError(RuntimeError):
+    """The local server could not be prepared or started (the message says why)."""
+
+
+def _site_packages() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent.parent
+
+
+def prepare_server(build_dir: Path = BUILD_DIR) -> Path:
+    """Copy the wheel's tritonserver folder (once) and install the python-backend stub."""
+    target = build_dir / "tritonserver"
+    stub = target / "backends" / "python" / "triton_python_backend_stub"
+    if stub.exists():
+        return target
+    source = _site_packages() / "pytriton" / "tritonserver"
+    if not (source / "bin" / "tritonserver").exists():
+        raise ServerError(
+            f"no tritonserver binary in {source}: is nvidia-pytriton==0.7.0 installed?"
+        )
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub_source = source / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub_source.exists():
+        raise ServerError(f"the wheel has no python backend stub for Python {py}")
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    shutil.copy2(stub_source, stub)
+    return target
+
+
+def build_local_repository(
+    repository: Path = MODEL_REPOSITORY, target: Path | None = None
+) -> Path:
+    """A runnable copy of `repository` with local-flavour configs for the ONNX models."""
+    target = target or BUILD_DIR / "model_repository_local"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for model_dir in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").exists()):
+        config = parse((model_dir / "config.pbtxt").read_text())
+        out = target / model_dir.name
+        version = out / "1"
+        version.mkdir(parents=True)
+        if config.platform == "ensemble":
+            shutil.copy2(model_dir / "config.pbtxt", out / "config.pbtxt")
+            continue
+        onnx_file = model_dir / "1" / "model.onnx"
+        if not onnx_file.exists():
+            raise ServerError(
+                f"{onnx_file} is missing: run `python -m export` first to write the ONNX models"
+            )
+        (out / "config.pbtxt").write_text(to_text(to_flavour(config, "local"),
+                                                  f"{model_dir}/config.pbtxt, local flavour"))
+        shutil.copy2(LOCAL_BACKEND_MODEL, version / "model.py")
+        (version / "model.onnx").symlink_to(onnx_file.resolve())
+    missing = [m for m in ONNX_MODELS if not (target / m).exists()]
+    if missing:
+        raise ServerError(f"model repository {repository} lacks {missing}")
+    return target
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: the server gets SIGTERM if the process that started it dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class LocalServer:
+    """A running tritonserver (local flavour). Stop it with `stop()`."""
+
+    process: subprocess.Popen
+    grpc_port: int
+    http_port: int | None
+    metrics_port: int | None
+    log_file: Path
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file.exists():
+            return "(no server log)"
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def errors_in_log(self) -> str:
+        """The server's own error lines (model load failures), else the log's tail."""
+        if not self.log_file.exists():
+            return "(no server log)"
+        text = self.log_file.read_text(errors="replace").splitlines()
+        errors = [line for line in text if line.startswith("E") or "error" in line.lower()]
+        return "\n".join(errors[-20:]) if errors else self.log_tail()
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout_s
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(
+                        f"tritonserver exited with code {self.process.returncode} while starting; "
+                        f"its log ({self.log_file}) says:\n{self.errors_in_log()}"
+                    )
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready() and all(
+                        client.is_model_ready(m) for m in self.models
+                    ):
+                        return
+                time.sleep(0.25)
+        finally:
+            client.close()
+        self.stop()
+        raise ServerError(
+            f"tritonserver not ready after {timeout_s:.0f}s; its log ({self.log_file}) says:\n"
+            f"{self.errors_in_log()}"
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(
+    grpc_port: int = 8001,
+    http_port: int | None = None,
+    metrics_port: int | None = None,
+    repository: Path = MODEL_REPOSITORY,
+    build_dir: Path = BUILD_DIR,
+    log_file: Path | None = None,
+    cache_bytes: int = 0,
+    extra_args: list[str] | None = None,
+    wait: bool = True,
+    timeout_s: float = 180.0,
+) -> LocalServer:
+    """Start tritonserver on 127.0.0.1. Only gRPC is on unless http/metrics ports are given."""
+    for label, port in (("gRPC", grpc_port), ("HTTP", http_port), ("metrics", metrics_port)):
+        if port is not None and not port_is_free(port):
+            raise ServerError(
+                f"{label} port {port} on 127.0.0.1 is already in use (another tritonserver?); "
+                f"choose another with --{label.lower()}-port"
+            )
+    server_dir = prepare_server(build_dir)
+    local_repo = build_local_repository(
+        repository, build_dir / f"model_repository_local_{grpc_port}"
+    )
+    log_file = log_file or build_dir / "logs" / f"tritonserver_{grpc_port}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if log_file.exists():
+        log_file.unlink()
+    args = [
+        str(server_dir / "bin" / "tritonserver"),
+        f"--model-repository={local_repo}",
+        f"--backend-directory={server_dir / 'backends'}",
+        f"--cache-directory={server_dir / 'caches'}",
+        "--model-control-mode=none",
+        "--disable-auto-complete-config",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--log-file={log_file}",
+        "--allow-grpc=true", "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
+        f"--allow-http={'true' if http_port else 'false'}",
+        f"--allow-metrics={'true' if metrics_port else 'false'}",
+    ]
+    if http_port:
+        args += ["--http-address=127.0.0.1", f"--http-port={http_port}"]
+    if metrics_port:
+        args += ["--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}"]
+    if cache_bytes:
+        args.append(f"--cache-config=local,size={cache_bytes}")
+    args += extra_args or []
+    env = dict(os.environ)
+    libs = _site_packages() / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    # The python-backend stub imports numpy/onnxruntime from the first python on PATH, and the
+    # local backend model imports export.runtime from this repository.
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent,
+    )
+    models = sorted(p.name for p in local_repo.iterdir() if (p / "config.pbtxt").exists())
+    server = LocalServer(process, grpc_port, http_port, metrics_port, log_file, models)
+    if wait:
+        server.wait_ready(timeout_s)
+    return server
