@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true",
                    help="export fp16 weights and user_kv (for GPU serving; I/O stays int64/fp32)")
     p.add_argument("--naive-only", action="store_true",
-                   help="export only ranker_naive (the only graph a `full`-mask model may have)")
+                   help="skip the user_encoder/target_fusion split (a `full`-mask model has none)")
     return p.parse_args(argv)
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = ModelConfig.load(args.config)
-        graphs = ["ranker_naive"] if args.naive_only else list(GRAPHS)
+        graphs = [g for g in GRAPHS if not (args.naive_only and g in SPLIT_GRAPHS)]
         if cfg.mask == "full" and any(g in SPLIT_GRAPHS for g in graphs):
             raise SplitNotExactError(
                 "refusing to export the user_encoder/target_fusion split: "

@@ -163,7 +163,7 @@ class RankingTransformer(nn.Module):
 
         Stacking the three tensors first makes a length mismatch an error in torch and in ONNX
         Runtime alike, instead of a silent broadcast of a length-1 tensor."""
-        events = torch.stack([item_ids, action_ids, timestamps], dim=1)[-self.cfg.max_history :]
+        events = self._history_events(item_ids, action_ids, timestamps)
         item_ids, action_ids, timestamps = events[:, 0], events[:, 1], events[:, 2]
         positions = torch.arange(events.shape[0], dtype=torch.int64)
         previous = torch.cat([timestamps[:1], timestamps[:-1]])
@@ -174,8 +174,17 @@ class RankingTransformer(nn.Module):
             + self.gap_emb(gap)
             + self.position_emb(positions)
         )
-        last_ts = torch.cat([torch.zeros(1, dtype=torch.int64), timestamps])[-1:]
-        return tokens, last_ts
+        return tokens, self._last_timestamp(timestamps)
+
+    def _history_events(self, item_ids: Tensor, action_ids: Tensor, timestamps: Tensor) -> Tensor:
+        """[L'', 3] most recent max_history events; unequal lengths raise instead of broadcast."""
+        events = torch.stack([item_ids, action_ids, timestamps], dim=1)
+        return events[-self.cfg.max_history :]
+
+    @staticmethod
+    def _last_timestamp(timestamps: Tensor) -> Tensor:
+        """Newest event's timestamp [1], 0 for an empty history."""
+        return torch.cat([torch.zeros(1, dtype=torch.int64), timestamps])[-1:]
 
     def embed_candidates(
         self,
@@ -305,6 +314,18 @@ class RankingTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block.forward_candidates(x, user_kv[i, 0], user_kv[i, 1])
         return self.head(x, user_profile)[1:]
+
+    def forward_base(self, *request: Tensor) -> Tensor:
+        """The model without its sequence module (the `ranker_base` benchmark reference): the
+        candidate's own features and the user profile through the same head. The history is read
+        only for the newest timestamp (the candidates' time gap)."""
+        hist_items, hist_actions, hist_ts, cand_items, cand_cats, request_ts, profile = request
+        events = self._history_events(hist_items, hist_actions, hist_ts)
+        x = self.embed_candidates(
+            cand_items, cand_cats, request_ts, self._last_timestamp(events[:, 2]),
+            torch.tensor(events.shape[0]) > 0,
+        )
+        return self.head(x, profile)
 
     def split_forward(self, *request: Tensor) -> Tensor:
         """encode_user + score_candidates on the request contract (same argument order as

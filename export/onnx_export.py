@@ -66,6 +66,18 @@ class NaiveRanker(nn.Module):
         return self.model(*ids, profile.to(self.model.item_emb.weight.dtype)).float()
 
 
+class BaseRanker(nn.Module):
+    """The request contract -> scores without the sequence module (benchmark reference)."""
+
+    def __init__(self, model: RankingTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *request: Tensor) -> Tensor:
+        *ids, profile = request
+        return self.model.forward_base(*ids, profile.to(self.model.item_emb.weight.dtype)).float()
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
@@ -85,6 +97,7 @@ GRAPHS = {
         [c.SCORES],
     ),
     "ranker_naive": GraphSpec("ranker_naive", NaiveRanker, REQUEST_NAMES, [c.SCORES]),
+    "ranker_base": GraphSpec("ranker_base", BaseRanker, REQUEST_NAMES, [c.SCORES]),
 }
 SPLIT_GRAPHS = ("user_encoder", "target_fusion")
 

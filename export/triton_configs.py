@@ -38,7 +38,8 @@ ENSEMBLE = "ranker"
 USER_ENCODER = "user_encoder"
 TARGET_FUSION = "target_fusion"
 NAIVE = "ranker_naive"
-ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE)
+BASE = "ranker_base"
+ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE, BASE)
 ALL_MODELS = (ENSEMBLE, *ONNX_MODELS)
 
 _GPU, _CPU = mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU
@@ -144,6 +145,7 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
         TARGET_FUSION: _onnx_model(TARGET_FUSION, [*fuse_inputs, user_kv, last_ts], [scores],
                                    cfg, flavour, tensorrt_fp16),
         NAIVE: _onnx_model(NAIVE, request, [scores], cfg, flavour, tensorrt_fp16),
+        BASE: _onnx_model(BASE, request, [scores], cfg, flavour, tensorrt_fp16),
     }
 
 
