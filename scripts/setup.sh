@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine (idempotent): Debian libb64 for perf_analyzer, a virtual
+# environment in .venv with requirements.txt. Re-running it is cheap.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
+  echo "usage: scripts/setup.sh   # create .venv and install requirements.txt (+ libb64-0d)"
+  exit 0
+fi
+if ! ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d'; then
+  echo "setup: installing Debian libb64-0d (perf_analyzer needs it)"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq libb64-0d >/dev/null \
+    || echo "setup: warning: could not install libb64-0d; perf_analyzer benchmarks will not run" >&2
+fi
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  echo "setup: installing requirements.txt into .venv (first time: a few minutes)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready (.venv, $(.venv/bin/python --version))"

@@ -1,0 +1,110 @@
+"""Shared fixtures: small model configs, exported ONNX models, random requests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client import contract as c
+from export.config import ModelConfig
+from export.model import RankingTransformer, build_model
+from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph
+from export.runtime import make_session
+
+INT64_MIN, INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+
+# Small enough for a 2-core CI machine, large enough for L in {256, max_history, beyond}.
+SMALL = dict(
+    d_model=32, num_heads=4, num_layers=2, d_ff=64, max_history=300, num_tasks=2,
+    task_names=("click", "like"), profile_dim=5, item_buckets=1009, action_buckets=7,
+    category_buckets=101, gap_buckets=12, head_hidden=16, seed=3,
+)
+
+
+def small_config(mask: str, **overrides: object) -> ModelConfig:
+    return ModelConfig(**{**SMALL, "mask": mask, **overrides})
+
+
+def random_request(
+    rng: np.random.Generator, cfg: ModelConfig, length: int, n: int
+) -> dict[str, np.ndarray]:
+    """Contract tensors with ids over the whole int64 range (extremes included)."""
+    def ids(size: int) -> np.ndarray:
+        out = rng.integers(INT64_MIN, INT64_MAX, size, dtype=np.int64, endpoint=True)
+        if size >= 2:
+            out[:2] = (INT64_MIN, INT64_MAX)
+        return out
+
+    gaps = rng.choice([0, 1, 5, 70, 3_600, 90_000, 2_000_000], size=length)
+    timestamps = 1_600_000_000 + np.cumsum(gaps).astype(np.int64)
+    last = int(timestamps[-1]) if length else 1_600_000_000
+    return {
+        c.HISTORY_ITEM_IDS: ids(length),
+        c.HISTORY_ACTION_IDS: rng.integers(-3, 10, length).astype(np.int64),
+        c.HISTORY_TIMESTAMPS: timestamps,
+        c.CANDIDATE_ITEM_IDS: ids(n),
+        c.CANDIDATE_CATEGORY_IDS: rng.integers(-10**15, 10**15, n).astype(np.int64),
+        c.REQUEST_TIMESTAMP: np.array([last + int(rng.integers(0, 10_000))], dtype=np.int64),
+        c.USER_PROFILE: rng.standard_normal(cfg.profile_dim).astype(np.float32),
+    }
+
+
+def as_torch(request: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(request[s.name]) for s in c.request_inputs(1)]
+
+
+def in_chunks(fn: Callable[[dict], np.ndarray], request: dict, chunk: int = 100) -> np.ndarray:
+    """Run a naive scorer over candidate chunks. Candidates are independent in the naive model,
+    so this only bounds the test's memory (N x (L+1)^2 attention scores)."""
+    n = request[c.CANDIDATE_ITEM_IDS].shape[0]
+    if n <= chunk:
+        return fn(request)
+    parts = []
+    for start in range(0, n, chunk):
+        part = dict(request)
+        for name in c.CANDIDATE_INPUTS:
+            part[name] = request[name][start : start + chunk]
+        parts.append(fn(part))
+    return np.concatenate(parts)
+
+
+class OnnxModels:
+    """The exported graphs of one model, run with the project's ONNX Runtime settings."""
+
+    def __init__(self, directory: Path, graphs: list[str]) -> None:
+        self.sessions = {g: make_session(directory / g / "model.onnx") for g in graphs}
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = self.sessions[graph]
+        names = [i.name for i in session.get_inputs()]
+        return session.run(None, {n: feeds[n] for n in names})
+
+    def split(self, request: dict[str, np.ndarray]) -> np.ndarray:
+        user_kv, last_ts = self.run("user_encoder", request)
+        feeds = {**request, c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts}
+        return self.run("target_fusion", feeds)[0]
+
+    def naive(self, request: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run("ranker_naive", request)[0]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple]:
+    """mask -> (torch model, OnnxModels), exported once per session."""
+    cache: dict[str, tuple[RankingTransformer, OnnxModels]] = {}
+
+    def get(mask: str) -> tuple[RankingTransformer, OnnxModels]:
+        if mask not in cache:
+            model = build_model(small_config(mask))
+            directory = tmp_path_factory.mktemp(f"onnx_{mask}")
+            graphs = [g for g in GRAPHS if mask != "full" or g not in SPLIT_GRAPHS]
+            for graph in graphs:
+                export_graph(model, graph, directory / graph / "model.onnx")
+            cache[mask] = (model, OnnxModels(directory, graphs))
+        return cache[mask]
+
+    return get

@@ -1,0 +1,203 @@
+"""Export contract: the full mask is refused, causal K/V is append-only, target_fusion never
+replicates user_kv, the committed Triton configs are what the generator writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from client import contract as c
+from export.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, ModelConfig
+from export.model import SplitNotExactError, build_model
+from export.onnx_export import OPSET, export_graph
+from export.triton_configs import (
+    ALL_MODELS,
+    MODEL_REPOSITORY,
+    build_configs,
+    config_source,
+    stale_configs,
+    to_flavour,
+)
+from tests.conftest import as_torch, random_request, small_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------ the full (BST) mask
+def test_full_mask_split_is_refused(tmp_path: Path) -> None:
+    model = build_model(small_config("full"))
+    with pytest.raises(SplitNotExactError, match="attend to the target"):
+        export_graph(model, "user_encoder", tmp_path / "ue.onnx")
+    with pytest.raises(SplitNotExactError, match="wrong"):
+        model.encode_user(*(torch.zeros(3, dtype=torch.int64) for _ in range(3)))
+
+
+def test_full_mask_cli_refuses_with_clear_message(tmp_path: Path) -> None:
+    result = run_export("--config", str(CONFIG_DIR / "ranker_full_bst.json"),
+                        "--output", str(tmp_path))
+    assert result.returncode == 2
+    assert "refusing to export" in result.stderr and "attend to the target" in result.stderr
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_full_mask_split_would_be_wrong(exported) -> None:
+    """Why the refusal matters: a shared K/V computed without the target differs from naive."""
+    model, onnx_models = exported("full")
+    request = random_request(np.random.default_rng(3), model.cfg, 30, 8)
+    tensors = as_torch(request)
+    with torch.no_grad():
+        user_kv, last_ts = model._encode_history(*tensors[:3])
+        cached = model.score_candidates(*tensors[3:5], tensors[5], tensors[6], user_kv, last_ts)
+        naive = model(*tensors)
+    assert float((cached - naive).abs().max()) > 1e-4
+    np.testing.assert_allclose(onnx_models.naive(request), naive.numpy(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ K/V semantics
+def test_causal_kv_of_earlier_positions_ignores_later_events(exported) -> None:
+    model, onnx_models = exported("causal")
+    request = random_request(np.random.default_rng(4), model.cfg, 50, 1)
+    changed = {k: v.copy() for k, v in request.items()}
+    changed[c.HISTORY_ITEM_IDS][40:] += 12345
+    changed[c.HISTORY_ACTION_IDS][40:] += 1
+    kv_a = onnx_models.run("user_encoder", request)[0]
+    kv_b = onnx_models.run("user_encoder", changed)[0]
+    np.testing.assert_array_equal(kv_a[..., :40, :], kv_b[..., :40, :])
+    assert np.abs(kv_a[..., 40:, :] - kv_b[..., 40:, :]).max() > 1e-3
+
+
+def test_bidirectional_kv_sees_the_whole_history(exported) -> None:
+    model, onnx_models = exported("bidirectional")
+    request = random_request(np.random.default_rng(4), model.cfg, 50, 1)
+    changed = {k: v.copy() for k, v in request.items()}
+    changed[c.HISTORY_ITEM_IDS][45:] += 12345
+    kv_a = onnx_models.run("user_encoder", request)[0]
+    kv_b = onnx_models.run("user_encoder", changed)[0]
+    # layer 1's K/V depend on the token alone; from layer 2 on every position sees the change
+    assert np.abs(kv_a[1, :, :, :40] - kv_b[1, :, :, :40]).max() > 1e-4
+
+
+# ------------------------------------------------------------------ graph structure
+VIEW_OPS = {"Gather", "Slice", "Transpose", "Squeeze", "Identity", "Cast", "Reshape"}
+
+
+def test_target_fusion_never_replicates_user_kv(tmp_path: Path) -> None:
+    """Every path from user_kv goes through views (slice/transpose) into a MatMul whose
+    operands are head-major rank-3 tensors ([H,N,dh] x [H,dh,L] and [H,N,L] x [H,L,dh]): no
+    Expand/Tile/Concat of the K/V along N and no N*H matrix-vector products."""
+    cfg = small_config("causal")
+    path = tmp_path / "tf.onnx"
+    export_graph(build_model(cfg), "target_fusion", path)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in [*graph.value_info, *graph.input, *graph.output]}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    views, frontier, matmuls = {c.USER_KV}, [c.USER_KV], []
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type in VIEW_OPS:
+                for out in node.output:
+                    if out not in views:
+                        views.add(out)
+                        frontier.append(out)
+            elif node.op_type == "MatMul":
+                matmuls.append(node)
+            elif node.op_type != "Shape":
+                pytest.fail(f"user_kv reaches a {node.op_type} node ({node.name})")
+    assert len(matmuls) == 2 * cfg.num_layers  # scores = Q K^T and output = P V, per layer
+    for node in matmuls:
+        assert [ranks.get(i) for i in node.input] == [3, 3], node.name
+    assert not any(n.op_type in ("Expand", "Tile") for n in graph.node)
+
+
+def test_opset_and_dynamic_axes(exported, tmp_path: Path) -> None:
+    path = tmp_path / "ue.onnx"
+    export_graph(build_model(small_config("causal")), "user_encoder", path)
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version == OPSET <= 20
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in [*model.graph.input, *model.graph.output]}
+    assert dims[c.HISTORY_ITEM_IDS] == ["L"]
+    assert dims[c.USER_KV][3] == "L"
+
+
+# ------------------------------------------------------------------ configs and cards
+def test_committed_triton_configs_match_the_generator() -> None:
+    cfg = ModelConfig.load(DEFAULT_CONFIG)
+    assert stale_configs(cfg, MODEL_REPOSITORY, config_source(DEFAULT_CONFIG)) == []
+    assert sorted(p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")) == sorted(
+        ALL_MODELS)
+
+
+def test_local_flavour_differs_only_in_backend_lines() -> None:
+    cfg = ModelConfig.load(DEFAULT_CONFIG)
+    production, local = build_configs(cfg, "production"), build_configs(cfg, "local")
+    for name, config in production.items():
+        assert to_flavour(config, "local") == local[name]
+        strip_p, strip_l = to_flavour(config, "local"), local[name]
+        for field in ("input", "output", "ensemble_scheduling", "parameters", "max_batch_size"):
+            assert getattr(strip_p, field) == getattr(config, field), (name, field)
+            assert getattr(strip_l, field) == getattr(config, field), (name, field)
+    assert production["ranker"] == local["ranker"]
+    assert production["user_encoder"].backend == "onnxruntime"
+    assert local["user_encoder"].backend == "python"
+
+
+def test_export_cli_writes_models_cards_and_configs(tmp_path: Path) -> None:
+    config = tmp_path / "tiny_bidirectional.json"
+    config.write_text(json.dumps({**small_config("bidirectional").to_dict(), "max_history": 64}))
+    result = run_export("--config", str(config), "--output", str(tmp_path / "repo"))
+    assert result.returncode == 0, result.stderr
+    for name in ("user_encoder", "target_fusion", "ranker_naive", "ranker_base"):
+        card = json.loads((tmp_path / "repo" / name / "1" / "model_card.json").read_text())
+        assert card["opset"] == OPSET and card["config"]["mask"] == "bidirectional"
+        assert len(card["weight_sha256"]) == 64
+    assert (tmp_path / "repo" / "ranker" / "config.pbtxt").exists()
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
+    cfg = small_config("causal")
+    model = build_model(cfg)
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+    other = build_model(small_config("causal", seed=99), str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+    torch.save(build_model(small_config("causal", d_model=16)).state_dict(), path)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_model(cfg, str(path))
+
+
+def test_bad_configs_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mask"):
+        small_config("all-ones")
+    with pytest.raises(ConfigError, match="divisible"):
+        small_config("causal", d_model=30)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"mask": "causal", "dmodel": 3}')
+    result = run_export("--config", str(bad), "--output", str(tmp_path))
+    assert result.returncode == 2 and "unknown model config keys" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["ranker_causal.json", "ranker_bidirectional.json"])
+def test_shipped_configs_are_realistic(name: str) -> None:
+    cfg = ModelConfig.load(CONFIG_DIR / name)
+    assert name.split("_")[1].split(".")[0] == cfg.mask
+    assert cfg.max_history >= 1024 and cfg.d_model >= 128 and cfg.num_heads >= 4
+    assert 2 <= cfg.num_layers <= 4
