@@ -89,7 +89,7 @@ class Block(nn.Module):
         q, k, v = (self._split_heads(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
         scores = (q * self.scale) @ k.transpose(-1, -2)
         if mask_bias is not None:
-            scores = scores + mask_bias
+            scores = scores + mask_bias.to(scores.dtype)
         attn = torch.softmax(scores, dim=-1) @ v
         x = x + self.out(self._merge_heads(attn))
         return self._ffn(x), k, v

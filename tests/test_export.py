@@ -201,3 +201,22 @@ def test_shipped_configs_are_realistic(name: str) -> None:
     assert name.split("_")[1].split(".")[0] == cfg.mask
     assert cfg.max_history >= 1024 and cfg.d_model >= 128 and cfg.num_heads >= 4
     assert 2 <= cfg.num_layers <= 4
+
+
+def test_fp16_export_halves_user_kv_and_stays_close(tmp_path: Path) -> None:
+    """The GPU option: fp16 weights and user_kv. ONNX Runtime's CPU kernels run it too, so its
+    accuracy against the fp32 oracle is checked here (fp16 tolerance, not 1e-5)."""
+    from tests.conftest import OnnxModels
+
+    cfg = small_config("causal")
+    model = build_model(cfg)
+    half = build_model(cfg).half()
+    for graph in ("user_encoder", "target_fusion"):
+        export_graph(half, graph, tmp_path / graph / "model.onnx", fp16=True)
+    onnx_models = OnnxModels(tmp_path, ["user_encoder", "target_fusion"])
+    request = random_request(np.random.default_rng(9), cfg, 120, 33)
+    user_kv = onnx_models.run("user_encoder", request)[0]
+    assert user_kv.dtype == np.float16
+    with torch.no_grad():
+        reference = model(*as_torch(request)).numpy()
+    assert float(np.abs(onnx_models.split(request) - reference).max()) < 5e-3
