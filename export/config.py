@@ -38,6 +38,11 @@ class ModelConfig:
     gap_buckets: int = 24
     head_hidden: int = 128
     seed: int = 0
+    # Serving limits (Triton config parameters, enforced by the local backend and the client):
+    # candidates per request, and how many candidates ranker_naive encodes per ONNX Runtime run
+    # (its memory grows as N x (L+1)^2).
+    max_candidates: int = 20_000
+    naive_candidate_chunk: int = 16
     task_names: tuple[str, ...] = ("click", "like")
 
     def __post_init__(self) -> None:

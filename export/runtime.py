@@ -46,3 +46,33 @@ def check_lengths(inputs: Mapping[str, np.ndarray]) -> None:
             raise ContractError(
                 f"inputs {sorted(group)} must have the same length ({axis_name}), but {sizes}"
             )
+
+
+def check_limits(inputs: Mapping[str, np.ndarray], max_candidates: int) -> None:
+    """Refuse requests above the served candidate limit (memory and latency stay bounded)."""
+    n = max((a.shape[0] for name, a in inputs.items() if name.startswith("candidate_") and a.ndim),
+            default=0)
+    if max_candidates and n > max_candidates:
+        raise ContractError(
+            f"{n} candidates exceed the limit of {max_candidates} per request "
+            "(model config max_candidates); split the request"
+        )
+
+
+def run_in_chunks(
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], outputs: list[str],
+    chunk: int,
+) -> list[np.ndarray]:
+    """Run `session` over slices of at most `chunk` candidates and concatenate the outputs.
+
+    Candidates never see each other, so slicing changes no score; it bounds the memory of a
+    model whose activations grow with N (ranker_naive holds N x (L+1)^2 attention scores)."""
+    names = [n for n, a in inputs.items() if n.startswith("candidate_") and a.ndim]
+    n = inputs[names[0]].shape[0] if names else 0
+    if not chunk or n <= chunk:
+        return session.run(outputs, dict(inputs))
+    parts = [
+        session.run(outputs, {**inputs, **{k: inputs[k][start : start + chunk] for k in names}})
+        for start in range(0, n, chunk)
+    ]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(outputs))]

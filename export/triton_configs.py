@@ -92,11 +92,22 @@ def _task_names(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
     return {"task_names": mc.ModelParameter(string_value=",".join(cfg.task_names))}
 
 
+def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dict:
+    """task_names for models that output scores; the candidate limit for models that take
+    candidates; naive's candidate chunk (read by the local backend, ignored by onnxruntime)."""
+    params = _task_names(cfg) if c.SCORES in [o.name for o in outputs] else {}
+    if name != USER_ENCODER:
+        params["max_candidates"] = mc.ModelParameter(string_value=str(cfg.max_candidates))
+    if name == NAIVE:
+        params["candidate_chunk"] = mc.ModelParameter(string_value=str(cfg.naive_candidate_chunk))
+    return params
+
+
 def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpec],
                 cfg: ModelConfig, flavour: str, tensorrt_fp16: bool) -> mc.ModelConfig:
     config = mc.ModelConfig(
         name=name, max_batch_size=0, input=_inputs(inputs), output=_outputs(outputs),
-        parameters=_task_names(cfg) if c.SCORES in [o.name for o in outputs] else None,
+        parameters=_parameters(cfg, name, outputs),
     )
     _set_backend(config, flavour, tensorrt_fp16)
     return config
@@ -124,7 +135,8 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
         name=ENSEMBLE, platform="ensemble", max_batch_size=0,
         input=_inputs(request), output=_outputs([scores]),
         ensemble_scheduling=mc.ModelEnsembling(step=[encode, fuse]),
-        parameters=_task_names(cfg),
+        parameters={**_task_names(cfg),
+                    "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates))},
     )
 
 

@@ -108,3 +108,30 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple]
         return cache[mask]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository exported from the small causal config (all graphs + configs)."""
+    from export.triton_configs import write_configs
+
+    cfg = small_config("causal")
+    model = build_model(cfg)
+    repo = tmp_path_factory.mktemp("model_repository")
+    for graph in GRAPHS:
+        export_graph(model, graph, repo / graph / "1" / "model.onnx")
+    write_configs(cfg, repo, "tests/conftest.py SMALL")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(small_repository: Path):
+    """A real tritonserver on free localhost ports serving `small_repository`; stopped by PID.
+    Fails (never skips) when it cannot start."""
+    from scripts.triton_local import free_port, start_server
+
+    srv = start_server(grpc_port=free_port(), repository=small_repository, timeout_s=240)
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.runtime import ContractError, check_lengths, make_session
+from export.runtime import (
+    ContractError,
+    check_lengths,
+    check_limits,
+    make_session,
+    run_in_chunks,
+)
 
 
 class TritonPythonModel:
@@ -24,6 +30,9 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.session = make_session(version_dir / "model.onnx")
         self.input_names = [i["name"] for i in config["input"]]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.max_candidates = int(params.get("max_candidates", 0))
+        self.candidate_chunk = int(params.get("candidate_chunk", 0))
         self.outputs = [
             (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
         ]
@@ -36,7 +45,9 @@ class TritonPythonModel:
                 raise ContractError(f"{self.name}: missing input '{name}'")
             inputs[name] = tensor.as_numpy()
         check_lengths(inputs)
-        results = self.session.run([n for n, _ in self.outputs], inputs)
+        check_limits(inputs, self.max_candidates)
+        results = run_in_chunks(self.session, inputs, [n for n, _ in self.outputs],
+                                self.candidate_chunk)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=dtype))
             for (name, dtype), value in zip(self.outputs, results, strict=True)
