@@ -1,0 +1,309 @@
+"""Command line for the ranker on Triton: `python -m client {score,validate,health} --help`.
+
+Exit codes: 0 success; 1 validation mismatch, failed requests or models not ready; 2 usage
+error, unreachable server, or a request or server error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from client.api import RankerClient, RankerError
+from client.requests import RankingRequest, RequestGenerator, edge_case_requests
+from client.validation import RequestError
+
+DEFAULT_URL = "127.0.0.1:8001"
+VALIDATE_NUM_CANDIDATES = (1, 2, 5, 17, 50, 100, 256, 500, 1000)
+
+
+def history_length_spread(max_history: int) -> list[int]:
+    """History lengths for `validate`: short, typical, around max_history and beyond it (the
+    model keeps the newest max_history events, the tail must still match the oracle)."""
+    m = max_history
+    lengths = {0, 1, 2, 3, 8, 17, 64, 100, 255, m // 4, m // 2, m - 1, m, m + 1, m + 37, m * 3 // 2}
+    return sorted(x for x in lengths if x >= 0)
+
+
+# --------------------------------------------------------------------------- score
+def cmd_score(args: argparse.Namespace) -> int:
+    generated = any(v is not None for v in (args.seed, args.history_length, args.num_candidates))
+    if args.request and generated:
+        raise UsageError("--request cannot be combined with --seed/--history-length/"
+                         "--num-candidates")
+    if args.request and args.save_request:
+        raise UsageError("--save-request only applies to a generated request")
+    task: str | int = int(args.task) if args.task.isdigit() else args.task
+    with _client(args) as client:
+        info = client.model_info(args.model)
+        column = info.task_index(task)
+        if args.request:
+            req = RankingRequest.load(args.request)
+        else:
+            gen = RequestGenerator(seed=args.seed or 0, profile_dim=info.profile_dim)
+            req = gen.request(
+                100 if args.history_length is None else args.history_length,
+                50 if args.num_candidates is None else args.num_candidates,
+            )
+            if args.save_request:
+                req.save(args.save_request)  # before scoring, so a failure can be replayed
+                print(f"request saved to {args.save_request}")
+        scores, latency = client.score_with_latency(req, args.model)
+
+    order = np.argsort(-scores[:, column], kind="stable")
+    top = order if args.top <= 0 else order[: args.top]
+    print(
+        f"model {args.model}: L={req.history_length} N={req.num_candidates} "
+        f"ranked by {info.task_names[column]}, latency {latency * 1e3:.2f} ms"
+    )
+    names = "".join(f" {name:>10}" for name in info.task_names)
+    print(f"{'rank':>4} {'item_id':>20}{names}")
+    for rank, i in enumerate(top, 1):
+        cols = "".join(f" {s:>10.6f}" for s in scores[i])
+        print(f"{rank:>4} {int(req.candidate_item_ids[i]):>20}{cols}")
+    return 0
+
+
+# --------------------------------------------------------------------------- validate
+@dataclass
+class _Tally:
+    total: int = 0
+    compared: int = 0
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    max_diff: float = 0.0
+    max_diff_at: str = "-"
+    model_latency: list[float] = field(default_factory=list)
+    oracle_latency: list[float] = field(default_factory=list)
+    paired: list[tuple[float, float]] = field(default_factory=list)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    if args.count < 0 or args.max_history < 1:
+        raise UsageError("--count must be >= 0 and --max-history >= 1")
+    with _client(args) as client:
+        info = client.model_info(args.model)
+        oracle = client.model_info(args.oracle)
+        if (info.profile_dim, info.num_tasks) != (oracle.profile_dim, oracle.num_tasks):
+            raise RankerError(
+                f"{args.model} (P={info.profile_dim}, T={info.num_tasks}) and {args.oracle} "
+                f"(P={oracle.profile_dim}, T={oracle.num_tasks}) do not serve the same model"
+            )
+        gen = RequestGenerator(seed=args.seed, profile_dim=info.profile_dim)
+        random = gen.requests(args.count, history_length_spread(args.max_history),
+                              VALIDATE_NUM_CANDIDATES)
+        named = [(f"random_{i}", r) for i, r in enumerate(random)]
+        named += edge_case_requests(gen, args.max_history)
+        tally = _Tally()
+        for name, req in named:
+            _validate_one(client, args, tally, name, req)
+            if tally.total % 10 == 0 or tally.total == len(named):
+                print(f"[{tally.total}/{len(named)}] max |diff| so far {tally.max_diff:.3g}, "
+                      f"failed {len(tally.failed)}", file=sys.stderr, flush=True)
+    return _summary(args, tally)
+
+
+def _validate_one(
+    client: RankerClient, args: argparse.Namespace, tally: _Tally, name: str,
+    req: RankingRequest,
+) -> None:
+    tally.total += 1
+    shape = f"L={req.history_length:<5} N={req.num_candidates:<5}"
+    try:
+        scores, latency = client.score_with_latency(req, args.model)
+        tally.model_latency.append(latency)
+        if req.num_candidates > args.max_naive_candidates:
+            tally.skipped.append(name)
+            if args.verbose:
+                print(f"{name:<34} {shape} {args.model} {latency * 1e3:8.2f} ms, {args.oracle} "
+                      f"skipped (N > --max-naive-candidates {args.max_naive_candidates})")
+            return
+        expected, oracle_latency = client.score_with_latency(req, args.oracle)
+    except (RankerError, RequestError) as e:
+        tally.failed.append(name)
+        print(f"FAILED {name} {shape}: {e}", flush=True)
+        return
+    tally.oracle_latency.append(oracle_latency)
+    tally.paired.append((latency, oracle_latency))
+    if scores.shape != expected.shape:
+        tally.failed.append(name)
+        print(f"FAILED {name} {shape}: {args.model} scores {list(scores.shape)} vs "
+              f"{args.oracle} {list(expected.shape)}", flush=True)
+        return
+    diff = float(np.max(np.abs(scores - expected))) if scores.size else 0.0
+    if not np.isfinite(diff):  # NaN > tolerance is False: a NaN must not pass as a match
+        tally.failed.append(name)
+        print(f"FAILED {name} {shape}: non-finite scores", flush=True)
+        return
+    tally.compared += 1
+    if diff > tally.max_diff or tally.max_diff_at == "-":
+        tally.max_diff, tally.max_diff_at = diff, name
+    if args.verbose:
+        print(f"{name:<34} {shape} max|diff| {diff:.2e}  {args.model} {latency * 1e3:8.2f} ms  "
+              f"{args.oracle} {oracle_latency * 1e3:8.2f} ms", flush=True)
+
+
+def _latency_line(label: str, values: Sequence[float]) -> str:
+    if not values:
+        return f"latency {label}: no successful requests"
+    ms = np.asarray(values) * 1e3
+    return (f"latency {label}: median {np.median(ms):.2f} ms, p90 {np.percentile(ms, 90):.2f} ms "
+            f"({len(ms)} requests)")
+
+
+def _summary(args: argparse.Namespace, tally: _Tally) -> int:
+    print(f"requests: {tally.total} ({args.count} random + edge cases), compared: "
+          f"{tally.compared}, oracle skipped: {len(tally.skipped)}, failed: {len(tally.failed)}")
+    if tally.skipped:
+        print(f"  {args.oracle} skipped (N > {args.max_naive_candidates}): "
+              + ", ".join(tally.skipped))
+    if tally.failed:
+        print("  failed: " + ", ".join(tally.failed))
+    print(f"max |{args.model} - {args.oracle}|: {tally.max_diff:.3g} (at {tally.max_diff_at}), "
+          f"tolerance {args.tolerance:g}")
+    print(_latency_line(args.model, tally.model_latency))
+    print(_latency_line(args.oracle, tally.oracle_latency))
+    if tally.paired:
+        pairs = np.asarray(tally.paired)
+        med = np.median(pairs[:, 1]) / np.median(pairs[:, 0])
+        p90 = np.percentile(pairs[:, 1], 90) / np.percentile(pairs[:, 0], 90)
+        print(f"{args.oracle} / {args.model} latency on the same requests: median {med:.2f}x, "
+              f"p90 {p90:.2f}x")
+    ok = not tally.failed and tally.max_diff <= args.tolerance
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------- health
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        live = client.is_live()
+        ready = client.is_ready()
+        print(f"server {args.url}: live {_yes(live)}, ready {_yes(ready)}")
+        index = {m["name"]: m for m in client.repository_index()}
+        names = args.model or sorted(index)
+        all_ready = live and ready
+        for name in names:
+            model_ready = client.is_ready(name)
+            all_ready &= model_ready
+            entry = index.get(name)
+            state = entry["state"] if entry else "not in the model repository"
+            reason = f" ({entry['reason']})" if entry and entry["reason"] else ""
+            print(f"  {name:<20} ready {_yes(model_ready):<3} {state}{reason}")
+        if not names:
+            print("  (no models in the repository)")
+    return 0 if all_ready else 1
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# --------------------------------------------------------------------------- wiring
+class UsageError(Exception):
+    """Bad combination of options (argparse cannot express it)."""
+
+
+def _client(args: argparse.Namespace) -> RankerClient:
+    return RankerClient(url=args.url, timeout_s=args.timeout)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_connection_options(
+    parser: argparse.ArgumentParser, url: str, timeout: float | str
+) -> None:
+    parser.add_argument("--url", default=url,
+                        help=f"Triton gRPC endpoint host:port (default {DEFAULT_URL})")
+    parser.add_argument("--timeout", type=_positive_float, default=timeout,
+                        help="seconds allowed per RPC attempt (default 30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Score, validate and health-check the ranker served by Triton (gRPC).",
+        epilog="Exit codes: 0 ok; 1 mismatch, failed requests or models not ready; "
+               "2 usage error, unreachable server, request or server error.",
+    )
+    _add_connection_options(parser, DEFAULT_URL, 30.0)
+    # The same options after the subcommand too; SUPPRESS keeps them from resetting the values
+    # given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_connection_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", parents=[common], help="rank the candidates of one request",
+                       description="Score one request (from a JSON file or generated) and print "
+                                   "the top candidates with every task's score and the latency.")
+    p.add_argument("--request", metavar="FILE.json", help="a RankingRequest JSON file")
+    p.add_argument("--seed", type=int, help="seed of the generated request (default 0)")
+    p.add_argument("--history-length", type=int, metavar="L",
+                   help="history events of the generated request (default 100)")
+    p.add_argument("--num-candidates", type=int, metavar="N",
+                   help="candidates of the generated request (default 50)")
+    p.add_argument("--save-request", metavar="FILE.json",
+                   help="write the generated request as JSON (to replay it with --request)")
+    p.add_argument("--model", default="ranker", help="model to call (default ranker)")
+    p.add_argument("--task", default="0",
+                   help="task to rank by: name or index (default 0, the first task)")
+    p.add_argument("--top", type=int, default=10, metavar="K",
+                   help="candidates to print, 0 for all (default 10)")
+    p.set_defaults(func=cmd_score, parser=p)
+
+    p = sub.add_parser("validate", parents=[common],
+                       help="compare the ranker with the naive oracle",
+                       description="Send random requests (varied L and N) and every edge case to "
+                                   "the model and to the oracle; compare scores and latency.")
+    p.add_argument("--count", type=int, default=50, help="random requests (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--max-history", type=int, default=1024,
+                   help="the model's max_history; lengths are spread up to beyond it "
+                        "(default 1024)")
+    p.add_argument("--model", default="ranker", help="model under test (default ranker)")
+    p.add_argument("--oracle", default="ranker_naive",
+                   help="reference model (default ranker_naive)")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest allowed |model - oracle| score difference (default 1e-5)")
+    p.add_argument("--max-naive-candidates", type=int, default=1000, metavar="N",
+                   help="skip the oracle on requests with more candidates (default 1000)")
+    p.add_argument("--verbose", "-v", action="store_true", help="one line per request")
+    p.set_defaults(func=cmd_validate, parser=p)
+
+    p = sub.add_parser("health", parents=[common],
+                       help="server liveness/readiness and each model's readiness",
+                       description="Print server live/ready and the readiness of each model "
+                                   "(all models of the repository unless --model is given).")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="model to check (repeatable; default: every model in the repository)")
+    p.set_defaults(func=cmd_health, parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        args.parser.error(str(e))  # exits 2 with the subcommand's usage line
+    except (RankerError, RequestError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2  # unreachable: parser.error exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""gRPC client for the ranker on Triton: validated scoring, ranking, readiness and statistics.
+
+Wraps `tritonclient.grpc.InferenceServerClient` so that callers get numpy scores [N, T] or one
+exception type (RankerError, or RequestError for a request refused before sending), with retries
+only where a retry can help (server not up yet, connection dropped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client.contract import SCORES, USER_PROFILE, request_inputs
+from client.requests import RankingRequest
+from client.validation import validate_request
+
+T = TypeVar("T")
+
+_TRITON_DTYPES: dict[str, str] = {s.name: s.dtype for s in request_inputs(1)}
+# gRPC codes worth retrying: the server is starting, restarting or the connection broke. Never
+# INVALID_ARGUMENT (the same request fails the same way) nor DEADLINE_EXCEEDED (it would double
+# the load on a server that is already too slow).
+_RETRYABLE = frozenset({"StatusCode.UNAVAILABLE"})
+_UNREACHABLE = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"})
+TASK_NAMES_PARAMETER = "task_names"
+
+
+class RankerError(RuntimeError):
+    """A call to Triton failed. `server_message` is the server's (or gRPC's) own text and
+    `status` the gRPC status string (e.g. "StatusCode.INVALID_ARGUMENT"), None when the failure
+    is the client's finding (bad metadata, unexpected output)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        server_message: str | None = None,
+        status: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.server_message = server_message
+        self.status = status
+        self.model = model
+
+    @property
+    def code(self) -> str | None:
+        """The bare gRPC code name, e.g. "UNAVAILABLE"."""
+        return self.status.removeprefix("StatusCode.") if self.status else None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the client needs to know about a served model, read from the server."""
+
+    name: str
+    profile_dim: int
+    num_tasks: int
+    task_names: tuple[str, ...]
+
+    def task_index(self, task: str | int) -> int:
+        """Column of `task` (a name or an index) in the scores; RankerError if unknown."""
+        if isinstance(task, int) and not isinstance(task, bool):
+            if 0 <= task < self.num_tasks:
+                return task
+        elif isinstance(task, str) and task in self.task_names:
+            return self.task_names.index(task)
+        raise RankerError(
+            f"unknown task {task!r} for model {self.name!r}: tasks are "
+            + ", ".join(f"{i}={n}" for i, n in enumerate(self.task_names)),
+            model=self.name,
+        )
+
+
+class RankerClient:
+    """Scores RankingRequests on a Triton server over gRPC.
+
+    `timeout_s` bounds each RPC attempt; UNAVAILABLE answers (server starting, connection
+    refused or dropped) are retried up to `retries` times with exponential backoff from
+    `backoff_s`. With `validate`, requests are checked against the contract and the model's
+    profile_dim before they are sent, so a bad request fails with a RequestError naming the
+    tensor instead of an opaque server error.
+    """
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        model: str = "ranker",
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        validate: bool = True,
+    ) -> None:
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+            raise ValueError("timeout_s must be > 0, retries and backoff_s >= 0")
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.validate = validate
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._info: dict[str, ModelInfo] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+    def _call(
+        self, what: str, fn: Callable[[], T], model: str | None = None, retry: bool = True
+    ) -> T:
+        """Run one RPC, retrying UNAVAILABLE with backoff, mapping failures to RankerError.
+
+        gRPC reports connection failures (refused, reset, DNS) as UNAVAILABLE, so they are
+        retried too."""
+        if self._closed:
+            raise RankerError(f"{what}: the client is closed", model=model)
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except InferenceServerException as e:
+                status = e.status()
+                if retry and status in _RETRYABLE and attempt < self.retries:
+                    time.sleep(self.backoff_s * 2**attempt)
+                    attempt += 1
+                    continue
+                raise self._error(what, e, model, attempt) from None
+
+    def _error(
+        self, what: str, e: InferenceServerException, model: str | None, retried: int
+    ) -> RankerError:
+        status = e.status()
+        text = " ".join(str(e.message() or "").split())  # one line, whatever the server sent
+        target = f" for model {model!r}" if model else ""
+        code = status.removeprefix("StatusCode.") if status else "ERROR"
+        hint = ""
+        if status in _UNREACHABLE and "connect" in text.lower():
+            hint = " (is the server running and is the gRPC port right?)"
+        tries = f" after {retried + 1} attempts" if retried else ""
+        return RankerError(
+            f"{what}{target} at {self.url} failed{tries}: [{code}] {text}{hint}",
+            server_message=e.message(),
+            status=status,
+            model=model,
+        )
+
+    # ------------------------------------------------------------------ health
+    def is_live(self) -> bool:
+        """Server liveness. RankerError if the server cannot be reached (no retries, so that
+        health checks answer quickly)."""
+        return self._is_live(self.timeout_s)
+
+    def is_ready(self, model: str | None = None) -> bool:
+        """Server readiness (model None) or one model's readiness. RankerError if unreachable."""
+        return self._is_ready(model, self.timeout_s)
+
+    def _is_live(self, timeout_s: float) -> bool:
+        return bool(self._call(
+            "is_server_live", lambda: self._client.is_server_live(client_timeout=timeout_s),
+            retry=False,
+        ))
+
+    def _is_ready(self, model: str | None, timeout_s: float) -> bool:
+        if model is None:
+            return bool(self._call(
+                "is_server_ready",
+                lambda: self._client.is_server_ready(client_timeout=timeout_s),
+                retry=False,
+            ))
+        return bool(self._call(
+            "is_model_ready",
+            lambda: self._client.is_model_ready(model, client_timeout=timeout_s),
+            model=model, retry=False,
+        ))
+
+    def wait_ready(self, models: list[str], timeout_s: float) -> None:
+        """Poll until the server is live and every model in `models` is ready (the server
+        itself when `models` is empty). RankerError saying what was still missing on timeout."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while True:
+            # No single poll may outlive the deadline, whatever self.timeout_s is.
+            call_timeout = max(0.05, min(self.timeout_s, deadline - time.monotonic()))
+            try:
+                if not self._is_live(call_timeout):
+                    last = "server is not live"
+                elif not models:
+                    if self._is_ready(None, call_timeout):
+                        return
+                    last = "server is not ready"
+                else:
+                    pending = [m for m in models if not self._is_ready(m, call_timeout)]
+                    if not pending:
+                        return
+                    last = "not ready: " + ", ".join(pending)
+            except RankerError as e:
+                last = str(e)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RankerError(
+                    f"Triton at {self.url} not ready after {timeout_s:g} s "
+                    f"(waiting for {', '.join(models) or 'the server'}); last state: {last}"
+                )
+            time.sleep(min(0.5, remaining))
+
+    def repository_index(self) -> list[dict[str, str]]:
+        """Every model the server knows: name, version, state (READY, UNAVAILABLE, ...), reason
+        (why it failed to load). For health reports."""
+        index = self._call(
+            "get_model_repository_index",
+            lambda: self._client.get_model_repository_index(client_timeout=self.timeout_s),
+        )
+        return [
+            {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+            for m in index.models
+        ]
+
+    # ------------------------------------------------------------------ model facts
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        """profile_dim, num_tasks and task names of `model`, read once from the server.
+
+        profile_dim is the last dim of the `user_profile` input, num_tasks the last dim of the
+        `scores` output (model metadata); task names come from the config parameter
+        `task_names` (comma-separated), else task0, task1, ...
+        """
+        model = model or self.model
+        if model in self._info:
+            return self._info[model]
+        meta = self._call(
+            "get_model_metadata",
+            lambda: self._client.get_model_metadata(model, client_timeout=self.timeout_s),
+            model=model,
+        )
+        config = self._call(
+            "get_model_config",
+            lambda: self._client.get_model_config(model, client_timeout=self.timeout_s),
+            model=model,
+        ).config
+
+        profile_dim = _last_dim(meta.inputs, USER_PROFILE, "input", model)
+        num_tasks = _last_dim(meta.outputs, SCORES, "output", model)
+        names: tuple[str, ...] = tuple(f"task{i}" for i in range(num_tasks))
+        if TASK_NAMES_PARAMETER in config.parameters:
+            raw = config.parameters[TASK_NAMES_PARAMETER].string_value
+            parsed = tuple(n.strip() for n in raw.split(",") if n.strip())
+            if len(parsed) != num_tasks:
+                raise RankerError(
+                    f"model {model!r}: parameter {TASK_NAMES_PARAMETER}={raw!r} names "
+                    f"{len(parsed)} tasks but the scores output has {num_tasks}", model=model,
+                )
+            names = parsed
+        info = ModelInfo(model, profile_dim, num_tasks, names)
+        self._info[model] = info
+        return info
+
+    def inference_count(self, model: str | None = None) -> tuple[int, int]:
+        """(inference_count, execution_count) of `model`, summed over its versions. Requests
+        served vs model executions: equal without batching; an ensemble step that ran once
+        per request proves the user history was encoded once."""
+        model = model or self.model
+        stats = self._call(
+            "get_inference_statistics",
+            lambda: self._client.get_inference_statistics(
+                model_name=model, client_timeout=self.timeout_s
+            ),
+            model=model,
+        )
+        rows = [s for s in stats.model_stats if s.name == model]
+        return sum(s.inference_count for s in rows), sum(s.execution_count for s in rows)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, req: RankingRequest, model: str | None = None) -> np.ndarray:
+        """Scores float32 [N, T] of the request's candidates (rows in candidate order)."""
+        return self.score_with_latency(req, model)[0]
+
+    def score_with_latency(
+        self, req: RankingRequest, model: str | None = None
+    ) -> tuple[np.ndarray, float]:
+        """(scores [N, T], seconds). The latency is that of the successful RPC alone: not the
+        validation, not failed attempts or backoff sleeps."""
+        model = model or self.model
+        info: ModelInfo | None = None
+        if self.validate:
+            info = self.model_info(model)
+            validate_request(req, profile_dim=info.profile_dim, now=int(time.time()))
+        inputs = []
+        for name, array in req.as_inputs().items():
+            infer_input = grpcclient.InferInput(name, list(array.shape), _TRITON_DTYPES[name])
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+        outputs = [grpcclient.InferRequestedOutput(SCORES)]
+
+        def infer() -> tuple[grpcclient.InferResult, float]:
+            start = time.perf_counter()
+            result = self._client.infer(
+                model, inputs, outputs=outputs, client_timeout=self.timeout_s
+            )
+            return result, time.perf_counter() - start
+
+        result, latency = self._call("infer", infer, model=model)
+        try:
+            scores = result.as_numpy(SCORES)
+        except ValueError as e:  # payload size does not match the declared shape
+            raise RankerError(
+                f"model {model!r} returned a malformed {SCORES!r} output: {e}", model=model
+            ) from None
+        if scores is None:
+            raise RankerError(f"model {model!r} returned no {SCORES!r} output", model=model)
+        n = req.num_candidates
+        if scores.dtype != np.float32 or scores.ndim != 2 or scores.shape[0] != n or (
+            info is not None and scores.shape[1] != info.num_tasks
+        ):
+            raise RankerError(
+                f"model {model!r} returned {SCORES} {scores.dtype} {list(scores.shape)}, "
+                f"expected float32 [{n}, T]", model=model,
+            )
+        return scores, latency
+
+    def rank(
+        self, req: RankingRequest, task: str | int = 0, model: str | None = None
+    ) -> list[tuple[int, float]]:
+        """(candidate item id, score of `task`) best first; ties keep candidate order."""
+        model = model or self.model
+        column = self.model_info(model).task_index(task)
+        scores = self.score(req, model)[:, column]
+        order = np.argsort(-scores, kind="stable")
+        ids = req.candidate_item_ids
+        return [(int(ids[i]), float(scores[i])) for i in order]
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close the gRPC channel; later calls raise RankerError. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    def __enter__(self) -> RankerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _last_dim(tensors: Iterable[Any], name: str, kind: str, model: str) -> int:
+    """Fixed last dim of tensor `name` in model metadata; RankerError if absent or variable."""
+    tensors = list(tensors)
+    for t in tensors:
+        if t.name == name:
+            if t.shape and t.shape[-1] > 0:
+                return int(t.shape[-1])
+            raise RankerError(
+                f"model {model!r}: {kind} {name!r} has shape {list(t.shape)}; the contract "
+                f"needs a fixed last dim", model=model,
+            )
+    found = ", ".join(t.name for t in tensors) or "none"
+    raise RankerError(
+        f"model {model!r} has no {kind} named {name!r} (it has: {found}); is it a ranker?",
+        model=model,
+    )

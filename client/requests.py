@@ -1,0 +1,517 @@
+"""Ranking requests: the request dataclass, its exact JSON form, and seeded synthetic traffic.
+
+Pure Python + numpy (no torch, no tritonclient) so that tests, benchmarks and tools can build and
+store requests without a server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.contract import USER_PROFILE, request_inputs
+from client.validation import RequestError
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+# Contract order of the request tensors (the profile dim does not change names or order).
+FIELD_ORDER: tuple[str, ...] = tuple(spec.name for spec in request_inputs(1))
+FIELD_DTYPES: dict[str, np.dtype] = {
+    spec.name: np.dtype(spec.np_dtype) for spec in request_inputs(1)
+}
+
+
+class Action(IntEnum):
+    """Integer codes of `history_action_ids` used by the generator.
+
+    0 is left unused on purpose: it is the usual "unknown/padding" code. The model hashes action
+    ids (`id mod action_buckets`), so other codes are legal on the wire, just not generated here.
+    Frequencies decrease with the code: most events are views, few are purchases.
+    """
+
+    VIEW = 1
+    CLICK = 2
+    LIKE = 3
+    PURCHASE = 4
+
+
+@dataclass(eq=False)
+class RankingRequest:
+    """One user (history of L events + dense profile) and N candidates to score.
+
+    Fields hold numpy arrays exactly as they go on the wire; nothing is converted on construction,
+    so an invalid request stays invalid and `client.validation.validate_request` can say why.
+    """
+
+    history_item_ids: np.ndarray  # int64 [L]
+    history_action_ids: np.ndarray  # int64 [L]
+    history_timestamps: np.ndarray  # int64 [L], unix seconds, non-decreasing
+    candidate_item_ids: np.ndarray  # int64 [N]
+    candidate_category_ids: np.ndarray  # int64 [N]
+    request_timestamp: np.ndarray  # int64 [1], unix seconds
+    user_profile: np.ndarray  # float32 [P]
+
+    @property
+    def history_length(self) -> int:
+        """L, the number of history events."""
+        return _length(self.history_item_ids)
+
+    @property
+    def num_candidates(self) -> int:
+        """N, the number of candidates (rows of the scores)."""
+        return _length(self.candidate_item_ids)
+
+    def as_inputs(self) -> dict[str, np.ndarray]:
+        """The request tensors by contract name, in contract order, C-contiguous.
+
+        Raises RequestError when a field is not a numpy array of exactly the contract dtype: a
+        silent cast could change ids (float64 -> int64) or precision, so it is refused instead.
+        """
+        out: dict[str, np.ndarray] = {}
+        for name in FIELD_ORDER:
+            value = getattr(self, name)
+            want = FIELD_DTYPES[name]
+            if not isinstance(value, np.ndarray):
+                raise RequestError(f"{name}: expected a numpy array, got {type(value).__name__}")
+            if value.dtype != want:
+                raise RequestError(f"{name}: dtype must be {want}, got {value.dtype}")
+            out[name] = np.ascontiguousarray(value)
+        return out
+
+    def to_json_dict(self) -> dict[str, list[Any]]:
+        """JSON-ready dict: int64 tensors as Python ints (exact for every int64), the profile as
+        the shortest decimal that reads back to the same float32 (NaN/inf kept as such)."""
+        out: dict[str, list[Any]] = {}
+        for name in FIELD_ORDER:
+            value = np.asarray(getattr(self, name))
+            if value.dtype == np.float32 and value.ndim == 1:
+                # str() of a float32 is its shortest round-trip decimal: 0.1, not 0.10000000149.
+                out[name] = [float(str(v)) for v in value]
+            else:  # exact for int64 (Python ints); keeps invalid dtypes/shapes visible as they are
+                out[name] = value.tolist()
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> RankingRequest:
+        """Strict inverse of `to_json_dict`: flat lists of ints (int64 range) for the id/time
+        tensors and of numbers for `user_profile`. Anything else raises RequestError naming the
+        field; nothing is rounded, truncated or guessed."""
+        if not isinstance(data, dict):
+            raise RequestError(f"a request must be a JSON object, got {type(data).__name__}")
+        missing = [name for name in FIELD_ORDER if name not in data]
+        if missing:
+            raise RequestError(f"request is missing field(s): {', '.join(missing)}")
+        unknown = sorted(set(data) - set(FIELD_ORDER))
+        if unknown:
+            raise RequestError(
+                f"request has unknown field(s): {', '.join(unknown)}; "
+                f"expected: {', '.join(FIELD_ORDER)}"
+            )
+        values = {
+            name: _float32_array(name, data[name]) if name == USER_PROFILE
+            else _int64_array(name, data[name])
+            for name in FIELD_ORDER
+        }
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        """Write the request as JSON (one object, contract field order)."""
+        Path(path).write_text(json.dumps(self.to_json_dict()) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankingRequest:
+        """Read a request written by `save` (or by hand). Raises RequestError on bad content."""
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{path}: not valid JSON: {e}") from None
+        return cls.from_json_dict(data)
+
+    def __eq__(self, other: object) -> bool:
+        """Same dtypes, shapes and values (NaN equals NaN in the profile)."""
+        if not isinstance(other, RankingRequest):
+            return NotImplemented
+        for name in FIELD_ORDER:
+            a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            if a.dtype != b.dtype or a.shape != b.shape:
+                return False
+            if not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
+
+    def replace(self, **changes: np.ndarray) -> RankingRequest:
+        """A copy with some tensors replaced (edge cases and tests build on real requests)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _length(value: Any) -> int:
+    shape = np.shape(value)
+    return int(shape[0]) if shape else 0
+
+
+def _int64_array(name: str, value: Any) -> np.ndarray:
+    if not isinstance(value, list):
+        raise RequestError(f"{name}: expected a list of integers, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        # bool is an int subclass and floats like 1.0 would be silently truncated: refuse both.
+        if type(v) is not int:
+            raise RequestError(f"{name}[{i}]: expected an integer, got {v!r}")
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise RequestError(f"{name}[{i}]: {v} is outside the int64 range")
+    return np.array(value, dtype=np.int64).reshape(len(value))
+
+
+def _float32_array(name: str, value: Any) -> np.ndarray:
+    if not isinstance(value, list):
+        raise RequestError(f"{name}: expected a list of numbers, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if type(v) not in (int, float):
+            raise RequestError(f"{name}[{i}]: expected a number, got {v!r}")
+    wide = np.array(value, dtype=np.float64).reshape(len(value))
+    with np.errstate(over="ignore"):
+        narrow = wide.astype(np.float32)
+    overflow = np.flatnonzero(np.isinf(narrow) & np.isfinite(wide))
+    if len(overflow):
+        i = int(overflow[0])
+        raise RequestError(f"{name}[{i}]: {value[i]!r} overflows float32")
+    return narrow
+
+
+# --------------------------------------------------------------------------- synthetic traffic
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(ids: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer over the int64 bit pattern: a fixed, well-spread hash of any id."""
+    z = np.array(ids, dtype=np.int64, ndmin=1).view(np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def category_of(item_ids: np.ndarray, num_categories: int = 5_000) -> np.ndarray:
+    """The stable category of each item, in [1, num_categories] (0 stays free for "unknown").
+
+    A pure function of the id (no seed), so the same item has the same category in every request,
+    generator and process, negative and extreme ids included.
+    """
+    ids = np.asarray(item_ids, dtype=np.int64)
+    cats = (_mix64(ids) % np.uint64(num_categories)).astype(np.int64) + 1
+    return cats.reshape(ids.shape)
+
+
+# Base epoch of generated traffic: 2024-01-01T00:00:00Z, plus up to one year. Always in the past
+# of a real clock, so generated requests pass the "not in the future" check.
+EPOCH_2024 = 1_704_067_200
+ZIPF_EXPONENT = 1.05
+ACTION_PROBS = np.array([0.72, 0.20, 0.06, 0.02])  # VIEW, CLICK, LIKE, PURCHASE: fresh items
+REPEAT_ACTION_PROBS = np.array([0.35, 0.40, 0.15, 0.10])  # same item again in a session (funnel)
+REPEAT_PROB = 0.25  # an event revisits an item seen earlier in the same session
+SAME_SECOND_PROB = 0.05  # several events logged within the same second
+
+
+@functools.lru_cache(maxsize=2)
+def _catalogue(
+    seed: int, num_items: int, num_categories: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(item ids by rank, their categories, popularity CDF, ranks grouped by category, group
+    starts). Cached and read-only: building it sorts a million ids, and generators sharing a seed
+    share it."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
+    # Unique huge sparse ids in [10**15, 2**62): a fixed random map from popularity rank to id.
+    ids = rng.integers(10**15, 2**62, size=num_items, dtype=np.int64)
+    ordered = np.sort(ids)
+    while (ordered[1:] == ordered[:-1]).any():  # about 1e-7 likely for a million ids
+        _, first = np.unique(ids, return_index=True)
+        dup = np.ones(num_items, dtype=bool)
+        dup[first] = False
+        ids[dup] = rng.integers(10**15, 2**62, size=int(dup.sum()), dtype=np.int64)
+        ordered = np.sort(ids)
+    categories = category_of(ids, num_categories)
+
+    cdf = np.cumsum(np.arange(1, num_items + 1, dtype=np.float64) ** -ZIPF_EXPONENT)
+    cdf /= cdf[-1]
+
+    # Ranks grouped by category, most popular first inside each category (unique sort keys).
+    by_category = np.argsort(categories * num_items + np.arange(num_items))
+    starts = np.searchsorted(categories[by_category], np.arange(1, num_categories + 2))
+    out = (ids, categories, cdf, by_category, starts)
+    for array in out:
+        array.flags.writeable = False
+    return out
+
+
+class RequestGenerator:
+    """Seeded, deterministic, production-like ranking traffic.
+
+    The catalogue has `num_items` items with huge sparse int64 ids (a fixed random map from the
+    popularity rank), Zipf-like popularity, and a stable category per item (`category_of`).
+    Users browse in sessions (seconds between events, hours or days between sessions), mostly in
+    a few favourite categories; actions are `Action` codes. Candidates mix items related to the
+    history (same categories, a few re-recommended history items), globally popular items and
+    long-tail items, deduplicated and shuffled.
+
+    The same seed gives the same catalogue and the same sequence of requests.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        profile_dim: int = 16,
+        num_items: int = 1_000_000,
+        num_categories: int = 5_000,
+    ) -> None:
+        if num_items < 1 or num_categories < 1 or profile_dim < 0:
+            raise ValueError("num_items and num_categories must be >= 1, profile_dim >= 0")
+        self.seed = seed
+        self.profile_dim = profile_dim
+        self.num_items = num_items
+        self.num_categories = num_categories
+        traffic_seed = np.random.SeedSequence(seed).spawn(2)[1]
+        self._rng = np.random.default_rng(traffic_seed)
+        catalogue = _catalogue(seed, num_items, num_categories)
+        # item_ids[rank]: rank 0 is the most popular item.
+        self.item_ids, self.item_categories, self._cdf, self._by_category, self._cat_start = (
+            catalogue
+        )
+
+    # ------------------------------------------------------------------ sampling primitives
+    def _popular_ranks(self, k: int) -> np.ndarray:
+        """k ranks from the Zipf-like popularity law."""
+        ranks = np.searchsorted(self._cdf, self._rng.random(k), side="right")
+        return np.minimum(ranks, self.num_items - 1)
+
+    def _category_ranks(self, categories: np.ndarray) -> np.ndarray:
+        """One rank per requested category, skewed to the category's popular items; a global
+        popular item where a category happens to be empty."""
+        categories = np.asarray(categories, dtype=np.int64)
+        start = self._cat_start[categories - 1]
+        size = self._cat_start[categories] - start
+        pos = (size * self._rng.random(len(categories)) ** 3).astype(np.int64)
+        ranks = self._by_category[np.minimum(start + pos, self.num_items - 1)]
+        empty = size == 0
+        if empty.any():
+            ranks[empty] = self._popular_ranks(int(empty.sum()))
+        return ranks
+
+    # ------------------------------------------------------------------ requests
+    def request(self, history_length: int, num_candidates: int) -> RankingRequest:
+        """One request with L = history_length events and N = num_candidates candidates."""
+        if history_length < 0 or num_candidates < 0:
+            raise ValueError("history_length and num_candidates must be >= 0")
+        if num_candidates > self.num_items:
+            raise ValueError(
+                f"num_candidates ({num_candidates}) exceeds the catalogue ({self.num_items})"
+            )
+        rng = self._rng
+        length = history_length
+
+        # The user: a few favourite categories (popular ones more likely) and how focused they are.
+        favourites = self.item_categories[self._popular_ranks(int(rng.integers(1, 6)))]
+        focus = rng.uniform(0.3, 0.8)
+        action_probs = rng.dirichlet(50.0 * ACTION_PROBS)
+
+        request_ts = EPOCH_2024 + int(rng.integers(0, 365 * 86_400))
+        history_ranks, actions, timestamps = self._history(
+            length, favourites, focus, action_probs, request_ts
+        )
+        cand_ranks = self._candidate_ranks(num_candidates, history_ranks, favourites)
+        cand_ids = self.item_ids[cand_ranks]
+        return RankingRequest(
+            history_item_ids=self.item_ids[history_ranks],
+            history_action_ids=actions,
+            history_timestamps=timestamps,
+            candidate_item_ids=cand_ids,
+            candidate_category_ids=category_of(cand_ids, self.num_categories),
+            request_timestamp=np.array([request_ts], dtype=np.int64),
+            user_profile=self._profile(actions, timestamps),
+        )
+
+    def requests(
+        self, count: int, history_lengths: Sequence[int], num_candidates: Sequence[int]
+    ) -> Iterator[RankingRequest]:
+        """`count` requests, L and N drawn uniformly from the given sequences (seeded)."""
+        lengths, sizes = list(history_lengths), list(num_candidates)
+        for _ in range(count):
+            length = lengths[int(self._rng.integers(len(lengths)))]
+            size = sizes[int(self._rng.integers(len(sizes)))]
+            yield self.request(int(length), int(size))
+
+    def _history(
+        self, length: int, favourites: np.ndarray, focus: float, action_probs: np.ndarray,
+        request_ts: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(item ranks, action codes, timestamps) of `length` events in sessions."""
+        rng = self._rng
+        if length == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty.copy(), empty.copy()
+
+        # Sessions: geometric sizes (mean ~8 events); new_session[i] marks a session's first event.
+        sizes = rng.geometric(1 / 8, size=length)
+        starts = np.cumsum(sizes) - sizes
+        starts = starts[starts < length]
+        new_session = np.zeros(length, dtype=bool)
+        new_session[starts] = True
+        session_start = starts[np.searchsorted(starts, np.arange(length), side="right") - 1]
+
+        # Items: favourite categories with probability `focus`, the global popularity law else.
+        ranks = self._popular_ranks(length)
+        related = rng.random(length) < focus
+        if related.any():
+            pref = favourites[rng.integers(0, len(favourites), size=int(related.sum()))]
+            ranks[related] = self._category_ranks(pref)
+        # Funnels: some events revisit an item seen earlier in the same session.
+        repeat = (rng.random(length) < REPEAT_PROB) & ~new_session
+        repeat_idx = np.flatnonzero(repeat)
+        offsets = rng.random(len(repeat_idx))
+        for i, u in zip(repeat_idx, offsets, strict=True):
+            start = session_start[i]
+            ranks[i] = ranks[start + int(u * (i - start))]
+        codes = np.array([a.value for a in Action], dtype=np.int64)
+        actions = codes[rng.choice(len(codes), size=length, p=action_probs)]
+        actions[repeat] = codes[rng.choice(len(codes), size=len(repeat_idx), p=REPEAT_ACTION_PROBS)]
+
+        # Gaps before each event: seconds inside a session, hours to days between sessions.
+        inside = np.clip(rng.lognormal(np.log(20.0), 1.0, size=length), 0, 1_800)
+        inside[rng.random(length) < SAME_SECOND_PROB] = 0
+        between = np.clip(rng.lognormal(np.log(8 * 3600.0), 1.2, size=length), 1_800, 60 * 86_400)
+        gaps = np.where(new_session, between, inside).astype(np.int64)
+        gaps[0] = 0
+        # The request comes a bit after the last event (same session) or opens a new session.
+        if rng.random() < 0.7:
+            lead = int(np.clip(rng.lognormal(np.log(30.0), 1.0), 1, 1_800))
+        else:
+            lead = int(np.clip(rng.lognormal(np.log(8 * 3600.0), 1.2), 1_800, 60 * 86_400))
+        last = request_ts - lead
+        # timestamps[i] = last - sum of the gaps after event i: non-decreasing by construction.
+        after = np.concatenate([np.cumsum(gaps[::-1])[::-1][1:], [0]])
+        timestamps = (last - after).astype(np.int64)
+        return ranks.astype(np.int64), actions, timestamps
+
+    def _candidate_ranks(
+        self, count: int, history_ranks: np.ndarray, favourites: np.ndarray
+    ) -> np.ndarray:
+        """`count` distinct ranks: related to the history, popular, re-recommended, long tail."""
+        rng = self._rng
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        has_history = len(history_ranks) > 0
+        # Sources: 0 related (category of a recent history item), 1 popular, 2 history item,
+        # 3 long tail (uniform over the catalogue).
+        probs = [0.45, 0.35, 0.05, 0.15] if has_history else [0.0, 0.7, 0.0, 0.3]
+        chosen: list[int] = []
+        seen: set[int] = set()
+        for _ in range(8):
+            need = count - len(chosen)
+            if need == 0:
+                break
+            draw = 2 * need + 8
+            source = rng.choice(4, size=draw, p=probs)
+            ranks = self._popular_ranks(draw)
+            if has_history:
+                # Recent events weigh more: position drawn with a bias towards the end.
+                recent = len(history_ranks) - 1 - (
+                    len(history_ranks) * rng.random(draw) ** 2
+                ).astype(np.int64)
+                anchors = history_ranks[np.clip(recent, 0, len(history_ranks) - 1)]
+                related = source == 0
+                if related.any():
+                    ranks[related] = self._category_ranks(self.item_categories[anchors[related]])
+                ranks[source == 2] = anchors[source == 2]
+            tail = source == 3
+            ranks[tail] = rng.integers(0, self.num_items, size=int(tail.sum()))
+            for r in ranks.tolist():
+                if r not in seen:
+                    seen.add(r)
+                    chosen.append(r)
+                    if len(chosen) == count:
+                        break
+        if len(chosen) < count:  # tiny catalogues: fill with unused items
+            unused = np.setdiff1d(rng.permutation(self.num_items), chosen, assume_unique=True)
+            chosen.extend(rng.permutation(unused)[: count - len(chosen)].tolist())
+        return rng.permutation(np.array(chosen, dtype=np.int64))
+
+    def _profile(self, actions: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """Dense user features: a few history statistics, then a latent taste vector."""
+        length = len(actions)
+        span_days = (timestamps[-1] - timestamps[0]) / 86_400 if length else 0.0
+        stats = [
+            math.log1p(length) / 10,
+            float(np.mean(actions == Action.CLICK)) if length else 0.0,
+            float(np.mean(actions == Action.PURCHASE)) if length else 0.0,
+            math.log1p(span_days) / 5,
+        ]
+        latent = self._rng.normal(0.0, 0.5, size=max(self.profile_dim - len(stats), 0))
+        profile = np.concatenate([stats, latent])[: self.profile_dim]
+        return profile.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+EXTREME_IDS = np.array(
+    [INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, -1, 0, 1, 2**53 + 1, -(2**53 + 1),
+     -(2**62), 2**62, -(10**18) - 7],
+    dtype=np.int64,
+)
+
+
+def edge_case_requests(gen: RequestGenerator, max_history: int) -> list[tuple[str, RankingRequest]]:
+    """Named valid requests at the contract's corners, for comparing servers and models.
+
+    Covers L = 0, 1, max_history and max_history + 37 (the model keeps the newest max_history
+    events), N = 1 and 1000, ids at and near ±2**63 and ±2**53 (values a float64 would
+    corrupt), all-negative ids, duplicate candidates and events all in one second.
+    """
+    cases: list[tuple[str, RankingRequest]] = [
+        ("empty_history", gen.request(0, 20)),
+        ("empty_history_single_candidate", gen.request(0, 1)),
+        ("single_event", gen.request(1, 20)),
+        (f"history_at_max_{max_history}", gen.request(max_history, 20)),
+        (f"history_over_max_{max_history + 37}", gen.request(max_history + 37, 20)),
+        ("single_candidate", gen.request(50, 1)),
+        ("candidates_1000", gen.request(50, 1000)),
+    ]
+
+    base = gen.request(40, 30)
+    hist = base.history_item_ids.copy()
+    hist[: len(EXTREME_IDS)] = EXTREME_IDS
+    cands = base.candidate_item_ids.copy()
+    cands[: len(EXTREME_IDS)] = EXTREME_IDS[::-1]
+    cats = category_of(cands, gen.num_categories)
+    cats[:4] = [INT64_MIN, INT64_MAX, -1, 0]
+    cases.append(("extreme_ids", base.replace(
+        history_item_ids=hist, candidate_item_ids=cands, candidate_category_ids=cats)))
+
+    base = gen.request(30, 25)
+    rng = np.random.default_rng(gen.seed + 1)
+    neg_hist = rng.integers(INT64_MIN, 0, size=base.history_length, dtype=np.int64)
+    neg_cands = rng.integers(INT64_MIN, 0, size=base.num_candidates, dtype=np.int64)
+    cases.append(("negative_ids", base.replace(
+        history_item_ids=neg_hist, candidate_item_ids=neg_cands,
+        candidate_category_ids=-category_of(neg_cands, gen.num_categories))))
+
+    base = gen.request(10, 12)
+    dup = np.repeat(base.candidate_item_ids[:3], 4)
+    cases.append(("duplicate_candidates", base.replace(
+        candidate_item_ids=dup, candidate_category_ids=category_of(dup, gen.num_categories))))
+
+    base = gen.request(16, 10)
+    same = np.full(16, int(base.request_timestamp[0]), dtype=np.int64)
+    cases.append(("events_in_request_second", base.replace(history_timestamps=same)))
+    return cases

@@ -1,0 +1,90 @@
+"""The command line and the client's behaviour without a server (a closed local port)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.api import RankerClient, RankerError
+from client.requests import RequestGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=60,
+    )
+
+
+def closed_port() -> str:
+    """host:port where nothing listens (bound then released): connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("command", [[], ["score"], ["validate"], ["health"]])
+def test_help_exits_zero(command: list[str]) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "--url" in result.stdout
+
+
+def test_unreachable_server_is_a_one_line_error_with_exit_2() -> None:
+    result = run_cli("health", "--url", closed_port(), "--timeout", "5")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "UNAVAILABLE" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_conflicting_options_are_a_usage_error() -> None:
+    result = run_cli("score", "--request", "x.json", "--seed", "3")
+    assert result.returncode == 2
+    assert "--request cannot be combined" in result.stderr
+
+
+def test_no_torch_in_the_client() -> None:
+    code = ("import sys, client.api, client.requests, client.validation, client.__main__; "
+            "sys.exit('torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
+
+
+def test_score_retries_unavailable_then_raises_ranker_error() -> None:
+    req = RequestGenerator(seed=0, profile_dim=16).request(3, 2)
+    with RankerClient(closed_port(), retries=2, backoff_s=0.05, validate=False) as client:
+        start = time.monotonic()
+        with pytest.raises(RankerError) as info:
+            client.score(req)
+        elapsed = time.monotonic() - start
+    assert info.value.code == "UNAVAILABLE"
+    assert info.value.status == "StatusCode.UNAVAILABLE"
+    assert info.value.server_message
+    assert "after 3 attempts" in str(info.value)
+    assert elapsed >= 0.05 + 0.1  # two backoff sleeps
+
+
+def test_wait_ready_times_out_with_a_clear_message() -> None:
+    with RankerClient(closed_port()) as client:
+        start = time.monotonic()
+        with pytest.raises(RankerError, match=r"not ready after 0\.3 s.*ranker"):
+            client.wait_ready(["ranker"], timeout_s=0.3)
+        assert time.monotonic() - start < 5
+
+
+def test_closed_client_refuses_calls() -> None:
+    client = RankerClient(closed_port())
+    client.close()
+    client.close()
+    with pytest.raises(RankerError, match="closed"):
+        client.is_live()
