@@ -30,6 +30,7 @@ _TRITON_DTYPES: dict[str, str] = {s.name: s.dtype for s in request_inputs(1)}
 _RETRYABLE = frozenset({"StatusCode.UNAVAILABLE"})
 _UNREACHABLE = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"})
 TASK_NAMES_PARAMETER = "task_names"
+MAX_CANDIDATES_PARAMETER = "max_candidates"
 
 
 class RankerError(RuntimeError):
@@ -64,6 +65,7 @@ class ModelInfo:
     profile_dim: int
     num_tasks: int
     task_names: tuple[str, ...]
+    max_candidates: int | None = None
 
     def task_index(self, task: str | int) -> int:
         """Column of `task` (a name or an index) in the scores; RankerError if unknown."""
@@ -255,7 +257,9 @@ class RankerClient:
                     f"{len(parsed)} tasks but the scores output has {num_tasks}", model=model,
                 )
             names = parsed
-        info = ModelInfo(model, profile_dim, num_tasks, names)
+        limit = config.parameters.get(MAX_CANDIDATES_PARAMETER)
+        max_candidates = int(limit.string_value) if limit and limit.string_value else None
+        info = ModelInfo(model, profile_dim, num_tasks, names, max_candidates)
         self._info[model] = info
         return info
 
@@ -288,7 +292,8 @@ class RankerClient:
         info: ModelInfo | None = None
         if self.validate:
             info = self.model_info(model)
-            validate_request(req, profile_dim=info.profile_dim, now=int(time.time()))
+            validate_request(req, profile_dim=info.profile_dim, now=int(time.time()),
+                             max_candidates=info.max_candidates)
         inputs = []
         for name, array in req.as_inputs().items():
             infer_input = grpcclient.InferInput(name, list(array.shape), _TRITON_DTYPES[name])

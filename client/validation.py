@@ -34,7 +34,8 @@ class RequestError(ValueError):
 
 
 def validate_request(
-    req: RankingRequest, profile_dim: int | None = None, now: int | None = None
+    req: RankingRequest, profile_dim: int | None = None, now: int | None = None,
+    max_candidates: int | None = None,
 ) -> None:
     """Raise RequestError for the first contract violation in `req`; return None if it is valid.
 
@@ -58,6 +59,12 @@ def validate_request(
 
     _same_length(arrays, HISTORY_INPUTS, "history")
     _same_length(arrays, CANDIDATE_INPUTS, "candidate")
+    n = arrays[CANDIDATE_INPUTS[0]].shape[0]
+    if max_candidates is not None and n > max_candidates:
+        raise RequestError(
+            f"{CANDIDATE_INPUTS[0]}: {n} candidates exceed the served limit of {max_candidates} "
+            "per request (parameter max_candidates); split the request"
+        )
 
     profile = arrays[USER_PROFILE]
     if profile_dim is not None and len(profile) != profile_dim:

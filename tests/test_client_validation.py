@@ -127,6 +127,14 @@ def test_optional_checks_only_when_asked() -> None:
         validate_request(req, now=ts - MAX_FUTURE_SKEW_S - 1)
 
 
+def test_candidate_limit_only_when_given() -> None:
+    req = make_request()
+    n = req.num_candidates
+    validate_request(req, max_candidates=n)
+    with pytest.raises(RequestError, match=f"candidate_item_ids: {n} candidates exceed"):
+        validate_request(req, max_candidates=n - 1)
+
+
 def test_validation_never_changes_the_request() -> None:
     req = make_request().replace(
         user_profile=np.full(P, np.nan, dtype=np.float32),

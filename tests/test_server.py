@@ -99,3 +99,14 @@ def test_client_cli_validate_and_score(server, tmp_path) -> None:
 
     assert len(ranked_rows(score.stdout)) == 3
     assert ranked_rows(score.stdout) == ranked_rows(again.stdout)
+
+
+def test_client_refuses_above_the_served_limit(server) -> None:
+    """The client reads max_candidates from the served config and refuses before sending."""
+    from client.validation import RequestError
+
+    gen = RequestGenerator(seed=2, profile_dim=SMALL["profile_dim"])
+    with RankerClient(server.grpc_url) as client:
+        assert client.model_info("ranker").max_candidates == 20_000
+        with pytest.raises(RequestError, match="exceed the served limit of 20000"):
+            client.score(gen.request(10, 20_001))
