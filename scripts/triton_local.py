@@ -127,6 +127,7 @@ class LocalServer:
     metrics_port: int | None
     log_file: Path
     models: list[str] = field(default_factory=list)
+    local_repository: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -146,7 +147,9 @@ class LocalServer:
         if not self.log_file.exists():
             return "(no server log)"
         text = self.log_file.read_text(errors="replace").splitlines()
-        errors = [line for line in text if line.startswith("E") or "error" in line.lower()]
+        errors = [line for line in text
+                  if (line.startswith("E") or "error" in line.lower())
+                  and "CudaDriverHelper" not in line]  # harmless on a machine without a GPU
         return "\n".join(errors[-20:]) if errors else self.log_tail()
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
@@ -184,6 +187,8 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.local_repository is not None:
+            shutil.rmtree(self.local_repository, ignore_errors=True)
         return self.process.returncode
 
 
@@ -251,7 +256,7 @@ def start_server(
         preexec_fn=_die_with_parent,
     )
     models = sorted(p.name for p in local_repo.iterdir() if (p / "config.pbtxt").exists())
-    server = LocalServer(process, grpc_port, http_port, metrics_port, log_file, models)
+    server = LocalServer(process, grpc_port, http_port, metrics_port, log_file, models, local_repo)
     if wait:
         server.wait_ready(timeout_s)
     return server

@@ -1,0 +1,106 @@
+"""scripts/serve.sh as a user runs it: foreground, ready message, clean stop on SIGTERM, clear
+errors for a taken port and for a model that fails to load; --help on every command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts.triton_local import ServerError, free_port, start_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVE = [str(REPO_ROOT / "scripts" / "serve.sh")]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
+        f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.server
+def test_serve_foreground_ready_and_sigterm(small_repository: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*SERVE, "--grpc-port", str(port), "--repository", str(small_repository)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "serve: ready" in line or not line:
+                break
+        ready = lines[-1]
+        assert "serve: ready" in ready, "".join(lines)
+        assert f"127.0.0.1:{port}" in ready and "ranker_naive" in ready
+        server_pid = int(ready.split("tritonserver pid ")[1].split(";")[0])
+        assert pid_alive(server_pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "stopped tritonserver" in out
+        assert not pid_alive(server_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_reports_a_taken_port(small_repository: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*SERVE, "--grpc-port", str(port), "--repository", str(small_repository)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"gRPC port {port} on 127.0.0.1 is already in use" in result.stderr
+
+
+@pytest.mark.server
+def test_model_that_fails_to_load_shows_the_servers_error(
+    small_repository: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "repo"
+    shutil.copytree(small_repository, broken)
+    (broken / "target_fusion" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    with pytest.raises(ServerError) as info:
+        start_server(grpc_port=free_port(), repository=broken, timeout_s=240)
+    message = str(info.value)
+    assert "target_fusion" in message and "exited" in message, message
+
+
+def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> None:
+    bare = tmp_path / "repo"
+    shutil.copytree(small_repository, bare)
+    (bare / "user_encoder" / "1" / "model.onnx").unlink()
+    with pytest.raises(ServerError, match="run `python -m export` first"):
+        start_server(grpc_port=free_port(), repository=bare)
+
+
+@pytest.mark.parametrize("command", [
+    ["scripts/serve.sh"], ["scripts/main.sh"], ["scripts/test.sh"], ["scripts/setup.sh"],
+    ["scripts/bench.sh"], [sys.executable, "-m", "export"],
+    [sys.executable, "-m", "export.triton_configs"], [sys.executable, "-m", "client"],
+])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
