@@ -21,7 +21,9 @@ stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "setup: installing requirements.txt into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  # (this machine's pip config lists local indexes that may be absent: drop those warnings)
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv, $(.venv/bin/python --version))"
