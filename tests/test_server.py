@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -54,7 +55,14 @@ def test_user_encoder_runs_once_per_request(server) -> None:
         sizes = [1, 10, 100, 1000]
         for n in sizes:
             client.score(gen.request(200, n), model="ranker")
-        after = {m: client.inference_count(m) for m in before}
+        # Triton records a request's statistics just after its response is sent: poll briefly.
+        deadline = time.monotonic() + 10
+        while True:
+            after = {m: client.inference_count(m) for m in before}
+            done = all(after[m][0] - before[m][0] >= len(sizes) for m in before)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     for model in before:
         inferences = after[model][0] - before[model][0]
         executions = after[model][1] - before[model][1]
