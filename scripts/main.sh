@@ -53,4 +53,4 @@ echo "== 3/4 score one generated request (L=300, N=20) through the ensemble"
 $PY -m client --url "127.0.0.1:$PORT" score --history-length 300 --num-candidates 20 --top 5
 
 echo "== 4/4 validate: $COUNT random requests + edge cases, ranker vs ranker_naive"
-$PY -m client --url "127.0.0.1:$PORT" validate --count "$COUNT" --max-history "$MAX_HISTORY"
+$PY -m client --url "127.0.0.1:$PORT" --timeout 120 validate --count "$COUNT" --max-history "$MAX_HISTORY"
