@@ -86,7 +86,9 @@ class RankerClient:
 
     `timeout_s` bounds each RPC attempt; UNAVAILABLE answers (server starting, connection
     refused or dropped) are retried up to `retries` times with exponential backoff from
-    `backoff_s`. With `validate`, requests are checked against the contract and the model's
+    `backoff_s`, each sleep capped at `max_backoff_s`: with the defaults a call rides through
+    about 12 s of server outage (a local restart takes 5-10 s) and then gives up. With
+    `validate`, requests are checked against the contract and the model's
     profile_dim before they are sent, so a bad request fails with a RequestError naming the
     tensor instead of an opaque server error.
     """
@@ -96,17 +98,19 @@ class RankerClient:
         url: str = "127.0.0.1:8001",
         model: str = "ranker",
         timeout_s: float = 30.0,
-        retries: int = 3,
-        backoff_s: float = 0.2,
+        retries: int = 6,
+        backoff_s: float = 0.25,
         validate: bool = True,
+        max_backoff_s: float = 4.0,
     ) -> None:
-        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
-            raise ValueError("timeout_s must be > 0, retries and backoff_s >= 0")
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError("timeout_s must be > 0; retries, backoff_s, max_backoff_s >= 0")
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.validate = validate
         self._client = grpcclient.InferenceServerClient(url=url)
         self._info: dict[str, ModelInfo] = {}
@@ -129,7 +133,7 @@ class RankerClient:
             except InferenceServerException as e:
                 status = e.status()
                 if retry and status in _RETRYABLE and attempt < self.retries:
-                    time.sleep(self.backoff_s * 2**attempt)
+                    time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt))
                     attempt += 1
                     continue
                 raise self._error(what, e, model, attempt) from None

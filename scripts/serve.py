@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="enable Triton's local response cache with this many bytes")
     p.add_argument("--ready-timeout", type=float, default=180.0,
                    help="seconds to wait for every model to be ready (default %(default)s)")
+    p.add_argument("--watchdog-interval", type=float, default=2.0,
+                   help="seconds between checks that every python-backend stub is alive; a "
+                        "dead stub (Triton 2.51 never relaunches one, and the model stays "
+                        "'ready' while failing every request) restarts the server on the same "
+                        "ports; 0 turns the watchdog off (default %(default)s)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="give up after this many watchdog restarts (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -61,12 +68,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"serve: ready: grpc {server.grpc_url}, models {', '.join(server.models)}; "
           f"tritonserver pid {server.pid}; log {server.log_file}", flush=True)
-    while not stopping and server.process.poll() is None:
+    next_check = time.monotonic() + args.watchdog_interval
+    while not stopping:
         time.sleep(0.2)
-    if server.process.poll() is not None and not stopping:
-        print(f"serve: error: tritonserver exited with code {server.process.returncode}; "
-              f"log tail:\n{server.log_tail()}", file=sys.stderr)
-        return 1
+        if server.process.poll() is not None:
+            problem = f"tritonserver exited with code {server.process.returncode}"
+        elif args.watchdog_interval and time.monotonic() >= next_check:
+            next_check = time.monotonic() + args.watchdog_interval
+            dead = server.dead_stubs()
+            problem = f"python-backend stub died: {', '.join(dead)}" if dead else ""
+        else:
+            continue
+        if not problem or stopping:
+            continue
+        if not args.watchdog_interval or server.restarts >= args.max_restarts:
+            print(f"serve: error: {problem}; log tail:\n{server.log_tail()}", file=sys.stderr)
+            server.stop()
+            return 1
+        print(f"serve: {problem}; restarting tritonserver on the same ports "
+              f"(restart {server.restarts + 1} of at most {args.max_restarts})", flush=True)
+        try:
+            server.restart(args.ready_timeout)
+        except ServerError as e:
+            print(f"serve: error: restart failed: {e}", file=sys.stderr)
+            return 1
+        print(f"serve: ready again: tritonserver pid {server.pid}", flush=True)
     code = server.stop()
     print(f"serve: stopped tritonserver (exit code {code})", flush=True)
     return 0

@@ -26,6 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.triton_configs import ONNX_MODELS, parse, to_flavour, to_text
+from scripts.processes import (
+    is_running,
+    kill_lingering,
+    process_label,
+    process_tree,
+    remove_shm_regions,
+    shm_regions,
+    stub_pids,
+    wait_gone,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = REPO_ROOT / "build"
@@ -97,7 +107,10 @@ def build_local_repository(
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether tritonserver could bind `port`. SO_REUSEADDR as gRPC sets it: connections of a
+    crashed server left in TIME_WAIT do not keep its port from a restart."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -121,13 +134,20 @@ def _die_with_parent() -> None:
 class LocalServer:
     """A running tritonserver (local flavour). Stop it with `stop()`."""
 
-    process: subprocess.Popen
+    args: list[str]
+    env: dict[str, str]
     grpc_port: int
     http_port: int | None
     metrics_port: int | None
     log_file: Path
     models: list[str] = field(default_factory=list)
     local_repository: Path | None = None
+    process: subprocess.Popen | None = None
+    # python-backend stubs of the running server: pid -> label ("stub:<model>") and its
+    # /dev/shm regions, recorded once every model is ready
+    stubs: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
+    restarts: int = 0
+    cleanup: dict[str, object] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -136,6 +156,15 @@ class LocalServer:
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    def launch(self) -> None:
+        if self.log_file.exists():
+            self.log_file.unlink()
+        self.process = subprocess.Popen(
+            self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        self.stubs = {}
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_file.exists():
@@ -168,6 +197,8 @@ class LocalServer:
                     if client.is_server_ready() and all(
                         client.is_model_ready(m) for m in self.models
                     ):
+                        self.stubs = {p: (process_label(p), shm_regions([p]))
+                                      for p in stub_pids(self.pid)}
                         return
                 time.sleep(0.25)
         finally:
@@ -178,18 +209,49 @@ class LocalServer:
             f"{self.errors_in_log()}"
         )
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit code."""
+    def dead_stubs(self) -> list[str]:
+        """Models whose python-backend stub died. Triton 2.51 never relaunches a stub: the
+        model then fails every request ("Stub process ... is not healthy") while the server and
+        the model still report ready, so readiness cannot tell; the process table can."""
+        return sorted(label for pid, (label, _) in self.stubs.items() if not is_running(pid))
+
+    def _terminate(self, timeout_s: float, sig: int) -> int | None:
+        """Stop the server with `sig` (SIGKILL after `timeout_s`), then make sure nothing
+        outlives it: stubs still running 10 s later are killed by PID, and the /dev/shm regions
+        of killed stubs removed (a stub blocked on a dead parent never exits by itself)."""
+        if self.process is None:
+            return None
+        stubs = dict(self.stubs)
+        for pid in process_tree(self.pid)[1:]:
+            stubs.setdefault(pid, (process_label(pid), shm_regions([pid])))
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        killed = kill_lingering(wait_gone(stubs, 10.0))
+        if killed:
+            wait_gone(killed, 5.0)
+        dead = [pid for pid in stubs if pid in killed or not is_running(pid)]
+        removed = remove_shm_regions(r for pid in dead for r in stubs[pid][1])
+        self.cleanup = {"lingering_stubs_killed": killed, "shm_removed": removed}
+        return self.process.returncode
+
+    def restart(self, timeout_s: float = 180.0) -> None:
+        """Kill the server and start it again on the same ports and repository."""
+        self._terminate(5.0, signal.SIGKILL)
+        self.restarts += 1
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; clean up. Returns the exit code."""
+        code = self._terminate(timeout_s, signal.SIGTERM)
         if self.local_repository is not None:
             shutil.rmtree(self.local_repository, ignore_errors=True)
-        return self.process.returncode
+        return code
 
 
 def start_server(
@@ -217,8 +279,6 @@ def start_server(
     )
     log_file = log_file or build_dir / "logs" / f"tritonserver_{grpc_port}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    if log_file.exists():
-        log_file.unlink()
     args = [
         str(server_dir / "bin" / "tritonserver"),
         f"--model-repository={local_repo}",
@@ -251,12 +311,10 @@ def start_server(
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
     )
-    process = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
-    )
     models = sorted(p.name for p in local_repo.iterdir() if (p / "config.pbtxt").exists())
-    server = LocalServer(process, grpc_port, http_port, metrics_port, log_file, models, local_repo)
+    server = LocalServer(args, env, grpc_port, http_port, metrics_port, log_file, models,
+                         local_repo)
+    server.launch()
     if wait:
         server.wait_ready(timeout_s)
     return server

@@ -74,6 +74,18 @@ def test_score_retries_unavailable_then_raises_ranker_error() -> None:
     assert elapsed >= 0.05 + 0.1  # two backoff sleeps
 
 
+def test_backoff_is_capped() -> None:
+    """Uncapped, 5 retries from 0.1 s would sleep 3.1 s; capped at 0.15 s they sleep 0.55 s."""
+    req = RequestGenerator(seed=0, profile_dim=16).request(3, 2)
+    with RankerClient(closed_port(), retries=5, backoff_s=0.1, max_backoff_s=0.15,
+                      validate=False) as client:
+        start = time.monotonic()
+        with pytest.raises(RankerError, match="after 6 attempts"):
+            client.score(req)
+        elapsed = time.monotonic() - start
+    assert 0.55 <= elapsed < 2.5
+
+
 def test_wait_ready_times_out_with_a_clear_message() -> None:
     with RankerClient(closed_port()) as client:
         start = time.monotonic()

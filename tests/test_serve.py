@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from scripts.triton_local import ServerError, free_port, start_server
@@ -54,6 +55,55 @@ def test_serve_foreground_ready_and_sigterm(small_repository: Path) -> None:
         assert proc.returncode == 0, out
         assert "stopped tritonserver" in out
         assert not pid_alive(server_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.server
+def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> None:
+    """A dead python-backend stub leaves its model failing while 'ready' (Triton 2.51); the
+    watchdog of serve.sh notices and restarts the server on the same port: exact again."""
+    from client.api import RankerClient, RankerError
+    from client.requests import RequestGenerator
+    from scripts.processes import stub_pids, wait_gone
+    from tests.conftest import SMALL
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [*SERVE, "--grpc-port", str(port), "--repository", str(small_repository),
+         "--watchdog-interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        ready = ""
+        while "serve: ready" not in ready:
+            ready = proc.stdout.readline()
+            assert ready, "serve.sh exited before it was ready"
+        server_pid = int(ready.split("tritonserver pid ")[1].split(";")[0])
+        request = RequestGenerator(seed=4, profile_dim=SMALL["profile_dim"]).request(60, 12)
+        with RankerClient(f"127.0.0.1:{port}", timeout_s=20, retries=8) as client:
+            expected = client.score(request, model="ranker_naive")
+            (victim,) = stub_pids(server_pid, "target_fusion")
+            os.kill(victim, signal.SIGKILL)
+            assert wait_gone([victim], 5.0) == []
+            line = proc.stdout.readline()
+            assert "stub died: stub:target_fusion; restarting" in line, line
+            line = proc.stdout.readline()
+            assert "serve: ready again" in line, line
+            scores = None
+            deadline = time.monotonic() + 60
+            while scores is None and time.monotonic() < deadline:
+                try:
+                    scores = client.score(request)
+                except RankerError:
+                    time.sleep(0.5)
+            assert scores is not None, "no answer after the watchdog restart"
+            np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
     finally:
         if proc.poll() is None:
             proc.kill()
