@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from scripts import load_test as lt
+from scripts import processes
 from tests.conftest import SMALL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,21 +82,21 @@ def test_process_tree_memory_of_own_children() -> None:
     try:
         grandchild = int(parent.stdout.readline())
         deadline = time.monotonic() + 10  # until the grandchild has exec'd `sleep`
-        while lt.cmdline(grandchild) != ["sleep", "30"] and time.monotonic() < deadline:
+        while processes.cmdline(grandchild) != ["sleep", "30"] and time.monotonic() < deadline:
             time.sleep(0.01)
-        tree = lt.process_tree(os.getpid())
+        tree = processes.process_tree(os.getpid())
         assert tree[0] == os.getpid()
         assert parent.pid in tree and grandchild in tree
-        assert lt.process_tree(parent.pid) == [parent.pid, grandchild]
+        assert processes.process_tree(parent.pid) == [parent.pid, grandchild]
         sample = lt.sample_memory(parent.pid)
         assert set(sample.by_process) == {"tritonserver", "sleep"}  # the root is the server
         assert sample.total_bytes == sum(sample.by_process.values())
         assert sample.by_process["sleep"] > 0  # (exact value: it may still be paging in)
         assert sample.by_process["tritonserver"] > 0
-        assert lt.kill_lingering([grandchild], marker="python") == []  # not its command line
-        assert lt.kill_lingering([grandchild], marker="sleep") == [grandchild]
-        assert lt.wait_gone([grandchild], 5.0) == []
-        assert lt.rss_bytes(grandchild) == 0  # a zombie until its parent reaps it, or gone
+        assert processes.kill_lingering([grandchild], marker="python") == []  # not its command line
+        assert processes.kill_lingering([grandchild], marker="sleep") == [grandchild]
+        assert processes.wait_gone([grandchild], 5.0) == []
+        assert processes.rss_bytes(grandchild) == 0  # a zombie until its parent reaps it, or gone
         assert lt.sample_memory(parent.pid).by_process.get("sleep", 0) == 0
     finally:
         parent.send_signal(signal.SIGKILL)
