@@ -1,0 +1,644 @@
+"""perf_analyzer benchmark: the shared-K/V `ranker` ensemble vs `ranker_naive` (history re-encoded
+per candidate) and `ranker_base` (no sequence module), across N candidates and L history events,
+against the FLOP bound. Run it through scripts/bench.sh; see --help.
+
+Steps: generate realistic requests per point (client.requests.RequestGenerator); start a local
+tritonserver (gRPC only, free port); per point, in-process ONNX Runtime timings of the same ONNX
+files, then perf_analyzer against ranker, ranker_naive, ranker_base in turn (so drift hits all
+alike); a small concurrency sweep; stop the server; ORT profile of the split's graphs; peak memory
+per model in fresh subprocesses; write points.csv, summary.csv, report.md and speedup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gc
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from client import contract
+from client.requests import RequestGenerator
+from export.config import DEFAULT_CONFIG, ModelConfig
+from scripts import bench_cpu as cpu
+from scripts import bench_direct as direct
+from scripts import bench_pa as pa
+from scripts.bench_flops import FlopModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+MODELS = ("ranker", "ranker_naive", "ranker_base")  # the order of every point
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Everything that differs between --smoke, --quick and the full run."""
+
+    name: str
+    ns: tuple[int, ...]
+    lengths: tuple[int, ...]
+    requests_per_point: int
+    window_s: float  # target length of a perf_analyzer window (sets --measurement-request-count)
+    k_min: int  # smallest --measurement-request-count
+    stability: float  # -s (%)
+    max_trials: int  # -r
+    naive_limit_s: float  # skip naive where one request would take longer (at the concurrency)
+    direct_budget_s: float  # in-process timing budget per model and point
+    sweep_point: tuple[int, int] | None  # (N, L) of the concurrency sweep
+    sweep_concurrency: tuple[int, ...]
+    memory_points: tuple[tuple[str, int, int], ...]  # (model, N, L), each in a fresh process
+    profile_point: tuple[int, int]  # (N, L) of the ORT profile
+    # Measure again (once) when other processes used more than CONTENDED_CORES meanwhile and the
+    # run took under RETRY_MAX_S; the attempt with the least outside CPU use is kept.
+    retry_contended: bool = False
+
+
+FULL = Mode(
+    name="full", ns=(1, 5, 10, 50, 100, 1000), lengths=(256, 1000), requests_per_point=8,
+    window_s=2.0, k_min=3, stability=10.0, max_trials=10, naive_limit_s=20.0,
+    direct_budget_s=1.5, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
+    memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 100, 1000),
+                   ("ranker_naive", 100, 1000), ("target_fusion", 1000, 1000),
+                   ("ranker_naive", 1000, 1000)),
+    profile_point=(50, 1000), retry_contended=True,
+)
+QUICK = Mode(
+    name="quick", ns=(1, 10, 50), lengths=(256, 1000), requests_per_point=4,
+    window_s=1.0, k_min=2, stability=15.0, max_trials=5, naive_limit_s=2.0,
+    direct_budget_s=0.4, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
+    memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 50, 1000),
+                   ("ranker_naive", 50, 1000), ("target_fusion", 1000, 1000)),
+    profile_point=(50, 1000),
+)
+SMOKE = Mode(
+    name="smoke", ns=(5,), lengths=(64,), requests_per_point=2,
+    window_s=1.0, k_min=3, stability=50.0, max_trials=3, naive_limit_s=20.0,
+    direct_budget_s=0.2, sweep_point=None, sweep_concurrency=(),
+    memory_points=(("user_encoder", 5, 64), ("target_fusion", 5, 64), ("ranker_naive", 5, 64)),
+    profile_point=(5, 64),
+)
+# Rough Triton overhead per request (us) added to the in-process time to size the windows.
+OVERHEAD_US = {"ranker": 1500.0, "ranker_naive": 1000.0, "ranker_base": 1000.0}
+# Heavy requests (> 1 s): fewer per window, fewer windows; the count-window floor is 1 s anyway.
+HEAVY_S = 1.0
+HEAVY_K = 3
+HEAVY_MAX_TRIALS = 8
+# Skip naive where its attention working set would take more than this share of free memory.
+MEMORY_SHARE = 0.5
+CONTENDED_CORES = cpu.CONTENDED_CORES
+RETRY_MAX_S = 30.0
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        print(f"[bench {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- machine facts
+
+def mem_available_bytes() -> int:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine_info(server_version: str) -> dict[str, str]:
+    import importlib.metadata as md
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    cpu, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags)
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        pa_version = pa.perf_analyzer_version()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        pa_version = f"unavailable ({e})"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "simd": simd or "none listed",
+        "cores": str(os.cpu_count()),
+        "memory": f"{mem_available_bytes() / 2**30:.1f} GiB available at start",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "tritonserver": server_version,
+        "tritonclient": version("tritonclient"),
+        "perf_analyzer": pa_version.replace("Perf Analyzer Version ", ""),
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class State:
+    mode: Mode
+    cfg: ModelConfig
+    flops: FlopModel
+    out: Path
+    progress: Progress
+    requests: dict[tuple[int, int], list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    input_files: dict[tuple[int, int], Path] = field(default_factory=dict)
+    points: list[dict[str, object]] = field(default_factory=list)  # points.csv
+    direct: list[dict[str, object]] = field(default_factory=list)  # direct.csv
+    breakdown: list[dict[str, object]] = field(default_factory=list)  # ensemble_breakdown.csv
+    memory: list[dict[str, object]] = field(default_factory=list)  # memory.csv
+    profile: list[dict[str, object]] = field(default_factory=list)  # ort_profile.csv
+    exactness: dict[tuple[int, int], float] = field(default_factory=dict)
+    naive_ref: dict[int, tuple[int, float]] = field(default_factory=dict)  # L -> (N, seconds)
+    machine: dict[str, str] = field(default_factory=dict)
+    wall: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    keep_inputs: bool = False
+
+
+def calm_now(seconds: float = 1.0) -> bool:
+    """Whether other processes use less than CONTENDED_CORES right now (a short idle probe):
+    a contended measurement is retried only then, persistent contention is not waited out."""
+    snap = cpu.snapshot()
+    time.sleep(seconds)
+    return cpu.external_cores(snap).get("ext_cpu_cores", 1e9) <= CONTENDED_CORES
+
+
+def grid(mode: Mode) -> list[tuple[int, int]]:
+    """(N, L) points, L outer, N ascending (naive's time estimate grows from the previous N)."""
+    return [(n, length) for length in mode.lengths for n in mode.ns]
+
+
+def make_requests(st: State, seed: int) -> None:
+    gen = RequestGenerator(seed=seed, profile_dim=st.cfg.profile_dim)
+    wanted = list(grid(st.mode))
+    if st.mode.sweep_point and st.mode.sweep_point not in wanted:
+        wanted.append(st.mode.sweep_point)
+    inputs_dir = st.out / "inputs"
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    for n, length in wanted:
+        reqs = [gen.request(length, n).as_inputs() for _ in range(st.mode.requests_per_point)]
+        st.requests[(n, length)] = reqs
+        path = inputs_dir / f"N{n}_L{length}.json"
+        pa.write_input_data(path, reqs)
+        st.input_files[(n, length)] = path
+
+
+def naive_estimate_s(st: State, sessions: direct.Sessions, n: int, length: int) -> float:
+    """Seconds for one naive request: the latest naive time measured at this L (at N_ref),
+    scaled by the FLOP model's C_naive(N, L) / C_naive(N_ref, L); without one, a single timed
+    request at N = 1 first."""
+    if length not in st.naive_ref:
+        req = RequestGenerator(seed=12345, profile_dim=st.cfg.profile_dim).request(length, 1)
+        inputs = req.as_inputs()
+        sessions.naive(inputs)  # warm-up
+        t0 = time.perf_counter()
+        sessions.naive(inputs)
+        st.naive_ref[length] = (1, time.perf_counter() - t0)
+        st.progress(f"  naive calibration at N=1, L={length}: {st.naive_ref[length][1]*1e3:.1f} ms")
+    n_ref, t_ref = st.naive_ref[length]
+    return t_ref * st.flops.naive(n, length) / st.flops.naive(n_ref, length)
+
+
+def naive_skip_reason(st: State, est_s: float, n: int, length: int, concurrency: int) -> str:
+    latency = est_s * concurrency
+    if latency > st.mode.naive_limit_s:
+        conc = f" x concurrency {concurrency}" if concurrency > 1 else ""
+        return (f"skipped: est. {latency:.1f} s per request{conc} "
+                f"(limit {st.mode.naive_limit_s:g} s)")
+    need = st.flops.naive_attention_bytes(n, length)
+    free = mem_available_bytes()
+    if free and need > MEMORY_SHARE * free:
+        return (f"skipped: est. >= {need / 2**30:.1f} GiB attention working set "
+                f"({free / 2**30:.1f} GiB available)")
+    return ""
+
+
+def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
+               naive_skip: str, naive_est_s: float) -> dict[str, float]:
+    """In-process timings at one point; returns p50 (us) by model for window sizing."""
+    reqs = st.requests[(n, length)]
+    m = st.mode
+    out: dict[str, float] = {}
+    snap = cpu.snapshot()
+    split = direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500)
+    load = cpu.external_cores(snap)
+    if m.retry_contended and load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES and calm_now():
+        snap = cpu.snapshot()
+        again = direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500)
+        load_again = cpu.external_cores(snap)
+        if load_again.get("ext_cpu_cores", 1e9) < load["ext_cpu_cores"]:
+            split, load = again, load_again
+    flop_of = {"user_encoder": st.flops.user(length), "target_fusion": st.flops.fusion(n, length),
+               "split": st.flops.split(n, length)}
+    for name, timing in split.items():
+        out[name] = timing.p50_us
+        st.direct.append({**direct_row(name, n, length, "ok", timing, flop_of[name]), **load})
+    if naive_skip:
+        st.direct.append({"model": "ranker_naive", "n": n, "length": length,
+                          "status": naive_skip})
+    else:
+        heavy = naive_est_s > HEAVY_S
+        snap = cpu.snapshot()
+        timing, first = direct.time_single(
+            "ranker_naive", sessions.naive, reqs, naive_est_s, m.direct_budget_s,
+            2 if heavy else 3, 500)
+        out["ranker_naive"] = timing.p50_us
+        st.naive_ref[length] = (n, timing.p50_us / 1e6)
+        st.direct.append({**direct_row("ranker_naive", n, length, "ok", timing,
+                                       st.flops.naive(n, length)), **cpu.external_cores(snap)})
+        st.exactness[(n, length)] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
+    snap = cpu.snapshot()
+    timing, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
+                                   m.direct_budget_s, 3, 500)
+    base_load = cpu.external_cores(snap)
+    if (m.retry_contended and base_load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES
+            and calm_now()):
+        snap = cpu.snapshot()
+        again, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
+                                      m.direct_budget_s, 3, 500)
+        load_again = cpu.external_cores(snap)
+        if load_again.get("ext_cpu_cores", 1e9) < base_load["ext_cpu_cores"]:
+            timing, base_load = again, load_again
+    out["ranker_base"] = timing.p50_us
+    st.direct.append({**direct_row("ranker_base", n, length, "ok", timing, st.flops.base(n)),
+                      **base_load})
+    return out
+
+
+def direct_row(model: str, n: int, length: int, status: str, t: direct.Timing,
+               flop: float) -> dict[str, object]:
+    return {"model": model, "n": n, "length": length, "status": status,
+            "p50_us": round(t.p50_us, 1), "p90_us": round(t.p90_us, 1), "reps": t.reps,
+            "gflop": flop / 1e9, "gflops": flop / 1e9 / (t.p50_us / 1e6)}
+
+
+def settings_for(st: State, service_us: float, concurrency: int) -> pa.Settings:
+    m = st.mode
+    service_s = service_us / 1e6
+    heavy = service_s > HEAVY_S
+    k_min = HEAVY_K if heavy else m.k_min
+    trials = min(m.max_trials, HEAVY_MAX_TRIALS) if heavy else m.max_trials
+    k = max(k_min, math.ceil(m.window_s / max(service_s, 1e-6)))
+    window = max(1.0, k * service_s)
+    timeout = 60 + 2 * (trials + 1) * (window + concurrency * service_s)
+    return pa.Settings(request_count=k, stability=m.stability, max_trials=trials,
+                       concurrency=concurrency, timeout_s=timeout)
+
+
+def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: int,
+           service_us: float | None, skip: str, step: str) -> pa.Result | None:
+    row: dict[str, object] = {"model": model, "n": n, "length": length,
+                              "concurrency": concurrency}
+    if skip:
+        st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: {skip}")
+        row["status"] = skip
+        st.points.append(row)
+        return None
+    s = settings_for(st, service_us or 1000.0, concurrency)
+    tag = f"{model}_N{n}_L{length}_c{concurrency}"
+    st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: perf_analyzer "
+                f"K={s.request_count} -s {s.stability:g} -r {s.max_trials} ...")
+    attempts = 0
+    while True:
+        attempts += 1
+        snap = cpu.snapshot()
+        res = pa.run(model, url, st.input_files[(n, length)], st.out / "perf_analyzer", s,
+                     tag if attempts == 1 else f"{tag}_attempt{attempts}")
+        load = cpu.external_cores(snap)
+        contended = load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES
+        if attempts == 1 and contended and st.mode.retry_contended and res.wall_s < RETRY_MAX_S:
+            if calm_now():
+                st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: others used "
+                            f"{load['ext_cpu_cores']:.2f} cores meanwhile, now calm: "
+                            "measuring once more")
+                first, first_load = res, load
+                continue
+            st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: others used "
+                        f"{load['ext_cpu_cores']:.2f} cores meanwhile and still do: kept")
+        if attempts == 2 and first_load["ext_cpu_cores"] < load.get("ext_cpu_cores", 1e9):
+            res, load = first, first_load
+        break
+    p50 = f"{res.p50_us / 1e3:.2f} ms" if res.p50_us is not None else "-"
+    thr = f"{res.throughput:.2f}/s" if res.throughput is not None else "-"
+    ext = f", others used {load['ext_cpu_cores']:.2f} cores" if load else ""
+    st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: {res.status}, "
+                f"p50 {p50}, {thr}, {res.passes} windows, {res.wall_s:.1f} s{ext}"
+                + (f" ({res.message})" if res.message else ""))
+    row.update({
+        "status": res.status, "p50_us": res.p50_us, "p90_us": res.p90_us,
+        "p95_us": res.p95_us, "p99_us": res.p99_us, "throughput": res.throughput,
+        "requests": res.request_count, "windows": res.passes,
+        "request_count_k": s.request_count, "stability_pct": s.stability,
+        "max_trials": s.max_trials, "wall_s": round(res.wall_s, 1),
+        "server_queue_us": res.server.get("Server Queue"),
+        "server_compute_infer_us": res.server.get("Server Compute Infer"),
+        **load, "attempts": attempts,
+        "message": res.message,
+    })
+    st.points.append(row)
+    if model == "ranker" and res.composing:
+        record_breakdown(st, res, n, length, concurrency)
+    return res
+
+
+def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> None:
+    base = {"n": n, "length": length, "concurrency": c, "status": res.status}
+    parts = {"client_p50": res.p50_us, "client_avg_grpc": res.avg_us}
+    for k, v in res.server.items():
+        if not k[0].isupper():
+            parts[f"ensemble_{k}"] = v
+    for model, values in res.composing.items():
+        for k, v in values.items():
+            parts[f"{model}_{k}"] = v
+    for part, value in parts.items():
+        if value is not None:
+            st.breakdown.append({**base, "part": part, "us": value})
+
+
+def benchmark_server(st: State, seed: int) -> None:
+    from scripts.triton_local import free_port, start_server
+
+    m = st.mode
+    pts = grid(m)
+    sweep = []
+    if m.sweep_point:
+        sweep = [c for c in m.sweep_concurrency if c != 1 or m.sweep_point not in pts]
+    total = len(pts) * len(MODELS) + len(sweep) * len(MODELS)
+    st.progress(f"loading ONNX Runtime sessions for the in-process timings ({MODEL_REPOSITORY})")
+    sessions = direct.Sessions(MODEL_REPOSITORY)
+    st.progress("starting tritonserver (local flavour, gRPC only, free port)")
+    t0 = time.monotonic()
+    server = start_server(grpc_port=free_port(), http_port=None,
+                          log_file=st.out / "tritonserver.log")
+    st.progress(f"tritonserver pid {server.pid} ready on {server.grpc_url} in "
+                f"{time.monotonic() - t0:.1f} s: models {', '.join(server.models)}")
+    try:
+        st.machine = machine_info(server_version(server.grpc_url))
+        i = 0
+        service: dict[tuple[int, int], dict[str, float]] = {}
+        for n, length in pts:
+            st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
+            est = naive_estimate_s(st, sessions, n, length)
+            skip = naive_skip_reason(st, est, n, length, 1)
+            d = run_direct(st, sessions, n, length, skip, est)
+            service[(n, length)] = d
+            st.progress(
+                f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms "
+                f"(encoder {d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
+                + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
+                   f"naive {skip}, ")
+                + f"base {d['ranker_base']/1e3:.2f} ms")
+            for model in MODELS:
+                i += 1
+                key = "split" if model == "ranker" else model
+                svc = d.get(key)
+                run_pa(st, server.grpc_url, model, n, length, 1,
+                       None if svc is None else svc + OVERHEAD_US[model],
+                       skip if model == "ranker_naive" else "", f"[{i}/{total}]")
+        if sweep:
+            n, length = m.sweep_point
+            if (n, length) not in service:
+                est = naive_estimate_s(st, sessions, n, length)
+                skip = naive_skip_reason(st, est, n, length, 1)
+                service[(n, length)] = run_direct(st, sessions, n, length, skip, est)
+            d = service[(n, length)]
+            for c in sweep:
+                st.progress(f"concurrency sweep N={n} L={length}: concurrency {c}")
+                for model in MODELS:
+                    i += 1
+                    key = "split" if model == "ranker" else model
+                    skip = ""
+                    if model == "ranker_naive":
+                        est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(
+                            st, sessions, n, length)
+                        skip = naive_skip_reason(st, est, n, length, c)
+                    svc = d.get(key)
+                    run_pa(st, server.grpc_url, model, n, length, c,
+                           None if svc is None else svc + OVERHEAD_US[model], skip,
+                           f"[{i}/{total}]")
+    finally:
+        code = server.stop()
+        st.progress(f"stopped tritonserver pid {server.pid} (exit code {code})")
+        del sessions
+        gc.collect()
+
+
+def server_version(url: str) -> str:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        meta = client.get_server_metadata()
+        return f"{meta.name} {meta.version}"
+    except Exception as e:  # the version is a report detail, never a reason to fail
+        return f"unknown ({type(e).__name__})"
+    finally:
+        client.close()
+
+
+def run_profile(st: State) -> None:
+    n, length = st.mode.profile_point
+    reqs = st.requests.get((n, length))
+    if reqs is None:
+        reqs = [RequestGenerator(seed=7, profile_dim=st.cfg.profile_dim)
+                .request(length, n).as_inputs()]
+    st.progress(f"ORT profile of user_encoder and target_fusion at N={n} L={length}")
+    sessions = direct.Sessions(MODEL_REPOSITORY)
+    enc_feeds = [{k: r[k] for k in contract.HISTORY_INPUTS} for r in reqs]
+    fus_feeds = [sessions.fusion_inputs(r, sessions.encode(r)) for r in reqs]
+    del sessions
+    work = st.out / "ort_profile"
+    work.mkdir(parents=True, exist_ok=True)
+    for name, feeds in (("user_encoder", enc_feeds), ("target_fusion", fus_feeds)):
+        for row in direct.profile_ops(MODEL_REPOSITORY, name, feeds, work):
+            st.profile.append({**row, "n": n, "length": length})
+    with contextlib.suppress(OSError):
+        work.rmdir()
+
+
+def run_memory(st: State) -> None:
+    for model, n, length in st.mode.memory_points:
+        row: dict[str, object] = {"model": model, "n": n, "length": length,
+                                  "user_kv_bytes": st.flops.user_kv_bytes(length),
+                                  "naive_kv_bytes": st.flops.naive_kv_bytes(n, length),
+                                  "naive_attention_est_bytes":
+                                      st.flops.naive_attention_bytes(n, length)}
+        if model == "ranker_naive":
+            ref = st.naive_ref.get(length)
+            est = ref[1] * st.flops.naive(n, length) / st.flops.naive(ref[0], length) if ref \
+                else 0.0
+            skip = naive_skip_reason(st, est, n, length, 1)
+            if skip:
+                st.progress(f"memory {model} N={n} L={length}: {skip}")
+                row["status"] = skip
+                st.memory.append(row)
+                continue
+        st.progress(f"memory {model} N={n} L={length}: fresh subprocess, peak RSS delta ...")
+        cmd = [sys.executable, "-m", "scripts.bench_memory", "--model", model, "--n", str(n),
+               "--length", str(length), "--repository", str(MODEL_REPOSITORY)]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            row["status"] = f"error: exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+        else:
+            data = json.loads(proc.stdout.strip().splitlines()[-1])
+            row.update({"status": "ok", "peak_delta_bytes": data["peak_delta"],
+                        "method": data["method"], "rss_before_bytes": data["rss_before"],
+                        "peak_rss_bytes": data["peak_rss"],
+                        "ru_maxrss_before_bytes": data["maxrss_before"],
+                        "ru_maxrss_after_bytes": data["maxrss_after"],
+                        "run_s": round(data["run_s"], 3)})
+        st.progress(f"memory {model} N={n} L={length}: {row['status']}"
+                    + (f", peak +{row['peak_delta_bytes'] / 2**20:.1f} MiB"
+                       if "peak_delta_bytes" in row else ""))
+        st.memory.append(row)
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: fmt_csv(row.get(k)) for k in keys})
+
+
+def fmt_csv(v: object) -> object:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+# --------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench.sh",
+        description="Benchmark the shared-K/V `ranker` ensemble against `ranker_naive` and "
+        "`ranker_base` with perf_analyzer (gRPC, realistic generated requests) on a local "
+        "tritonserver it starts and stops itself, plus in-process ONNX Runtime timings, an ORT "
+        "profile and peak memory; compares the measured speedup with the FLOP bound. Full run: "
+        "N in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep (about 15-30 min on 2 "
+        "cores). Writes points.csv, summary.csv, direct.csv, memory.csv, report.md, speedup.png "
+        "into --out.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
+                      "request takes <= 2 s (about 3 min)")
+    size.add_argument("--smoke", action="store_true",
+                      help="one tiny point (N=5, L=64), for CI (seconds)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default build/bench/<timestamp>; the committed full run "
+                   "is benchmarks/results)")
+    p.add_argument("--seed", type=int, default=0, help="request generator seed (default 0)")
+    p.add_argument("--naive-limit-s", type=float, default=None,
+                   help="skip ranker_naive where one request would take longer than this "
+                   "(default 20 s, --quick 2 s)")
+    p.add_argument("--keep-inputs", action="store_true",
+                   help="keep the perf_analyzer input files in OUT/inputs (by default they are "
+                   "deleted at the end: the same --seed regenerates them)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="model config the ONNX files were exported from (FLOP model)")
+    return p.parse_args(argv)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: stop tritonserver, perf_analyzer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    mode = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.naive_limit_s is not None:
+        from dataclasses import replace
+
+        mode = replace(mode, naive_limit_s=args.naive_limit_s)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = (args.out or REPO_ROOT / "build" / "bench" / stamp).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("perf_analyzer", "inputs"):  # a previous run's per-run files
+        shutil.rmtree(out / stale, ignore_errors=True)
+    progress = Progress()
+    cfg = ModelConfig.load(args.config)
+    missing = [m for m in direct.MODELS if not direct.model_path(MODEL_REPOSITORY, m).exists()]
+    if missing:
+        print(f"bench: error: no ONNX model for {missing}: run `python -m export` first",
+              file=sys.stderr)
+        return 2
+    try:
+        pa.perf_analyzer_version()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"bench: error: perf_analyzer does not run: {e}", file=sys.stderr)
+        return 2
+    st = State(mode=mode, cfg=cfg, flops=FlopModel.from_config(cfg), out=out, progress=progress,
+               seed=args.seed, keep_inputs=args.keep_inputs)
+    progress(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
+             f"{mode.requests_per_point} requests per point -> {out}")
+    progress("generating requests (client.requests.RequestGenerator) and perf_analyzer inputs")
+    make_requests(st, args.seed)
+    t0 = time.monotonic()
+    benchmark_server(st, args.seed)
+    st.wall["server_phase_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    run_profile(st)
+    run_memory(st)
+    st.wall["profile_memory_s"] = time.monotonic() - t0
+    st.wall["total_s"] = time.monotonic() - progress.t0
+
+    from scripts import bench_report
+
+    progress("writing points.csv, direct.csv, summary.csv, memory.csv, report.md, speedup.png")
+    summary = bench_report.summarise(st)
+    write_csv(out / "points.csv", st.points)
+    write_csv(out / "direct.csv", st.direct)
+    write_csv(out / "summary.csv", summary)
+    write_csv(out / "memory.csv", st.memory)
+    write_csv(out / "ensemble_breakdown.csv", st.breakdown)
+    write_csv(out / "ort_profile.csv", st.profile)
+    bench_report.plot(st, summary, out / "speedup.png")
+    (out / "report.md").write_text(bench_report.report(st, summary))
+    if not args.keep_inputs:
+        shutil.rmtree(out / "inputs", ignore_errors=True)
+    progress(f"done in {st.wall['total_s'] / 60:.1f} min: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

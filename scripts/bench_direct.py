@@ -1,0 +1,171 @@
+"""In-process ONNX Runtime timings of the served ONNX files (the same sessions options as the
+Triton python backend: export.runtime.make_session), to tell model time from Triton overhead,
+and an ORT profile of the split's two graphs (per op type).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from client import contract as c
+from export.runtime import make_session, session_options
+
+MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
+FUSION_REQUEST_INPUTS = (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)
+
+
+def model_path(repository: Path, name: str) -> Path:
+    return repository / name / "1" / "model.onnx"
+
+
+class Sessions:
+    """One ORT session per served ONNX model."""
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = repository
+        self.sessions = {name: make_session(model_path(repository, name)) for name in MODELS}
+
+    def encode(self, request: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions["user_encoder"].run(
+            None, {n: request[n] for n in c.HISTORY_INPUTS})
+
+    def fusion_inputs(self, request: Mapping[str, np.ndarray],
+                      encoded: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {n: request[n] for n in FUSION_REQUEST_INPUTS}
+        inputs[c.USER_KV], inputs[c.LAST_EVENT_TIMESTAMP] = encoded
+        return inputs
+
+    def fuse(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.sessions["target_fusion"].run(None, dict(inputs))[0]
+
+    def naive(self, request: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.sessions["ranker_naive"].run(None, dict(request))[0]
+
+    def base(self, request: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.sessions["ranker_base"].run(None, dict(request))[0]
+
+    def split(self, request: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.fuse(self.fusion_inputs(request, self.encode(request)))
+
+
+@dataclass
+class Timing:
+    """Latencies (us) of one model at one point, over round-robin requests."""
+
+    model: str
+    samples_us: list[float]
+
+    @property
+    def reps(self) -> int:
+        return len(self.samples_us)
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.samples_us, q))
+
+    @property
+    def p50_us(self) -> float:
+        return self.pct(50)
+
+    @property
+    def p90_us(self) -> float:
+        return self.pct(90)
+
+
+def reps_for(est_s: float, budget_s: float, min_reps: int, max_reps: int) -> int:
+    if est_s <= 0:
+        return max_reps
+    return int(max(min_reps, min(max_reps, budget_s // est_s)))
+
+
+def time_split(s: Sessions, requests: Sequence[Mapping[str, np.ndarray]], budget_s: float,
+               min_reps: int, max_reps: int) -> dict[str, Timing]:
+    """user_encoder then target_fusion, per request: the encoder, the fusion and their sum
+    (the model time of one ensemble request). One untimed warm-up per request."""
+    for r in requests:
+        s.split(r)
+    t0 = time.perf_counter()
+    s.split(requests[0])
+    reps = reps_for(time.perf_counter() - t0, budget_s, min_reps, max_reps)
+    enc, fus, tot = [], [], []
+    for i in range(reps):
+        r = requests[i % len(requests)]
+        t_a = time.perf_counter()
+        encoded = s.encode(r)
+        t_b = time.perf_counter()
+        inputs = s.fusion_inputs(r, encoded)
+        t_c = time.perf_counter()
+        s.fuse(inputs)
+        t_d = time.perf_counter()
+        enc.append((t_b - t_a) * 1e6)
+        fus.append((t_d - t_c) * 1e6)
+        tot.append((t_d - t_a) * 1e6)
+    return {"user_encoder": Timing("user_encoder", enc),
+            "target_fusion": Timing("target_fusion", fus),
+            "split": Timing("split", tot)}
+
+
+def time_single(name: str, fn: Callable[[Mapping[str, np.ndarray]], object],
+                requests: Sequence[Mapping[str, np.ndarray]], est_s: float, budget_s: float,
+                min_reps: int, max_reps: int) -> tuple[Timing, object]:
+    """One model, round-robin over the requests, after a warm-up: one untimed run per request
+    where requests are cheap, a single one where they are heavy (it still grows ORT's arena to
+    the point's size: without it the first timed run pays gigabytes of page faults).
+    Returns the timing and the output of the first timed run (requests[0])."""
+    warm = 1 if est_s >= 1.0 else max(1, min(len(requests), int(budget_s / max(est_s, 1e-4))))
+    for r in requests[:warm]:
+        fn(r)
+    reps = reps_for(est_s, budget_s, min_reps, max_reps)
+    samples, first = [], None
+    for i in range(reps):
+        t0 = time.perf_counter()
+        result = fn(requests[i % len(requests)])
+        samples.append((time.perf_counter() - t0) * 1e6)
+        if i == 0:
+            first = result
+    return Timing(name, samples), first
+
+
+# --------------------------------------------------------------------------- ORT profiling
+
+def profile_ops(repository: Path, name: str, feeds: Sequence[Mapping[str, np.ndarray]],
+                work_dir: Path, reps: int = 5) -> list[dict[str, object]]:
+    """Per op type: total kernel time (us) per run and share of the graph, from ORT's profiler
+    (session options of export.runtime plus enable_profiling), first run excluded."""
+    so = session_options()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(work_dir / f"ort_profile_{name}")
+    sess = ort.InferenceSession(str(model_path(repository, name)), so,
+                                providers=["CPUExecutionProvider"])
+    for i in range(reps + 1):
+        sess.run(None, dict(feeds[i % len(feeds)]))
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"] if len(runs) > 1 else 0  # skip the first run
+    by_op: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if e["ts"] < first_end:
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        by_op[op] += e["dur"]
+        counts[op] += 1
+    total = sum(by_op.values()) or 1.0
+    runs_timed = max(1, len(runs) - 1)
+    trace.unlink(missing_ok=True)
+    rows = [
+        {"graph": name, "op_type": op, "us_per_run": by_op[op] / runs_timed,
+         "share": by_op[op] / total, "nodes_per_run": counts[op] / runs_timed}
+        for op in sorted(by_op, key=by_op.get, reverse=True)
+    ]
+    return rows

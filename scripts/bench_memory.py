@@ -1,0 +1,110 @@
+"""Peak memory of one ONNX model at one (N, L), measured in a fresh process.
+
+`python -m scripts.bench_memory --model target_fusion --n 1000 --length 1000` loads the model with
+export.runtime.make_session, builds one request (client.requests.RequestGenerator; for
+target_fusion a user_kv of the right shape), runs the model once and prints one JSON line with the
+run's own peak working set (ORT arena, activations, outputs): peak RSS during the run minus RSS
+before it.
+
+The peak comes from the kernel's high-water mark, reset right before the run (writing 5 to
+/proc/self/clear_refs, then VmHWM from /proc/self/status). resource.getrusage's ru_maxrss alone
+is not usable here: it keeps the model-loading peak, and after fork/vfork + exec it even starts
+at the *parent's* high-water mark (the benchmark process has run the naive model). ru_maxrss
+before/after is reported too; it is the fallback (flagged) where clear_refs is not writable.
+The benchmark runs this once per model in its own subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client import contract as c
+from client.requests import RequestGenerator
+from export.config import ModelConfig
+from export.runtime import make_session
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def status_bytes(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc/self/status (None where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def feeds(model: str, n: int, length: int, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    request = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim).request(length, n)
+    inputs = request.as_inputs()
+    if model == "user_encoder":
+        return {k: inputs[k] for k in c.HISTORY_INPUTS}
+    if model == "target_fusion":
+        rng = np.random.default_rng(seed)
+        kv = rng.standard_normal(
+            (cfg.num_layers, 2, cfg.num_heads, length, cfg.head_dim)).astype(np.float32)
+        last = inputs[c.HISTORY_TIMESTAMPS][-1:] if length else np.zeros(1, np.int64)
+        out = {k: inputs[k] for k in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
+        out[c.USER_KV] = kv
+        out[c.LAST_EVENT_TIMESTAMP] = np.ascontiguousarray(last, dtype=np.int64)
+        return out
+    return inputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_memory",
+                                description="Peak RSS of one ONNX model run (fresh process).")
+    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--length", type=int, required=True)
+    p.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = ModelConfig.load()
+    session = make_session(args.repository / args.model / "1" / "model.onnx")
+    inputs = feeds(args.model, args.n, args.length, cfg, args.seed)
+    before = maxrss_bytes()
+    hwm_ok = reset_peak()
+    rss_before = status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    session.run(None, inputs)
+    seconds = time.perf_counter() - t0
+    peak = status_bytes("VmHWM")
+    after = maxrss_bytes()
+    if hwm_ok and peak is not None and rss_before is not None:
+        method, delta = "VmHWM reset", peak - rss_before
+    else:  # masked by the load peak (and the parent's) where the run's peak is smaller
+        method, delta = "ru_maxrss (may be masked)", after - before
+    print(json.dumps({"model": args.model, "n": args.n, "length": args.length,
+                      "rss_before": rss_before, "peak_rss": peak, "peak_delta": delta,
+                      "method": method, "maxrss_before": before, "maxrss_after": after,
+                      "run_s": seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
