@@ -173,6 +173,8 @@ class State:
     flops: FlopModel
     out: Path
     progress: Progress
+    repository: Path = MODEL_REPOSITORY
+    config_path: Path = DEFAULT_CONFIG
     requests: dict[tuple[int, int], list[dict[str, np.ndarray]]] = field(default_factory=dict)
     input_files: dict[tuple[int, int], Path] = field(default_factory=dict)
     points: list[dict[str, object]] = field(default_factory=list)  # points.csv
@@ -397,11 +399,11 @@ def benchmark_server(st: State, seed: int) -> None:
     if m.sweep_point:
         sweep = [c for c in m.sweep_concurrency if c != 1 or m.sweep_point not in pts]
     total = len(pts) * len(MODELS) + len(sweep) * len(MODELS)
-    st.progress(f"loading ONNX Runtime sessions for the in-process timings ({MODEL_REPOSITORY})")
-    sessions = direct.Sessions(MODEL_REPOSITORY)
+    st.progress(f"loading ONNX Runtime sessions for the in-process timings ({st.repository})")
+    sessions = direct.Sessions(st.repository)
     st.progress("starting tritonserver (local flavour, gRPC only, free port)")
     t0 = time.monotonic()
-    server = start_server(grpc_port=free_port(), http_port=None,
+    server = start_server(grpc_port=free_port(), http_port=None, repository=st.repository,
                           log_file=st.out / "tritonserver.log")
     st.progress(f"tritonserver pid {server.pid} ready on {server.grpc_url} in "
                 f"{time.monotonic() - t0:.1f} s: models {', '.join(server.models)}")
@@ -476,14 +478,14 @@ def run_profile(st: State) -> None:
         reqs = [RequestGenerator(seed=7, profile_dim=st.cfg.profile_dim)
                 .request(length, n).as_inputs()]
     st.progress(f"ORT profile of user_encoder and target_fusion at N={n} L={length}")
-    sessions = direct.Sessions(MODEL_REPOSITORY)
+    sessions = direct.Sessions(st.repository)
     enc_feeds = [{k: r[k] for k in contract.HISTORY_INPUTS} for r in reqs]
     fus_feeds = [sessions.fusion_inputs(r, sessions.encode(r)) for r in reqs]
     del sessions
     work = st.out / "ort_profile"
     work.mkdir(parents=True, exist_ok=True)
     for name, feeds in (("user_encoder", enc_feeds), ("target_fusion", fus_feeds)):
-        for row in direct.profile_ops(MODEL_REPOSITORY, name, feeds, work):
+        for row in direct.profile_ops(st.repository, name, feeds, work):
             st.profile.append({**row, "n": n, "length": length})
     with contextlib.suppress(OSError):
         work.rmdir()
@@ -508,7 +510,8 @@ def run_memory(st: State) -> None:
                 continue
         st.progress(f"memory {model} N={n} L={length}: fresh subprocess, peak RSS delta ...")
         cmd = [sys.executable, "-m", "scripts.bench_memory", "--model", model, "--n", str(n),
-               "--length", str(length), "--repository", str(MODEL_REPOSITORY)]
+               "--length", str(length), "--repository", str(st.repository),
+               "--config", str(st.config_path)]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             row["status"] = f"error: exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
@@ -574,6 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "deleted at the end: the same --seed regenerates them)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="model config the ONNX files were exported from (FLOP model)")
+    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
+                   help="model repository with the exported ONNX files (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -597,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out / stale, ignore_errors=True)
     progress = Progress()
     cfg = ModelConfig.load(args.config)
-    missing = [m for m in direct.MODELS if not direct.model_path(MODEL_REPOSITORY, m).exists()]
+    repository = args.repository.resolve()
+    missing = [m for m in direct.MODELS if not direct.model_path(repository, m).exists()]
     if missing:
         print(f"bench: error: no ONNX model for {missing}: run `python -m export` first",
               file=sys.stderr)
@@ -608,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: perf_analyzer does not run: {e}", file=sys.stderr)
         return 2
     st = State(mode=mode, cfg=cfg, flops=FlopModel.from_config(cfg), out=out, progress=progress,
-               seed=args.seed, keep_inputs=args.keep_inputs)
+               repository=repository, config_path=args.config.resolve(), seed=args.seed,
+               keep_inputs=args.keep_inputs)
     progress(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
              f"{mode.requests_per_point} requests per point -> {out}")
     progress("generating requests (client.requests.RequestGenerator) and perf_analyzer inputs")

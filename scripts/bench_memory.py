@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, required=True)
     p.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=None,
+                   help="model config the ONNX files were exported from (default: the default)")
     args = p.parse_args(argv)
-    cfg = ModelConfig.load()
+    cfg = ModelConfig.load(args.config)
     session = make_session(args.repository / args.model / "1" / "model.onnx")
     inputs = feeds(args.model, args.n, args.length, cfg, args.seed)
     before = maxrss_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -26,9 +27,15 @@ def _number(text: str) -> float:
 
 
 @pytest.mark.server
-def test_bench_smoke_writes_numbers(tmp_path: Path) -> None:
+def test_bench_smoke_writes_numbers(tmp_path: Path, small_repository: Path) -> None:
+    """On the small test model (exported by the fixture), so a fresh clone needs no export."""
+    from tests.conftest import small_config
+
+    config = tmp_path / "small_causal.json"
+    config.write_text(json.dumps(small_config("causal").to_dict()))
     out = tmp_path / "bench"
-    proc = subprocess.run([str(BENCH), "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+    proc = subprocess.run([str(BENCH), "--smoke", "--out", str(out), "--config", str(config),
+                           "--repository", str(small_repository)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[bench" in proc.stdout  # progress on every step
