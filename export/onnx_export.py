@@ -24,58 +24,52 @@ OPSET = 17  # LayerNormalization is a single op from 17; <= 20 keeps NGC 24.10 h
 REQUEST_NAMES = [s.name for s in c.request_inputs(1)]
 
 
-class UserEncoder(nn.Module):
-    """History -> user_kv, last_event_timestamp. Once per request."""
+class _Graph(nn.Module):
+    """One exported graph of `model`. The user profile enters in the weights' dtype (fp16
+    exports), the scores leave as fp32: the request contract never changes."""
 
     def __init__(self, model: RankingTransformer) -> None:
         super().__init__()
         self.model = model
+
+    def _profile(self, profile: Tensor) -> Tensor:
+        return profile.to(self.model.item_emb.weight.dtype)
+
+
+class UserEncoder(_Graph):
+    """History -> user_kv, last_event_timestamp. Once per request."""
 
     def forward(self, items: Tensor, actions: Tensor, timestamps: Tensor) -> tuple[Tensor, Tensor]:
         user_kv, last_ts = self.model.encode_user(items, actions, timestamps)
         return user_kv.to(self.model.item_emb.weight.dtype), last_ts
 
 
-class TargetFusion(nn.Module):
+class TargetFusion(_Graph):
     """N candidates + the shared user_kv -> scores [N, T], all candidates in one pass."""
-
-    def __init__(self, model: RankingTransformer) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, cand_items: Tensor, cand_cats: Tensor, request_ts: Tensor, profile: Tensor,
         user_kv: Tensor, last_ts: Tensor,
     ) -> Tensor:
-        dtype = self.model.item_emb.weight.dtype
-        scores = self.model.score_candidates(
-            cand_items, cand_cats, request_ts, profile.to(dtype), user_kv, last_ts
-        )
-        return scores.float()
+        return self.model.score_candidates(
+            cand_items, cand_cats, request_ts, self._profile(profile), user_kv, last_ts
+        ).float()
 
 
-class NaiveRanker(nn.Module):
+class NaiveRanker(_Graph):
     """The whole request contract -> scores, the history re-encoded for every candidate."""
 
-    def __init__(self, model: RankingTransformer) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(self, *request: Tensor) -> Tensor:
         *ids, profile = request
-        return self.model(*ids, profile.to(self.model.item_emb.weight.dtype)).float()
+        return self.model(*ids, self._profile(profile)).float()
 
 
-class BaseRanker(nn.Module):
+class BaseRanker(_Graph):
     """The request contract -> scores without the sequence module (benchmark reference)."""
 
-    def __init__(self, model: RankingTransformer) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(self, *request: Tensor) -> Tensor:
         *ids, profile = request
-        return self.model.forward_base(*ids, profile.to(self.model.item_emb.weight.dtype)).float()
+        return self.model.forward_base(*ids, self._profile(profile)).float()
 
 
 @dataclass(frozen=True)

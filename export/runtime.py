@@ -4,7 +4,7 @@ benchmarks' in-process timings and in the tests, so all three measure the same t
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +60,20 @@ def check_limits(inputs: Mapping[str, np.ndarray], max_candidates: int) -> None:
 
 
 def run_in_chunks(
-    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], outputs: list[str],
+    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], inputs: Mapping[str, np.ndarray],
     chunk: int,
 ) -> list[np.ndarray]:
-    """Run `session` over slices of at most `chunk` candidates and concatenate the outputs.
+    """Call `run` (an ONNX Runtime session, or any scorer of the contract) on slices of at most
+    `chunk` candidates and concatenate its outputs.
 
     Candidates never see each other, so slicing changes no score; it bounds the memory of a
     model whose activations grow with N (ranker_naive holds N x (L+1)^2 attention scores)."""
     names = [n for n, a in inputs.items() if n.startswith("candidate_") and a.ndim]
     n = inputs[names[0]].shape[0] if names else 0
     if not chunk or n <= chunk:
-        return session.run(outputs, dict(inputs))
+        return run(dict(inputs))
     parts = [
-        session.run(outputs, {**inputs, **{k: inputs[k][start : start + chunk] for k in names}})
+        run({**inputs, **{k: inputs[k][start : start + chunk] for k in names}})
         for start in range(0, n, chunk)
     ]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(outputs))]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]

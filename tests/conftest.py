@@ -13,7 +13,7 @@ from client import contract as c
 from export.config import ModelConfig
 from export.model import RankingTransformer, build_model
 from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph
-from export.runtime import make_session
+from export.runtime import make_session, run_in_chunks
 
 INT64_MIN, INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
 
@@ -58,18 +58,9 @@ def as_torch(request: dict[str, np.ndarray]) -> list[torch.Tensor]:
 
 
 def in_chunks(fn: Callable[[dict], np.ndarray], request: dict, chunk: int = 100) -> np.ndarray:
-    """Run a naive scorer over candidate chunks. Candidates are independent in the naive model,
-    so this only bounds the test's memory (N x (L+1)^2 attention scores)."""
-    n = request[c.CANDIDATE_ITEM_IDS].shape[0]
-    if n <= chunk:
-        return fn(request)
-    parts = []
-    for start in range(0, n, chunk):
-        part = dict(request)
-        for name in c.CANDIDATE_INPUTS:
-            part[name] = request[name][start : start + chunk]
-        parts.append(fn(part))
-    return np.concatenate(parts)
+    """Run a naive scorer over candidate chunks (export.runtime.run_in_chunks): only bounds the
+    test's memory (N x (L+1)^2 attention scores)."""
+    return run_in_chunks(lambda part: [fn(part)], request, chunk)[0]
 
 
 class OnnxModels:

@@ -46,7 +46,8 @@ class TritonPythonModel:
             inputs[name] = tensor.as_numpy()
         check_lengths(inputs)
         check_limits(inputs, self.max_candidates)
-        results = run_in_chunks(self.session, inputs, [n for n, _ in self.outputs],
+        names = [n for n, _ in self.outputs]
+        results = run_in_chunks(lambda feeds: self.session.run(names, feeds), inputs,
                                 self.candidate_chunk)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=dtype))
