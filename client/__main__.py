@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from client.api import RankerClient, RankerError
-from client.requests import RankingRequest, RequestGenerator, edge_case_requests
+from client.request import RankingRequest
+from client.traffic import RequestGenerator, edge_case_requests
 from client.validation import RequestError
 
 DEFAULT_URL = "127.0.0.1:8001"

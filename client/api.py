@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client.contract import SCORES, USER_PROFILE, request_inputs
-from client.requests import RankingRequest
+from client.request import RankingRequest
 from client.validation import validate_request
 
 T = TypeVar("T")

@@ -7,8 +7,6 @@ Nothing here fixes input: a request is either sent as it is or refused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from client.contract import (
@@ -19,18 +17,12 @@ from client.contract import (
     USER_PROFILE,
     request_inputs,
 )
-
-if TYPE_CHECKING:
-    from client.requests import RankingRequest
+from client.request import RankingRequest, RequestError
 
 # How far a request timestamp may run ahead of the caller's clock (clock skew between hosts).
 MAX_FUTURE_SKEW_S = 300
 
 _DTYPES: dict[str, np.dtype] = {s.name: np.dtype(s.np_dtype) for s in request_inputs(1)}
-
-
-class RequestError(ValueError):
-    """A request that breaks the contract; the message names the tensor and the problem."""
 
 
 def validate_request(

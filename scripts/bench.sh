@@ -3,4 +3,4 @@
 # against the FLOP bound. Starts and stops its own local tritonserver; see --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m scripts.bench "$@"
+exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m benchmarks.bench "$@"

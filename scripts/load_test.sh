@@ -4,4 +4,4 @@
 # tritonserver unless --url is given; see --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m scripts.load_test "$@"
+exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m benchmarks.load_test "$@"

@@ -2,4 +2,4 @@
 # Start the local tritonserver (no Docker, CPU) on model_repository/; see --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m scripts.serve "$@"
+exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m local_server.serve "$@"

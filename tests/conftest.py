@@ -119,7 +119,7 @@ def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(small_repository: Path):
     """A real tritonserver on free localhost ports serving `small_repository`; stopped by PID.
     Fails (never skips) when it cannot start."""
-    from scripts.triton_local import free_port, start_server
+    from local_server.triton import free_port, start_server
 
     srv = start_server(grpc_port=free_port(), repository=small_repository, timeout_s=240)
     try:

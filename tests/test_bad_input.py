@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import contract as c
-from client.requests import RequestGenerator
+from client.traffic import RequestGenerator
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.server

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from export.config import ModelConfig
-from scripts import bench_pa as pa
-from scripts.bench_flops import (
+from benchmarks import perf_analyzer as pa
+from benchmarks.flops import (
     FlopModel,
     seeds_model_speedup,
     seeds_scaled_drop,
     sequence_cost_ratio,
 )
+from export.config import ModelConfig
 
 CFG = ModelConfig.load()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.api import RankerClient, RankerError
-from client.requests import RequestGenerator
+from client.traffic import RequestGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,8 @@ def test_conflicting_options_are_a_usage_error() -> None:
 
 
 def test_no_torch_in_the_client() -> None:
-    code = ("import sys, client.api, client.requests, client.validation, client.__main__; "
-            "sys.exit('torch' in sys.modules)")
+    code = ("import sys, client.api, client.request, client.traffic, client.validation, "
+            "client.__main__; sys.exit('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
 

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from client import contract as c
-from client.requests import (
-    INT64_MAX,
-    INT64_MIN,
-    Action,
-    RankingRequest,
-    RequestGenerator,
-    category_of,
-    edge_case_requests,
-)
+from client.request import INT64_MAX, INT64_MIN, RankingRequest
+from client.traffic import Action, RequestGenerator, category_of, edge_case_requests
 from client.validation import RequestError, validate_request
 
 P = 16

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from client.requests import RankingRequest, RequestGenerator
+from client.request import RankingRequest
+from client.traffic import RequestGenerator
 from client.validation import MAX_FUTURE_SKEW_S, RequestError, validate_request
 
 P = 16

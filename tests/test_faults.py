@@ -32,10 +32,11 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.load_test import stop_server
 from client.api import RankerClient, RankerError
-from client.requests import RankingRequest, RequestGenerator, edge_case_requests
-from scripts.load_test import stop_server
-from scripts.processes import (
+from client.request import RankingRequest
+from client.traffic import RequestGenerator, edge_case_requests
+from local_server.processes import (
     is_running,
     kill_lingering,
     process_label,
@@ -44,7 +45,7 @@ from scripts.processes import (
     stub_pids,
     wait_gone,
 )
-from scripts.triton_local import LocalServer, free_port, start_server
+from local_server.triton import LocalServer, free_port, start_server
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.server

@@ -1,4 +1,4 @@
-"""The load test (scripts/load_test.py), short: 16 concurrent clients through a real tritonserver
+"""The load test (benchmarks/load_test.py), short: 16 concurrent clients through a real tritonserver
 on the small repository, no errors, no mismatches against ranker_naive, memory figures reported.
 
 The script starts and stops its own server (free localhost ports, stopped by PID); the helpers
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import load_test as lt
-from scripts import processes
+from benchmarks import load_test as lt
+from local_server import processes
 from tests.conftest import SMALL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def test_load_small_repository(small_repository: Path, tmp_path: Path) -> None:
     clients, per_client = 16, 10
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "scripts.load_test", "--repository", str(small_repository),
+        [sys.executable, "-m", "benchmarks.load_test", "--repository", str(small_repository),
          "--max-history", str(SMALL["max_history"]), "--clients", str(clients),
          "--requests", str(clients * per_client), "--check-every", "5",
          "--time-limit", "120", "--json", str(out)],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.triton_local import ServerError, free_port, start_server
+from local_server.triton import ServerError, free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE = [str(REPO_ROOT / "scripts" / "serve.sh")]
@@ -66,8 +66,8 @@ def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> No
     """A dead python-backend stub leaves its model failing while 'ready' (Triton 2.51); the
     watchdog of serve.sh notices and restarts the server on the same port: exact again."""
     from client.api import RankerClient, RankerError
-    from client.requests import RequestGenerator
-    from scripts.processes import stub_pids, wait_gone
+    from client.traffic import RequestGenerator
+    from local_server.processes import stub_pids, wait_gone
     from tests.conftest import SMALL
 
     port = free_port()

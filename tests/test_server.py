@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from client.api import RankerClient
-from client.requests import RequestGenerator, edge_case_requests
+from client.traffic import RequestGenerator, edge_case_requests
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.server

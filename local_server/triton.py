@@ -4,11 +4,11 @@ The nvidia-pytriton wheel ships a tritonserver 2.51 binary, its libraries and th
 but no onnxruntime backend. This module
 1. copies the wheel's server folder once into build/tritonserver and adds the python-backend stub;
 2. builds a runnable copy of model_repository/ in which each ONNX model gets the local flavour of
-   its config (only the backend lines change) and scripts/local_backend/model.py beside a link to
-   the very same model.onnx; the `ranker` ensemble config is copied unchanged;
+   its config (only the backend lines change) and local_server/python_backend/model.py beside a
+   link to the very same model.onnx; the `ranker` ensemble config is copied unchanged;
 3. starts the server bound to 127.0.0.1 with the model control API off, waits until the server and
    every model are ready, and stops it by PID.
-Used by scripts/serve.py (the command), the tests and the benchmarks.
+Used by local_server/serve.py (the command behind scripts/serve.sh), the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.triton_configs import ONNX_MODELS, parse, to_flavour, to_text
-from scripts.processes import (
+from local_server.processes import (
     is_running,
     kill_lingering,
     process_label,
@@ -40,7 +40,7 @@ from scripts.processes import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = REPO_ROOT / "build"
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-LOCAL_BACKEND_MODEL = Path(__file__).resolve().parent / "local_backend" / "model.py"
+LOCAL_BACKEND_MODEL = Path(__file__).resolve().parent / "python_backend" / "model.py"
 
 
 class ServerError(RuntimeError):

@@ -1,7 +1,7 @@
 """Peak memory of one ONNX model at one (N, L), measured in a fresh process.
 
-`python -m scripts.bench_memory --model target_fusion --n 1000 --length 1000` loads the model with
-export.runtime.make_session, builds one request (client.requests.RequestGenerator; for
+`python -m benchmarks.memory --model target_fusion --n 1000 --length 1000` loads the model with
+export.runtime.make_session, builds one request (client.traffic.RequestGenerator; for
 target_fusion a user_kv of the right shape), runs the model once and prints one JSON line with the
 run's own peak working set (ORT arena, activations, outputs): peak RSS during the run minus RSS
 before it.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from client import contract as c
-from client.requests import RequestGenerator
+from client.traffic import RequestGenerator
 from export.config import ModelConfig
 from export.runtime import make_session
 
@@ -76,7 +76,7 @@ def feeds(model: str, n: int, length: int, cfg: ModelConfig, seed: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.bench_memory",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory",
                                 description="Peak RSS of one ONNX model run (fresh process).")
     p.add_argument("--model", choices=MODELS, required=True)
     p.add_argument("--n", type=int, required=True)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.triton_local import BUILD_DIR, MODEL_REPOSITORY, ServerError, start_server
+from local_server.triton import BUILD_DIR, MODEL_REPOSITORY, ServerError, start_server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 per candidate) and `ranker_base` (no sequence module), across N candidates and L history events,
 against the FLOP bound. Run it through scripts/bench.sh; see --help.
 
-Steps: generate realistic requests per point (client.requests.RequestGenerator); start a local
+Steps: generate realistic requests per point (client.traffic.RequestGenerator); start a local
 tritonserver (gRPC only, free port); per point, in-process ONNX Runtime timings of the same ONNX
 files, then perf_analyzer against ranker, ranker_naive, ranker_base in turn (so drift hits all
 alike); a small concurrency sweep; stop the server; ORT profile of the split's graphs; peak memory
@@ -22,94 +22,35 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import cpu, direct
+from benchmarks import perf_analyzer as pa
+from benchmarks.flops import FlopModel
+from benchmarks.state import (
+    CONTENDED_CORES,
+    FULL,
+    HEAVY_K,
+    HEAVY_MAX_TRIALS,
+    HEAVY_S,
+    MEMORY_SHARE,
+    MODEL_REPOSITORY,
+    MODELS,
+    OVERHEAD_US,
+    QUICK,
+    REPO_ROOT,
+    RETRY_MAX_S,
+    SMOKE,
+    Mode,
+    Progress,
+    State,
+)
 from client import contract
-from client.requests import RequestGenerator
+from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
-from scripts import bench_cpu as cpu
-from scripts import bench_direct as direct
-from scripts import bench_pa as pa
-from scripts.bench_flops import FlopModel
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-MODELS = ("ranker", "ranker_naive", "ranker_base")  # the order of every point
-
-
-@dataclass(frozen=True)
-class Mode:
-    """Everything that differs between --smoke, --quick and the full run."""
-
-    name: str
-    ns: tuple[int, ...]
-    lengths: tuple[int, ...]
-    requests_per_point: int
-    window_s: float  # target length of a perf_analyzer window (sets --measurement-request-count)
-    k_min: int  # smallest --measurement-request-count
-    stability: float  # -s (%)
-    max_trials: int  # -r
-    naive_limit_s: float  # skip naive where one request would take longer (at the concurrency)
-    direct_budget_s: float  # in-process timing budget per model and point
-    sweep_point: tuple[int, int] | None  # (N, L) of the concurrency sweep
-    sweep_concurrency: tuple[int, ...]
-    memory_points: tuple[tuple[str, int, int], ...]  # (model, N, L), each in a fresh process
-    profile_point: tuple[int, int]  # (N, L) of the ORT profile
-    # Measure again (once) when other processes used more than CONTENDED_CORES meanwhile and the
-    # run took under RETRY_MAX_S; the attempt with the least outside CPU use is kept.
-    retry_contended: bool = False
-
-
-FULL = Mode(
-    name="full", ns=(1, 5, 10, 50, 100, 1000), lengths=(256, 1000), requests_per_point=8,
-    window_s=2.0, k_min=3, stability=10.0, max_trials=10, naive_limit_s=20.0,
-    direct_budget_s=1.5, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
-    memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 100, 1000),
-                   ("ranker_naive", 100, 1000), ("target_fusion", 1000, 1000),
-                   ("ranker_naive", 1000, 1000)),
-    profile_point=(50, 1000), retry_contended=True,
-)
-QUICK = Mode(
-    name="quick", ns=(1, 10, 50), lengths=(256, 1000), requests_per_point=4,
-    window_s=1.0, k_min=2, stability=15.0, max_trials=5, naive_limit_s=2.0,
-    direct_budget_s=0.4, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
-    memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 50, 1000),
-                   ("ranker_naive", 50, 1000), ("target_fusion", 1000, 1000)),
-    profile_point=(50, 1000),
-)
-SMOKE = Mode(
-    name="smoke", ns=(5,), lengths=(64,), requests_per_point=2,
-    window_s=1.0, k_min=3, stability=50.0, max_trials=3, naive_limit_s=20.0,
-    direct_budget_s=0.2, sweep_point=None, sweep_concurrency=(),
-    memory_points=(("user_encoder", 5, 64), ("target_fusion", 5, 64), ("ranker_naive", 5, 64)),
-    profile_point=(5, 64),
-)
-# Rough Triton overhead per request (us) added to the in-process time to size the windows.
-OVERHEAD_US = {"ranker": 1500.0, "ranker_naive": 1000.0, "ranker_base": 1000.0}
-# Heavy requests (> 1 s): fewer per window, fewer windows; the count-window floor is 1 s anyway.
-HEAVY_S = 1.0
-HEAVY_K = 3
-HEAVY_MAX_TRIALS = 8
-# Skip naive where its attention working set would take more than this share of free memory.
-MEMORY_SHARE = 0.5
-CONTENDED_CORES = cpu.CONTENDED_CORES
-RETRY_MAX_S = 30.0
-
-
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        elapsed = time.monotonic() - self.t0
-        print(f"[bench {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}", flush=True)
-
 
 # --------------------------------------------------------------------------- machine facts
 
@@ -162,32 +103,6 @@ def machine_info(server_version: str) -> dict[str, str]:
         "tritonclient": version("tritonclient"),
         "perf_analyzer": pa_version.replace("Perf Analyzer Version ", ""),
     }
-
-
-# --------------------------------------------------------------------------- the run
-
-@dataclass
-class State:
-    mode: Mode
-    cfg: ModelConfig
-    flops: FlopModel
-    out: Path
-    progress: Progress
-    repository: Path = MODEL_REPOSITORY
-    config_path: Path = DEFAULT_CONFIG
-    requests: dict[tuple[int, int], list[dict[str, np.ndarray]]] = field(default_factory=dict)
-    input_files: dict[tuple[int, int], Path] = field(default_factory=dict)
-    points: list[dict[str, object]] = field(default_factory=list)  # points.csv
-    direct: list[dict[str, object]] = field(default_factory=list)  # direct.csv
-    breakdown: list[dict[str, object]] = field(default_factory=list)  # ensemble_breakdown.csv
-    memory: list[dict[str, object]] = field(default_factory=list)  # memory.csv
-    profile: list[dict[str, object]] = field(default_factory=list)  # ort_profile.csv
-    exactness: dict[tuple[int, int], float] = field(default_factory=dict)
-    naive_ref: dict[int, tuple[int, float]] = field(default_factory=dict)  # L -> (N, seconds)
-    machine: dict[str, str] = field(default_factory=dict)
-    wall: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    keep_inputs: bool = False
 
 
 def calm_now(seconds: float = 1.0) -> bool:
@@ -391,7 +306,7 @@ def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> 
 
 
 def benchmark_server(st: State, seed: int) -> None:
-    from scripts.triton_local import free_port, start_server
+    from local_server.triton import free_port, start_server
 
     m = st.mode
     pts = grid(m)
@@ -509,7 +424,7 @@ def run_memory(st: State) -> None:
                 st.memory.append(row)
                 continue
         st.progress(f"memory {model} N={n} L={length}: fresh subprocess, peak RSS delta ...")
-        cmd = [sys.executable, "-m", "scripts.bench_memory", "--model", model, "--n", str(n),
+        cmd = [sys.executable, "-m", "benchmarks.memory", "--model", model, "--n", str(n),
                "--length", str(length), "--repository", str(st.repository),
                "--config", str(st.config_path)]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -618,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                keep_inputs=args.keep_inputs)
     progress(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
              f"{mode.requests_per_point} requests per point -> {out}")
-    progress("generating requests (client.requests.RequestGenerator) and perf_analyzer inputs")
+    progress("generating requests (client.traffic.RequestGenerator) and perf_analyzer inputs")
     make_requests(st, args.seed)
     t0 = time.monotonic()
     benchmark_server(st, args.seed)
@@ -629,17 +544,18 @@ def main(argv: list[str] | None = None) -> int:
     st.wall["profile_memory_s"] = time.monotonic() - t0
     st.wall["total_s"] = time.monotonic() - progress.t0
 
-    from scripts import bench_report
+    from benchmarks import report as bench_report
+    from benchmarks import summary as bench_summary
 
     progress("writing points.csv, direct.csv, summary.csv, memory.csv, report.md, speedup.png")
-    summary = bench_report.summarise(st)
+    summary = bench_summary.summarise(st)
     write_csv(out / "points.csv", st.points)
     write_csv(out / "direct.csv", st.direct)
     write_csv(out / "summary.csv", summary)
     write_csv(out / "memory.csv", st.memory)
     write_csv(out / "ensemble_breakdown.csv", st.breakdown)
     write_csv(out / "ort_profile.csv", st.profile)
-    bench_report.plot(st, summary, out / "speedup.png")
+    bench_summary.plot(st, summary, out / "speedup.png")
     (out / "report.md").write_text(bench_report.report(st, summary))
     if not args.keep_inputs:
         shutil.rmtree(out / "inputs", ignore_errors=True)

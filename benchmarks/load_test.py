@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 
 from client.api import RankerClient, RankerError
-from client.requests import RankingRequest, RequestGenerator
-from scripts.processes import cmdline, process_label, process_tree, rss_bytes
-from scripts.triton_local import (
+from client.request import RankingRequest
+from client.traffic import RequestGenerator
+from local_server.processes import cmdline, process_label, process_tree, rss_bytes
+from local_server.triton import (
     MODEL_REPOSITORY,
     REPO_ROOT,
     LocalServer,

@@ -1,279 +1,37 @@
-"""summary.csv rows, speedup.png and report.md of a benchmark run (scripts/bench.py)."""
+"""report.md of a benchmark run: the prose sections (method, headline, where the time goes,
+memory, the notes' formulas) around the numbers of benchmarks/summary.py."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from scripts.bench_cpu import CONTENDED_CORES
-from scripts.bench_flops import (
+from benchmarks.cpu import CONTENDED_CORES
+from benchmarks.flops import (
     SEEDS_NAIVE_DROP,
     SEEDS_SHARED_DROP,
-    drop,
     seeds_model_speedup,
-    seeds_scaled_drop,
-    sequence_cost_ratio,
+)
+from benchmarks.summary import (
+    CONSISTENT_NAIVE,
+    CONSISTENT_RANKER,
+    Row,
+    as_number,
+    breakdown,
+    direct_row,
+    f,
+    ms,
+    pa_row,
+    pct,
+    ratio_of,
+    status_of,
+    summary_row,
+    table,
+    targets,
+    value_of,
 )
 
 if TYPE_CHECKING:
-    from scripts.bench import State
-
-Row = dict[str, object]
-
-TARGET_BOUND_SHARE = 0.8  # Speedup(N=50, L=1000) >= 0.8 x FLOP bound
-TARGET_N1 = 0.9  # Speedup(N=1) >= 0.9
-TARGET_ENSEMBLE = 1.3  # ensemble latency <= 1.3 x direct ORT at N=50
-# Plausible Triton/in-process latency ratios; outside them a point is flagged `inconsistent`.
-CONSISTENT_RANKER = (0.9, math.inf)
-CONSISTENT_NAIVE = (0.85, 1.6)
-
-
-# --------------------------------------------------------------------------- lookups
-
-def _num(v: object) -> float | None:
-    if v is None or v == "":
-        return None
-    try:
-        f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
-
-
-def pa_row(st: State, model: str, n: int, length: int, c: int = 1) -> Row | None:
-    for row in st.points:
-        if (row["model"], row["n"], row["length"], row["concurrency"]) == (model, n, length, c):
-            return row
-    return None
-
-
-def direct_row(st: State, model: str, n: int, length: int) -> Row | None:
-    for row in st.direct:
-        if (row["model"], row["n"], row["length"]) == (model, n, length):
-            return row
-    return None
-
-
-def _value(row: Row | None, key: str) -> float | None:
-    return _num(row.get(key)) if row else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def point_keys(st: State) -> list[tuple[int, int, int]]:
-    keys: list[tuple[int, int, int]] = []
-    for row in st.points:
-        key = (int(row["n"]), int(row["length"]), int(row["concurrency"]))  # type: ignore[arg-type]
-        if key not in keys:
-            keys.append(key)
-    return keys
-
-
-# --------------------------------------------------------------------------- summary.csv
-
-def summarise(st: State) -> list[Row]:
-    rows = []
-    for n, length, c in point_keys(st):
-        r, nv, b = (pa_row(st, m, n, length, c) for m in ("ranker", "ranker_naive", "ranker_base"))
-        p50 = {m: _value(x, "p50_us") for m, x in (("ranker", r), ("naive", nv), ("base", b))}
-        thr = {m: _value(x, "throughput") for m, x in (("ranker", r), ("naive", nv), ("base", b))}
-        bound = st.flops.bound(n, length)
-        speedup = _ratio(p50["naive"], p50["ranker"])
-        d_split = _value(direct_row(st, "split", n, length), "p50_us")
-        d_naive = _value(direct_row(st, "ranker_naive", n, length), "p50_us")
-        d_base = _value(direct_row(st, "ranker_base", n, length), "p50_us")
-        fusion = direct_row(st, "target_fusion", n, length)
-        row: Row = {
-            "n": n, "length": length, "concurrency": c,
-            "ranker_p50_us": p50["ranker"], "naive_p50_us": p50["naive"],
-            "base_p50_us": p50["base"],
-            "ranker_thr": thr["ranker"], "naive_thr": thr["naive"], "base_thr": thr["base"],
-            "speedup_p50": speedup,
-            "throughput_ratio": _ratio(thr["ranker"], thr["naive"]),
-            "flop_bound": bound,
-            "speedup_over_bound": _ratio(speedup, bound),
-            "throughput_ratio_over_bound": _ratio(_ratio(thr["ranker"], thr["naive"]), bound),
-            "direct_split_p50_us": d_split, "direct_naive_p50_us": d_naive,
-            "direct_speedup": _ratio(d_naive, d_split),
-            "ensemble_over_direct": _ratio(p50["ranker"], d_split),
-            "naive_over_direct": _ratio(p50["naive"], d_naive),
-            "base_over_direct": _ratio(p50["base"], d_base),
-            "fusion_gflops": _value(fusion, "gflops"),
-            "drop_naive": drop(thr["naive"], thr["base"]) if thr["naive"] and thr["base"] else None,
-            "drop_shared": drop(thr["ranker"], thr["base"])
-            if thr["ranker"] and thr["base"] else None,
-        }
-        if thr["ranker"] and thr["naive"] and thr["base"]:
-            ratio = sequence_cost_ratio(thr["ranker"], thr["naive"], thr["base"])
-            row["seq_cost_ratio"] = ratio
-            row["drop_shared_seeds_scaled"] = seeds_scaled_drop(ratio)
-        else:
-            row["seq_cost_ratio"] = row["drop_shared_seeds_scaled"] = None
-        row["max_abs_diff"] = st.exactness.get((n, length)) if c == 1 else None
-        flags = [f"{m}: {x['status']}" for m, x in (("ranker", r), ("naive", nv), ("base", b))
-                 if x and x.get("status") != "ok"]
-        loads = [_value(x, "ext_cpu_cores") for x in (r, nv, b)]
-        if c == 1:
-            loads += [_value(direct_row(st, g, n, length), "ext_cpu_cores")
-                      for g in ("split", "ranker_naive", "ranker_base")]
-        # Triton runs the same ORT graphs with the same options, so a Triton latency well below
-        # the in-process one, or a naive Triton/direct far above its small overhead, means one of
-        # the two measurements caught noise.
-        over_r, over_n = _num(row["ensemble_over_direct"]), _num(row["naive_over_direct"])
-        if c == 1 and over_r is not None and over_r < CONSISTENT_RANKER[0]:
-            flags.append(f"inconsistent: ranker Triton/direct {over_r:.2f}")
-        if c == 1 and over_n is not None and not (
-                CONSISTENT_NAIVE[0] <= over_n <= CONSISTENT_NAIVE[1]):
-            flags.append(f"inconsistent: naive Triton/direct {over_n:.2f}")
-        known = [x for x in loads if x is not None]
-        row["max_ext_cpu_cores"] = max(known) if known else None
-        if known and max(known) > CONTENDED_CORES:
-            flags.append(f"contended (others used up to {max(known):.1f} cores)")
-        row["status"] = "; ".join(flags) if flags else "ok"
-        rows.append(row)
-    return rows
-
-
-# --------------------------------------------------------------------------- speedup.png
-
-def plot(st: State, summary: list[Row], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8.5, 6))
-    colours = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
-    ns_all = [int(r["n"]) for r in summary] or [1]  # type: ignore[arg-type]
-    grid = np.unique(np.round(np.logspace(0, math.log10(max(1000, max(ns_all))), 200)))
-    for i, length in enumerate(st.mode.lengths):
-        colour = colours[i % len(colours)]
-        ax.plot(grid, [st.flops.bound(int(n), length) for n in grid], "-", color=colour, lw=1.5,
-                label=f"FLOP bound, L={length}")
-        rows = [r for r in summary if r["length"] == length and r["concurrency"] == 1]
-        ok = [r for r in rows if r["speedup_p50"] is not None and r["status"] == "ok"]
-        flagged = [r for r in rows if r["speedup_p50"] is not None and r["status"] != "ok"]
-        if ok:
-            ax.plot([r["n"] for r in ok], [r["speedup_p50"] for r in ok], "o", color=colour,
-                    ms=8, label=f"measured (Triton p50), L={length}")
-        if flagged:
-            ax.plot([r["n"] for r in flagged], [r["speedup_p50"] for r in flagged], "o",
-                    mfc="none", color=colour, ms=8,
-                    label=f"measured, flagged (see report), L={length}")
-        dr = [r for r in rows if r["direct_speedup"] is not None]
-        if dr:
-            ax.plot([r["n"] for r in dr], [r["direct_speedup"] for r in dr], "x", color=colour,
-                    ms=7, label=f"in-process ORT, L={length}")
-    ax.plot(grid, [seeds_model_speedup(float(n)) for n in grid], "--", color="black",
-            label="design notes' model N/(0.85+0.15N)")
-    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("N candidates per request")
-    ax.set_ylabel("speedup = naive latency / shared-K/V latency")
-    ax.set_title(f"ranker (shared user K/V) vs ranker_naive, concurrency 1 "
-                 f"({st.mode.name} run)\n{st.machine.get('cpu', '')}, "
-                 f"{st.machine.get('cores', '?')} cores")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- report.md
-
-def f(v: object, digits: int = 2, unit: str = "") -> str:
-    x = _num(v)
-    if x is None:
-        return "–"
-    if abs(x) >= 100:
-        s = f"{x:,.0f}"
-    elif abs(x) >= 10:
-        s = f"{x:.1f}"
-    else:
-        s = f"{x:.{digits}f}"
-    return s + unit
-
-
-def ms(v: object) -> str:
-    x = _num(v)
-    return "–" if x is None else f(x / 1e3, 2)
-
-
-def pct(v: object) -> str:
-    x = _num(v)
-    return "–" if x is None else f"{100 * x:.1f} %"
-
-
-def table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def status_of(row: Row | None) -> str:
-    if row is None:
-        return "not run"
-    s = str(row.get("status", ""))
-    return s
-
-
-def summary_row(summary: list[Row], n: int, length: int, c: int = 1) -> Row | None:
-    for r in summary:
-        if (r["n"], r["length"], r["concurrency"]) == (n, length, c):
-            return r
-    return None
-
-
-def breakdown(st: State, n: int, length: int) -> dict[str, float]:
-    return {str(r["part"]): float(r["us"]) for r in st.breakdown  # type: ignore[arg-type]
-            if (r["n"], r["length"], r["concurrency"]) == (n, length, 1)}
-
-
-def targets(st: State, summary: list[Row]) -> list[Row]:
-    out: list[Row] = []
-
-    def add(name: str, point: str, value: float | None, threshold: float, higher: bool,
-            shown: str, note: str = "") -> None:
-        if value is None:
-            out.append({"target": name, "point": point, "measured": "not measured",
-                        "verdict": "not measured", "margin": "–", "note": note})
-            return
-        met = value >= threshold if higher else value <= threshold
-        margin = (value / threshold - 1) if higher else (threshold / value - 1)
-        out.append({"target": name, "point": point, "measured": shown,
-                    "verdict": "met" if met else "missed",
-                    "margin": (f"+{100 * margin:.0f} % headroom" if met else
-                               f"short by {100 * abs(margin):.0f} %"), "note": note})
-
-    r = summary_row(summary, 50, 1000)
-    value = _num(r["speedup_over_bound"]) if r else None
-    add(f"Speedup(N=50, L=1000) >= {TARGET_BOUND_SHARE} x FLOP bound", "N=50, L=1000",
-        value, TARGET_BOUND_SHARE, True,
-        f"{f(r['speedup_p50'], 1)}x vs bound {f(r['flop_bound'], 1)}x = "
-        f"{f(value, 2)} x bound" if r and value is not None else "",
-        "" if not r or r["status"] == "ok" else f"flags: {r['status']}")
-    for length in st.mode.lengths:
-        r = summary_row(summary, 1, length)
-        value = _num(r["speedup_p50"]) if r else None
-        add(f"Speedup(N=1) >= {TARGET_N1}", f"N=1, L={length}", value, TARGET_N1, True,
-            f"{f(value, 2)}x" if value is not None else "",
-            "" if not r or r["status"] == "ok" else f"flags: {r['status']}")
-    for length in st.mode.lengths:
-        r = summary_row(summary, 50, length)
-        value = _num(r["ensemble_over_direct"]) if r else None
-        add(f"ensemble latency <= {TARGET_ENSEMBLE} x direct ORT at N=50", f"N=50, L={length}",
-            value, TARGET_ENSEMBLE, False,
-            f"{ms(r['ranker_p50_us'])} ms / {ms(r['direct_split_p50_us'])} ms = "
-            f"{f(value, 2)}" if r and value is not None else "")
-    return out
+    from benchmarks.state import State
 
 
 def report(st: State, summary: list[Row]) -> str:
@@ -331,7 +89,7 @@ def report(st: State, summary: list[Row]) -> str:
           f(r["flop_bound"], 2), f(r["speedup_over_bound"], 2),
           f(r["throughput_ratio_over_bound"], 2), f(r["direct_speedup"], 2),
           f(r["ensemble_over_direct"], 2), f(r["fusion_gflops"], 1),
-          (f"{r['max_abs_diff']:.1e}" if _num(r["max_abs_diff"]) is not None else "–"),
+          (f"{r['max_abs_diff']:.1e}" if as_number(r["max_abs_diff"]) is not None else "–"),
           str(r["status"]) if r["status"] != "ok" else ""] for r in rows]))
     add("")
     add("![speedup vs N](speedup.png)")
@@ -384,7 +142,7 @@ def _method(st: State) -> str:
         + ". Per point the three models run in turn (`ranker`, `ranker_naive`, `ranker_base`), "
         "then the next point, so drift hits all alike.",
         f"- Requests: {m.requests_per_point} distinct requests per point from "
-        "`client.requests.RequestGenerator` (seeded; sessions, Zipf popularity, huge int64 ids), "
+        "`client.traffic.RequestGenerator` (seeded; sessions, Zipf popularity, huge int64 ids), "
         "written as a perf_analyzer `--input-data` JSON with a `shape` for every tensor and sent "
         "round-robin; all three models get the same file.",
         f"- perf_analyzer 2.51: `-i grpc --concurrency-range C --measurement-mode count_windows "
@@ -421,7 +179,7 @@ def _method(st: State) -> str:
            "attempt with less outside CPU use is kept (chosen by the contention figure, never by "
            "the result); persistent contention is recorded, not waited out."
            if m.retry_contended else ""),
-        "- Memory: each graph once in a fresh Python process (`python -m scripts.bench_memory`): "
+        "- Memory: each graph once in a fresh Python process (`python -m benchmarks.memory`): "
         "session loaded and inputs built, the kernel's peak-RSS mark reset (`/proc/self/"
         "clear_refs`), one run, then peak RSS (VmHWM) minus RSS before the run. ru_maxrss "
         "(getrusage) is recorded too but cannot be the measure: it keeps the model-loading peak "
@@ -510,8 +268,8 @@ def _sweep_section(st: State, summary: list[Row]) -> str:
     for c in m.sweep_concurrency:
         for model in ("ranker", "ranker_naive", "ranker_base"):
             row = pa_row(st, model, n, length, c)
-            rows.append([str(c), model, f(_value(row, "throughput"), 2), ms(_value(row, "p50_us")),
-                         ms(_value(row, "p99_us")), status_of(row)])
+            rows.append([str(c), model, f(value_of(row, "throughput"), 2),
+                         ms(value_of(row, "p50_us")), ms(value_of(row, "p99_us")), status_of(row)])
     out.append(table(["concurrency", "model", "infer/s", "p50 ms", "p99 ms", "status"], rows))
     out.append("")
     srows = [r for r in summary if (r["n"], r["length"]) == (n, length)]
@@ -551,7 +309,7 @@ def _memory_section(st: State) -> str:
     for r in st.memory:
         rows.append([str(r["model"]), str(r["n"]), str(r["length"]),
                      (f"{float(r['peak_delta_bytes']) / 2**20:,.1f}"  # type: ignore[arg-type]
-                      if _num(r.get("peak_delta_bytes")) is not None else "–"),
+                      if as_number(r.get("peak_delta_bytes")) is not None else "–"),
                      f"{float(r['naive_attention_est_bytes']) / 2**20:,.0f}"  # type: ignore[arg-type]
                      if r["model"] == "ranker_naive" else "",
                      f"{float(r['user_kv_bytes']) / 2**20:.2f}",  # type: ignore[arg-type]
@@ -562,7 +320,7 @@ def _memory_section(st: State) -> str:
                       "method", "status"], rows))
     pairs = {}
     for r in st.memory:
-        if _num(r.get("peak_delta_bytes")) is not None:
+        if as_number(r.get("peak_delta_bytes")) is not None:
             pairs[(r["model"], r["n"], r["length"])] = float(r["peak_delta_bytes"])  # type: ignore[arg-type]
     notes = []
     for (model, n, length), naive_peak in pairs.items():
@@ -598,8 +356,8 @@ def _where_time_goes(st: State, summary: list[Row], tg: list[Row]) -> str:
         else:
             continue
         s = summary_row(summary, n, length)
-        d_enc = _value(direct_row(st, "user_encoder", n, length), "p50_us")
-        d_fus = _value(direct_row(st, "target_fusion", n, length), "p50_us")
+        d_enc = value_of(direct_row(st, "user_encoder", n, length), "p50_us")
+        d_fus = value_of(direct_row(st, "target_fusion", n, length), "p50_us")
         out.append(f"### `ranker` ensemble at N={n}, L={length} (perf_analyzer's composing-model "
                    "breakdown, averages in us)")
         out.append("")
@@ -618,9 +376,9 @@ def _where_time_goes(st: State, summary: list[Row], tg: list[Row]) -> str:
                              f(infer - d, 0)])
         out.append(table(["part", "us"], rows))
         out.append("")
-        if s and _num(s["ensemble_over_direct"]) is not None:
+        if s and as_number(s["ensemble_over_direct"]) is not None:
             client = parts.get("client_p50", 0.0)
-            direct_total = _num(s["direct_split_p50_us"]) or 0.0
+            direct_total = as_number(s["direct_split_p50_us"]) or 0.0
             overhead = client - direct_total
             server = parts.get("ensemble_avg_request_latency")
             grpc = parts.get("client_avg_grpc")
@@ -654,7 +412,7 @@ def _where_time_goes(st: State, summary: list[Row], tg: list[Row]) -> str:
                                f(r["nodes_per_run"], 0)] for r in rows]))
             out.append("")
     # 3. Bound vs measured: FLOP rates and Triton overheads.
-    rows = [r for r in summary if r["concurrency"] == 1 and _num(r["speedup_over_bound"])]
+    rows = [r for r in summary if r["concurrency"] == 1 and as_number(r["speedup_over_bound"])]
     if rows:
         out.append("### Measured speedup vs the bound, decomposed")
         out.append("")
@@ -671,12 +429,12 @@ def _where_time_goes(st: State, summary: list[Row], tg: list[Row]) -> str:
         trs = []
         for r in rows:
             n, length = int(r["n"]), int(r["length"])  # type: ignore[arg-type]
-            nv = _value(direct_row(st, "ranker_naive", n, length), "gflops")
-            sp = _value(direct_row(st, "split", n, length), "gflops")
-            over_n, over_r = _num(r["naive_over_direct"]), _num(r["ensemble_over_direct"])
+            nv = value_of(direct_row(st, "ranker_naive", n, length), "gflops")
+            sp = value_of(direct_row(st, "split", n, length), "gflops")
+            over_n, over_r = as_number(r["naive_over_direct"]), as_number(r["ensemble_over_direct"])
             trs.append([str(length), str(n), f(r["speedup_over_bound"], 2), f(sp, 1), f(nv, 1),
-                        f(_ratio(sp, nv), 2), f(over_n, 2), f(over_r, 2),
-                        f(_ratio(over_n, over_r), 2)])
+                        f(ratio_of(sp, nv), 2), f(over_n, 2), f(over_r, 2),
+                        f(ratio_of(over_n, over_r), 2)])
         out.append(table(["L", "N", "speedup / bound", "R_split GFLOP/s", "R_naive GFLOP/s",
                           "R_split / R_naive", "naive Triton/direct", "ranker Triton/direct",
                           "overhead ratio"], trs))
@@ -717,9 +475,9 @@ def _bound_miss(st: State, summary: list[Row], n: int, length: int) -> str:
     r = summary_row(summary, n, length)
     if r is None:
         return ""
-    model = _ratio(_num(r["direct_speedup"]), _num(r["flop_bound"]))
-    over_n, over_r = _num(r["naive_over_direct"]), _num(r["ensemble_over_direct"])
-    triton = _ratio(over_n, over_r)
+    model = ratio_of(as_number(r["direct_speedup"]), as_number(r["flop_bound"]))
+    over_n, over_r = as_number(r["naive_over_direct"]), as_number(r["ensemble_over_direct"])
+    triton = ratio_of(over_n, over_r)
     if model is None or triton is None:
         return "Not decomposable: the in-process naive timing is missing at this point."
     text = (f"Decomposed: in-process the split reaches {model:.2f} x bound (its FLOP rate vs the "
