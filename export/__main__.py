@@ -9,6 +9,7 @@ from pathlib import Path
 
 from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
+from export.native_rules import check_repository
 from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph, write_model_card
 from export.triton_configs import config_source, write_configs
 
@@ -66,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.naive_only:
         for path in write_configs(cfg, out, config_source(Path(args.config)), fp16=args.fp16):
             print(f"export: wrote {path}")
+        # The production configs against their graphs, with the native onnxruntime backend's
+        # load-time rules: a repository that backend would refuse is never left looking done.
+        violations = [v for found in check_repository(out).values() for v in found]
+        for v in violations:
+            print(f"export: error: the onnxruntime backend would refuse this: {v}",
+                  file=sys.stderr)
+        if violations:
+            return 1
+        print("export: every config passes the native onnxruntime backend's load-time rules")
     return 0
 
 

@@ -188,8 +188,9 @@ class RankingTransformer(nn.Module):
 
     @staticmethod
     def _last_timestamp(timestamps: Tensor) -> Tensor:
-        """Newest event's timestamp [1], 0 for an empty history."""
-        return torch.cat([torch.zeros(1, dtype=torch.int64), timestamps])[-1:]
+        """Newest event's timestamp [1], 0 for an empty history. The reshape pins the shape to
+        [1] in the exported graph (a slice alone leaves it symbolic)."""
+        return torch.cat([torch.zeros(1, dtype=torch.int64), timestamps])[-1:].reshape(1)
 
     def embed_candidates(
         self,

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from client import contract as c
 from export.config import ModelConfig
+from export.guards import add_guards
 from export.model import RankingTransformer, SplitNotExactError, full_mask_refusal
 
 OPSET = 17  # LayerNormalization is a single op from 17; <= 20 keeps NGC 24.10 happy.
@@ -95,13 +96,41 @@ GRAPHS = {
 }
 SPLIT_GRAPHS = ("user_encoder", "target_fusion")
 
-# Which axis of each tensor is dynamic, and its name in the ONNX graph.
+# Which axis of each tensor is dynamic, and its name in the ONNX graph. user_kv holds the kept
+# history (at most max_history events), not the L events sent.
 DYNAMIC_AXES = {
     **{n: {0: "L"} for n in c.HISTORY_INPUTS},
     **{n: {0: "N"} for n in c.CANDIDATE_INPUTS},
-    c.USER_KV: {3: "L"},
+    c.USER_KV: {3: "L_kept"},
     c.SCORES: {0: "N"},
 }
+
+
+def contract_specs(cfg: ModelConfig, fp16: bool = False) -> dict[str, c.TensorSpec]:
+    """Every tensor any graph reads or writes, as the Triton configs declare it."""
+    specs = [*c.request_inputs(cfg.profile_dim), c.scores_output(cfg.num_tasks),
+             c.user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim,
+                            "FP16" if fp16 else "FP32"),
+             c.last_event_timestamp_spec()]
+    return {s.name: s for s in specs}
+
+
+def declare_io_shapes(model: onnx.ModelProto, specs: dict[str, c.TensorSpec]) -> None:
+    """Write the contract's shapes onto the graph's inputs and outputs: a fixed dim as that number,
+    a variable one under its axis name. Triton's onnxruntime backend compares a config against
+    these declarations (outputs exactly), and the tracer leaves some of them symbolic where the
+    value is in fact fixed (last_event_timestamp is always [1])."""
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs[value.name]
+        shape = value.type.tensor_type.shape
+        axes = DYNAMIC_AXES.get(value.name, {})
+        del shape.dim[:]
+        for axis, size in enumerate(spec.dims):
+            dim = shape.dim.add()
+            if size == -1:
+                dim.dim_param = axes[axis]
+            else:
+                dim.dim_value = size
 
 
 def example_inputs(cfg: ModelConfig, length: int = 5, n: int = 3) -> dict[str, Tensor]:
@@ -141,7 +170,11 @@ def export_graph(
             dynamic_axes={n: DYNAMIC_AXES[n] for n in spec.inputs + spec.outputs
                           if n in DYNAMIC_AXES},
         )
-    onnx.checker.check_model(str(path))
+    graph = onnx.load(str(path))
+    declare_io_shapes(graph, contract_specs(model.cfg, fp16))
+    add_guards(graph, name, model.cfg)
+    onnx.save(graph, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def weight_hash(model: nn.Module) -> str:

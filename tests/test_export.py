@@ -134,7 +134,7 @@ def test_opset_and_dynamic_axes(exported, tmp_path: Path) -> None:
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
             for i in [*model.graph.input, *model.graph.output]}
     assert dims[c.HISTORY_ITEM_IDS] == ["L"]
-    assert dims[c.USER_KV][3] == "L"
+    assert dims[c.USER_KV][3] == "L_kept"
 
 
 # ------------------------------------------------------------------ configs and cards
