@@ -31,6 +31,8 @@ _RETRYABLE = frozenset({"StatusCode.UNAVAILABLE"})
 _UNREACHABLE = frozenset({"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"})
 TASK_NAMES_PARAMETER = "task_names"
 MAX_CANDIDATES_PARAMETER = "max_candidates"
+NAIVE_MAX_WORK_PARAMETER = "naive_max_work"
+MAX_HISTORY_PARAMETER = "max_history"
 
 
 class RankerError(RuntimeError):
@@ -66,6 +68,17 @@ class ModelInfo:
     num_tasks: int
     task_names: tuple[str, ...]
     max_candidates: int | None = None
+    # ranker_naive's memory bound, which its graph enforces: N x (min(L, max_history) + 1)^2
+    # attention cells per request. The client splits a larger request into candidate slices.
+    naive_max_work: int | None = None
+    max_history: int | None = None
+
+    def candidates_per_call(self, history_length: int) -> int | None:
+        """Most candidates one call may carry under naive_max_work (None: no such bound)."""
+        if not self.naive_max_work or not self.max_history:
+            return None
+        tokens = min(history_length, self.max_history) + 1
+        return max(1, self.naive_max_work // (tokens * tokens))
 
     def task_index(self, task: str | int) -> int:
         """Column of `task` (a name or an index) in the scores; RankerError if unknown."""
@@ -261,9 +274,14 @@ class RankerClient:
                     f"{len(parsed)} tasks but the scores output has {num_tasks}", model=model,
                 )
             names = parsed
-        limit = config.parameters.get(MAX_CANDIDATES_PARAMETER)
-        max_candidates = int(limit.string_value) if limit and limit.string_value else None
-        info = ModelInfo(model, profile_dim, num_tasks, names, max_candidates)
+        def int_parameter(key: str) -> int | None:
+            value = config.parameters.get(key)
+            return int(value.string_value) if value and value.string_value else None
+
+        info = ModelInfo(model, profile_dim, num_tasks, names,
+                         int_parameter(MAX_CANDIDATES_PARAMETER),
+                         int_parameter(NAIVE_MAX_WORK_PARAMETER),
+                         int_parameter(MAX_HISTORY_PARAMETER))
         self._info[model] = info
         return info
 
@@ -291,13 +309,32 @@ class RankerClient:
         self, req: RankingRequest, model: str | None = None
     ) -> tuple[np.ndarray, float]:
         """(scores [N, T], seconds). The latency is that of the successful RPC alone: not the
-        validation, not failed attempts or backoff sleeps."""
+        validation, not failed attempts or backoff sleeps.
+
+        A model that declares a memory bound (`naive_max_work`, ranker_naive) gets the request
+        in candidate slices that fit it, one call each (candidates never see each other, so the
+        scores are the same); the latency is then the sum of the calls."""
         model = model or self.model
         info: ModelInfo | None = None
         if self.validate:
             info = self.model_info(model)
             validate_request(req, profile_dim=info.profile_dim, now=int(time.time()),
                              max_candidates=info.max_candidates)
+        per_call = self.model_info(model).candidates_per_call(req.history_length)
+        n = req.num_candidates
+        if per_call is None or n <= per_call:
+            return self._infer(req, model, info)
+        parts = []
+        for s in range(0, n, per_call):
+            part = req.replace(candidate_item_ids=req.candidate_item_ids[s:s + per_call],
+                               candidate_category_ids=req.candidate_category_ids[s:s + per_call])
+            parts.append(self._infer(part, model, info))
+        return np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts)
+
+    def _infer(
+        self, req: RankingRequest, model: str, info: ModelInfo | None
+    ) -> tuple[np.ndarray, float]:
+        """One RPC: (scores [N, T], seconds), the output checked against the request."""
         inputs = []
         for name, array in req.as_inputs().items():
             infer_input = grpcclient.InferInput(name, list(array.shape), _TRITON_DTYPES[name])

@@ -38,11 +38,12 @@ class ModelConfig:
     gap_buckets: int = 24
     head_hidden: int = 128
     seed: int = 0
-    # Serving limits (Triton config parameters, enforced by the local backend and the client):
-    # candidates per request, and how many candidates ranker_naive encodes per ONNX Runtime run
-    # (its memory grows as N x (L+1)^2).
+    # Serving limits, written into the ONNX graphs as guards (export/guards.py) so that every
+    # backend enforces them, and mirrored as Triton config parameters for clients: candidates
+    # per request, and ranker_naive's attention cells per layer, N x (min(L, max_history) + 1)^2
+    # (its memory grows with it: 2^24 cells is N = 15 at L = 1024, about 1.8 GiB of ORT memory).
     max_candidates: int = 20_000
-    naive_candidate_chunk: int = 16
+    naive_max_work: int = 2**24
     task_names: tuple[str, ...] = ("click", "like")
 
     def __post_init__(self) -> None:

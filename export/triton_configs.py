@@ -92,14 +92,22 @@ def _task_names(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
     return {"task_names": mc.ModelParameter(string_value=",".join(cfg.task_names))}
 
 
+# ONNX Runtime threads, read by the native onnxruntime backend (and by the local stand-in, so
+# local numbers predict production ones): the graphs are sequential chains, so one inter-op
+# thread; intra-op 0 = ONNX Runtime's default (one per physical core). See README "Production".
+ORT_THREADS = {"intra_op_thread_count": "0", "inter_op_thread_count": "1"}
+
+
 def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dict:
-    """task_names for models that output scores; the candidate limit for models that take
-    candidates; naive's candidate chunk (read by the local backend, ignored by onnxruntime)."""
+    """task_names for models that output scores; ORT threads for every ONNX model; the serving
+    limits the graphs enforce (export/guards.py), mirrored here so that clients can read them."""
     params = _task_names(cfg) if c.SCORES in [o.name for o in outputs] else {}
+    params.update({k: mc.ModelParameter(string_value=v) for k, v in ORT_THREADS.items()})
     if name != USER_ENCODER:
         params["max_candidates"] = mc.ModelParameter(string_value=str(cfg.max_candidates))
     if name == NAIVE:
-        params["candidate_chunk"] = mc.ModelParameter(string_value=str(cfg.naive_candidate_chunk))
+        params["naive_max_work"] = mc.ModelParameter(string_value=str(cfg.naive_max_work))
+        params["max_history"] = mc.ModelParameter(string_value=str(cfg.max_history))
     return params
 
 

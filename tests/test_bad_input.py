@@ -1,6 +1,13 @@
 """Bad input through the real server, bypassing the client library: every case gets a clear
-INVALID_ARGUMENT naming the tensor, or a documented handling, the server stays up, and the next
-valid request still equals ranker_naive. The README's behaviour table is this file."""
+error naming the tensor, or a documented handling, the server stays up, and the next valid
+request still equals ranker_naive. The README's behaviour table is this file.
+
+Two kinds of refusal: Triton's own checks (dtype, rank, fixed dims, missing or unknown inputs:
+INVALID_ARGUMENT, the same in every backend) and the guards written into the ONNX graphs
+(export/guards.py: lengths that disagree, the candidate limit, ranker_naive's memory bound).
+The local stand-in runs the graph and nothing else, like the native onnxruntime backend, so a
+guard's refusal here is what production answers: INTERNAL with ONNX Runtime's text, which quotes
+the guard node's name (the rule, naming the tensors)."""
 
 from __future__ import annotations
 
@@ -13,7 +20,10 @@ from tritonclient.utils import InferenceServerException
 
 from client import contract as c
 from client.traffic import RequestGenerator
+from export.config import ModelConfig
 from tests.conftest import SMALL
+
+SMALL_NAIVE_WORK = ModelConfig().naive_max_work  # the small test model keeps the default
 
 pytestmark = pytest.mark.server
 MODELS = ("ranker", "ranker_naive")
@@ -61,7 +71,7 @@ def with_(request: dict, **changes: np.ndarray | None) -> dict:
 
 
 BASE = valid_request()
-REJECTED = {
+REJECTED_BY_TRITON = {
     "wrong dtype": (with_(BASE, history_item_ids=BASE[c.HISTORY_ITEM_IDS].astype(np.int32)),
                     "history_item_ids"),
     "wrong dtype profile": (with_(BASE, user_profile=BASE[c.USER_PROFILE].astype(np.float64)),
@@ -74,30 +84,65 @@ REJECTED = {
         with_(BASE, request_timestamp=np.array([1, 2], dtype=np.int64)), "request_timestamp"),
     "missing input": (with_(BASE, user_profile=None), "user_profile"),
     "extra unknown input": (with_(BASE, user_age=np.zeros(1, np.float32)), "user_age"),
+}
+HISTORY_RULE = "history_item_ids, history_action_ids and history_timestamps must have the same"
+CANDIDATE_RULE = "candidate_item_ids and candidate_category_ids must have the same length"
+REJECTED_BY_GRAPH = {
     "action ids of length 1 (would broadcast)": (
-        with_(BASE, history_action_ids=BASE[c.HISTORY_ACTION_IDS][:1]), "history_action_ids"),
+        with_(BASE, history_action_ids=BASE[c.HISTORY_ACTION_IDS][:1]), HISTORY_RULE),
     "history lengths disagree": (
-        with_(BASE, history_timestamps=BASE[c.HISTORY_TIMESTAMPS][:-3]), "history_timestamps"),
+        with_(BASE, history_timestamps=BASE[c.HISTORY_TIMESTAMPS][:-3]), HISTORY_RULE),
     "categories != candidates": (
-        with_(BASE, candidate_category_ids=BASE[c.CANDIDATE_CATEGORY_IDS][:-1]),
-        "candidate_category_ids"),
+        with_(BASE, candidate_category_ids=BASE[c.CANDIDATE_CATEGORY_IDS][:-1]), CANDIDATE_RULE),
     "category of length 1 (would broadcast)": (
-        with_(BASE, candidate_category_ids=BASE[c.CANDIDATE_CATEGORY_IDS][:1]),
-        "candidate_category_ids"),
+        with_(BASE, candidate_category_ids=BASE[c.CANDIDATE_CATEGORY_IDS][:1]), CANDIDATE_RULE),
     "N above max_candidates": (
         with_(BASE, candidate_item_ids=np.arange(SMALL_LIMIT := 20_001, dtype=np.int64),
-              candidate_category_ids=np.zeros(SMALL_LIMIT, np.int64)), "20000"),
+              candidate_category_ids=np.zeros(SMALL_LIMIT, np.int64)),
+        "more candidates than max_candidates=20000"),
 }
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("case", sorted(REJECTED))
-def test_rejected_with_invalid_argument(server, still_exact, model: str, case: str) -> None:
-    request, named = REJECTED[case]
+@pytest.mark.parametrize("case", sorted(REJECTED_BY_TRITON))
+def test_rejected_by_triton_with_invalid_argument(server, still_exact, model: str,
+                                                  case: str) -> None:
+    request, named = REJECTED_BY_TRITON[case]
     with pytest.raises(InferenceServerException) as info:
         infer(server.grpc_url, model, request)
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
     assert named in info.value.message(), info.value.message()
+    still_exact()
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("case", sorted(REJECTED_BY_GRAPH))
+def test_rejected_by_the_graph_guards(server, still_exact, model: str, case: str) -> None:
+    request, rule = REJECTED_BY_GRAPH[case]
+    with pytest.raises(InferenceServerException) as info:
+        infer(server.grpc_url, model, request)
+    assert info.value.status() == "StatusCode.INTERNAL", info.value
+    assert rule in info.value.message(), info.value.message()
+    still_exact()
+
+
+def test_naive_refuses_work_above_its_memory_bound(server, still_exact) -> None:
+    """N x (L+1)^2 above naive_max_work: ranker_naive refuses (in its graph, so in production
+    too) instead of growing its memory with N; the ranker serves the same request, and the
+    client library scores it against the oracle in slices that fit."""
+    from client.api import RankerClient
+    from client.request import RankingRequest
+
+    n = SMALL_NAIVE_WORK // (SMALL["max_history"] + 1) ** 2 + 1
+    request = valid_request(seed=5, length=SMALL["max_history"], n=n)
+    with pytest.raises(InferenceServerException) as info:
+        infer(server.grpc_url, "ranker_naive", request)
+    assert info.value.status() == "StatusCode.INTERNAL", info.value
+    assert f"naive_max_work={SMALL_NAIVE_WORK}" in info.value.message()
+    split = infer(server.grpc_url, "ranker", request)
+    with RankerClient(server.grpc_url, validate=False) as client:
+        naive = client.score(RankingRequest(**request), "ranker_naive")
+    np.testing.assert_allclose(split, naive, atol=1e-5, rtol=0)
     still_exact()
 
 

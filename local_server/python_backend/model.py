@@ -2,8 +2,15 @@
 
 The nvidia-pytriton wheel's tritonserver has no onnxruntime backend, so locally each ONNX model
 is served by this file next to the very same model.onnx the production `onnxruntime` backend
-loads. Every failure becomes an error response for that request only: the stub must never die,
-or the model stays broken while the server still reports it ready.
+loads. It is a stand-in, and deliberately a thin one: every serving rule (equal lengths, the
+candidate limit, ranker_naive's memory bound) lives in the graph (export/guards.py), so what is
+tested here is what the native backend enforces. Like the native backend, an ONNX Runtime failure
+comes back as INTERNAL with ONNX Runtime's text, which quotes the failing guard node's name.
+
+It reads the same ONNX Runtime thread parameters as the native backend (`intra_op_thread_count`,
+`inter_op_thread_count`) from the model config. Every failure becomes an error response for that
+request only: the stub must never die, or the model stays broken while the server still reports
+it ready.
 """
 
 from __future__ import annotations
@@ -14,41 +21,34 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.runtime import (
-    ContractError,
-    check_lengths,
-    check_limits,
-    make_session,
-    run_in_chunks,
-)
+from export.runtime import THREADS_ENV, make_session
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        import os
+
         config = json.loads(args["model_config"])
         self.name = config["name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.session = make_session(version_dir / "model.onnx")
-        self.input_names = [i["name"] for i in config["input"]]
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.max_candidates = int(params.get("max_candidates", 0))
-        self.candidate_chunk = int(params.get("candidate_chunk", 0))
+        intra = int(os.environ.get(THREADS_ENV) or params.get("intra_op_thread_count", "0"))
+        inter = int(params.get("inter_op_thread_count", "1")) or 1
+        self.session = make_session(version_dir / "model.onnx", intra, inter)
+        self.input_names = [i["name"] for i in config["input"]]
         self.outputs = [
             (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
         ]
 
     def _run(self, request: pb_utils.InferenceRequest) -> pb_utils.InferenceResponse:
-        inputs = {}
+        feeds = {}
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:  # Triton checks this too; kept for direct python-backend use
-                raise ContractError(f"{self.name}: missing input '{name}'")
-            inputs[name] = tensor.as_numpy()
-        check_lengths(inputs)
-        check_limits(inputs, self.max_candidates)
-        names = [n for n, _ in self.outputs]
-        results = run_in_chunks(lambda feeds: self.session.run(names, feeds), inputs,
-                                self.candidate_chunk)
+            if tensor is None:  # Triton checks this first; kept for direct python-backend use
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"{self.name}: missing input '{name}'", pb_utils.TritonError.INVALID_ARG))
+            feeds[name] = tensor.as_numpy()
+        results = self.session.run([n for n, _ in self.outputs], feeds)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=dtype))
             for (name, dtype), value in zip(self.outputs, results, strict=True)
@@ -59,10 +59,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._run(request))
-            except ContractError as e:
+            except Exception as e:  # ONNX Runtime refused the request: report it, stay alive
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"{self.name}: {e}", pb_utils.TritonError.INVALID_ARG)))
-            except Exception as e:  # ONNX Runtime rejects the tensors: report, stay alive
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"{self.name}: {type(e).__name__}: {e}", pb_utils.TritonError.INVALID_ARG)))
+                    f"{self.name}: onnx runtime error: {e}", pb_utils.TritonError.INTERNAL)))
         return responses

@@ -1,0 +1,152 @@
+"""Serving guards written into the exported ONNX graphs, so that both Triton backends enforce them.
+
+Triton's native onnxruntime backend runs the graph and nothing else: a check that lives only in
+the local python-backend stand-in is a check production silently lacks. Each guard here is a few
+shape ops ending in a `Gather` on a one-element constant whose index is 0 when the request is
+fine and 1 when it is not. Gather refuses index 1, and ONNX Runtime quotes the failing node's name
+in its error, so the node is *named after the rule it enforces*: the client reads, for example,
+
+    Non-zero status code returned while running Gather node. Name:'candidate_item_ids and
+    candidate_category_ids must have the same length (N)' Status Message: indices element out of
+    data bounds, idx=1 must be within the inclusive range [-1,0]
+
+The guard's output (a zero) is added to the first tensor of its group, so every node that reads
+that tensor waits for the guard: nothing of the request runs before the rule is checked. Cost: a
+handful of scalar ops per request.
+
+Rules (values baked in at export, mirrored as config parameters for clients):
+* the `history_*` tensors have one length L, the `candidate_*` tensors one length N (ONNX would
+  otherwise broadcast a length-1 tensor into silently misaligned scores, or fail with a bare
+  "Concat" error that names no tensor);
+* N <= max_candidates;
+* ranker_naive only: N x (min(L, max_history) + 1)^2 <= naive_max_work, its attention cells per
+  layer, so that no single request can drive the naive model out of memory.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from client import contract as c
+from export.config import ModelConfig
+
+_PREFIX = "guard/"
+
+
+def length_rule(names: list[str], axis: str) -> str:
+    listed = " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+    return f"{listed} must have the same length ({axis})"
+
+
+def limit_rule(max_candidates: int) -> str:
+    return (f"more candidates than max_candidates={max_candidates} per request: "
+            "split the request")
+
+
+def naive_rule(naive_max_work: int) -> str:
+    return (f"ranker_naive refuses N x (L+1)^2 above naive_max_work={naive_max_work} "
+            "(its memory bound): send fewer candidates per request")
+
+
+class _Builder:
+    """Appends guard nodes to a graph; every tensor it makes is prefixed `guard/`."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def tensor(self, hint: str) -> str:
+        self.count += 1
+        return f"{_PREFIX}{hint}_{self.count}"
+
+    def op(self, op_type: str, inputs: list[str], name: str | None = None, **attrs: object) -> str:
+        out = self.tensor(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name or out, **attrs))
+        return out
+
+    def const(self, value: int) -> str:
+        out = self.tensor("const")
+        self.nodes.append(helper.make_node(
+            "Constant", [], [out], name=out,
+            value=helper.make_tensor(out, TensorProto.INT64, [1], [value])))
+        return out
+
+    def length(self, name: str) -> str:
+        """[1] int64: the length of input `name` (its first axis)."""
+        return self.op("Shape", [name], start=0, end=1)
+
+    def fail_if(self, flag: str, rule: str) -> str:
+        """flag: [1] int64, 0 or 1. Returns a [1] int64 zero; the node named `rule` fails on 1."""
+        return self.op("Gather", [self.const(0), flag], name=rule, axis=0)
+
+    def flag(self, condition: str) -> str:
+        """bool [1] -> int64 [1] (0 or 1)."""
+        return self.op("Cast", [condition], to=TensorProto.INT64)
+
+
+def _lengths_differ(b: _Builder, names: list[str]) -> str:
+    first = b.length(names[0])
+    differ = [b.op("Not", [b.op("Equal", [first, b.length(n)])]) for n in names[1:]]
+    flag = differ[0]
+    for other in differ[1:]:
+        flag = b.op("Or", [flag, other])
+    return b.flag(flag)
+
+
+def _attach(b: _Builder, target: str, zeros: list[str]) -> None:
+    """Route every use of input `target` through target + sum(zeros)."""
+    total = zeros[0]
+    for z in zeros[1:]:
+        total = b.op("Add", [total, z])
+    checked = f"{_PREFIX}{target}"
+    users = [n for n in b.graph.node]
+    b.nodes.append(helper.make_node("Add", [target, total], [checked], name=checked))
+    for node in users:
+        for i, name in enumerate(node.input):
+            if name == target:
+                node.input[i] = checked
+
+
+def add_guards(model: onnx.ModelProto, graph_name: str, cfg: ModelConfig) -> list[str]:
+    """Write the serving guards into `model` (in place); returns the rules added, by node name."""
+    g = model.graph
+    inputs = [i.name for i in g.input]
+    b = _Builder(g)
+    rules: list[str] = []
+    history = [n for n in c.HISTORY_INPUTS if n in inputs]
+    candidates = [n for n in c.CANDIDATE_INPUTS if n in inputs]
+    history_zeros: list[str] = []
+    candidate_zeros: list[str] = []
+    if len(history) > 1:
+        rule = length_rule(history, "L")
+        history_zeros.append(b.fail_if(_lengths_differ(b, history), rule))
+        rules.append(rule)
+    if len(candidates) > 1:
+        rule = length_rule(candidates, "N")
+        candidate_zeros.append(b.fail_if(_lengths_differ(b, candidates), rule))
+        rules.append(rule)
+    if candidates:
+        n = b.length(candidates[0])
+        rule = limit_rule(cfg.max_candidates)
+        over = b.flag(b.op("Greater", [n, b.const(cfg.max_candidates)]))
+        candidate_zeros.append(b.fail_if(over, rule))
+        rules.append(rule)
+        if graph_name == "ranker_naive" and history:
+            kept = b.op("Min", [b.length(history[0]), b.const(cfg.max_history)])
+            tokens = b.op("Add", [kept, b.const(1)])
+            work = b.op("Mul", [n, b.op("Mul", [tokens, tokens])])
+            rule = naive_rule(cfg.naive_max_work)
+            over = b.flag(b.op("Greater", [work, b.const(cfg.naive_max_work)]))
+            candidate_zeros.append(b.fail_if(over, rule))
+            rules.append(rule)
+    if history_zeros:
+        _attach(b, history[0], history_zeros)
+    if candidate_zeros:
+        _attach(b, candidates[0], candidate_zeros)
+    # Guards first: the graph stays topologically sorted (they read only graph inputs).
+    existing = list(g.node)
+    del g.node[:]
+    g.node.extend(b.nodes + existing)
+    return rules
