@@ -40,6 +40,12 @@ SCORES = "scores"
 USER_KV = "user_kv"
 LAST_EVENT_TIMESTAMP = "last_event_timestamp"
 
+# The returning-user path (ranker_cached): who the user is, and what user_encoder_append reads
+# from the cache (the K/V and newest timestamp of the events already encoded).
+USER_ID = "user_id"
+CACHED_USER_KV = "cached_user_kv"
+CACHED_LAST_EVENT_TIMESTAMP = "cached_last_event_timestamp"
+
 HISTORY_INPUTS = (HISTORY_ITEM_IDS, HISTORY_ACTION_IDS, HISTORY_TIMESTAMPS)
 CANDIDATE_INPUTS = (CANDIDATE_ITEM_IDS, CANDIDATE_CATEGORY_IDS)
 
@@ -74,3 +80,20 @@ def last_event_timestamp_spec() -> TensorSpec:
         LAST_EVENT_TIMESTAMP, "INT64", (1,),
         "timestamp of the newest history event (0 when L = 0); the candidates' time gap needs it",
     )
+
+
+def user_id_spec() -> TensorSpec:
+    return TensorSpec(USER_ID, "INT64", (1,),
+                      "the user's id: the key of the user K/V cache (ranker_cached) [1]")
+
+
+def cached_specs(num_layers: int, num_heads: int, head_dim: int,
+                 dtype: str = "FP32") -> list[TensorSpec]:
+    """user_encoder_append's cached inputs: user_kv of the P events already encoded, and the
+    newest of them's timestamp (0 when P = 0)."""
+    kv = user_kv_spec(num_layers, num_heads, head_dim, dtype)
+    return [
+        TensorSpec(CACHED_USER_KV, dtype, kv.dims, "cached K/V of the first P events"),
+        TensorSpec(CACHED_LAST_EVENT_TIMESTAMP, "INT64", (1,),
+                   "timestamp of the newest cached event (0 when P = 0)"),
+    ]

@@ -10,7 +10,7 @@ from pathlib import Path
 from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
 from export.native_rules import check_repository
-from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph, write_model_card
+from export.onnx_export import export_graph, graphs_for, write_model_card
 from export.triton_configs import config_source, write_configs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = ModelConfig.load(args.config)
-        graphs = [g for g in GRAPHS if not (args.naive_only and g in SPLIT_GRAPHS)]
-        if cfg.mask == "full" and any(g in SPLIT_GRAPHS for g in graphs):
+        if cfg.mask == "full" and not args.naive_only:
             raise SplitNotExactError(
                 "refusing to export the user_encoder/target_fusion split: "
                 + full_mask_refusal(cfg.mask)
             )
+        graphs = graphs_for(cfg, args.naive_only)
         model = build_model(cfg, args.checkpoint)
     except (ConfigError, SplitNotExactError, ValueError, FileNotFoundError) as e:
         print(f"export: error: {e}", file=sys.stderr)

@@ -20,7 +20,9 @@ Rules (values baked in at export, mirrored as config parameters for clients):
   "Concat" error that names no tensor);
 * N <= max_candidates;
 * ranker_naive only: N x (min(L, max_history) + 1)^2 <= naive_max_work, its attention cells per
-  layer, so that no single request can drive the naive model out of memory.
+  layer, so that no single request can drive the naive model out of memory;
+* user_encoder_append only: P cached + ΔL new events <= max_history (beyond it positions shift
+  and appending would be wrong; the caller re-encodes).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def length_rule(names: list[str], axis: str) -> str:
 def limit_rule(max_candidates: int) -> str:
     return (f"more candidates than max_candidates={max_candidates} per request: "
             "split the request")
+
+
+def append_rule(max_history: int) -> str:
+    return (f"user_encoder_append: cached + new events exceed max_history={max_history}, where "
+            "positions shift: re-encode with user_encoder")
 
 
 def naive_rule(naive_max_work: int) -> str:
@@ -141,6 +148,13 @@ def add_guards(model: onnx.ModelProto, graph_name: str, cfg: ModelConfig) -> lis
             over = b.flag(b.op("Greater", [work, b.const(cfg.naive_max_work)]))
             candidate_zeros.append(b.fail_if(over, rule))
             rules.append(rule)
+    if graph_name == "user_encoder_append":
+        cached = b.op("Shape", [c.CACHED_USER_KV], start=3, end=4)
+        total = b.op("Add", [cached, b.length(history[0])])
+        rule = append_rule(cfg.max_history)
+        history_zeros.append(b.fail_if(b.flag(b.op("Greater", [total, b.const(cfg.max_history)])),
+                                       rule))
+        rules.append(rule)
     if history_zeros:
         _attach(b, history[0], history_zeros)
     if candidate_zeros:

@@ -94,6 +94,22 @@ class Block(nn.Module):
         x = x + self.out(self._merge_heads(attn))
         return self._ffn(x), k, v
 
+    def forward_after_prefix(
+        self, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, mask_bias: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward of new tokens x [T, d] that follow P cached tokens (their K/V [H, P, dh]):
+        each new token attends to the whole prefix and, through `mask_bias` [T, P + T], to the
+        new tokens it may see. Returns (x', K, V) of the new tokens only. This is the causal
+        append: the prefix's own states never depend on later tokens, so they are not
+        recomputed."""
+        q, k, v = (self._split_heads(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        keys = torch.cat([k_prefix, k], dim=-2)
+        values = torch.cat([v_prefix, v], dim=-2)
+        scores = (q * self.scale) @ keys.transpose(-1, -2) + mask_bias.to(q.dtype)
+        attn = torch.softmax(scores, dim=-1) @ values
+        x = x + self.out(self._merge_heads(attn))
+        return self._ffn(x), k, v
+
     def forward_candidates(self, x: Tensor, k_hist: Tensor, v_hist: Tensor) -> Tensor:
         """Cached forward of N candidate tokens x [N, d] against the shared history K/V [H, L, dh].
 
@@ -160,6 +176,24 @@ class RankingTransformer(nn.Module):
         reached = (padded.unsqueeze(-1) >= self.gap_boundaries).to(torch.int64)
         return (reached.sum(dim=-1) + 1)[1:]
 
+    def _embed_events(self, events: Tensor, first_position: Tensor | int,
+                      previous_timestamp: Tensor, max_position: int | None = None) -> Tensor:
+        """Events [T, 3] (item, action, timestamp) at positions first_position... -> tokens
+        [T, d]. The time gap of each event is to the event before it: `previous_timestamp` [1]
+        precedes the first one (ignored at position 0, which has no previous event)."""
+        item_ids, action_ids, timestamps = events[:, 0], events[:, 1], events[:, 2]
+        positions = torch.arange(events.shape[0], dtype=torch.int64) + first_position
+        previous = torch.cat([previous_timestamp, timestamps])[:-1]
+        gap = torch.where(positions == 0, 0, self._gap_bucket(timestamps - previous))
+        if max_position is not None:
+            positions = positions.clamp(max=max_position)
+        return (
+            self.item_emb(hash_ids(item_ids, self.cfg.item_buckets))
+            + self.action_emb(hash_ids(action_ids, self.cfg.action_buckets))
+            + self.gap_emb(gap)
+            + self.position_emb(positions)
+        )
+
     def embed_history(
         self, item_ids: Tensor, action_ids: Tensor, timestamps: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -169,17 +203,8 @@ class RankingTransformer(nn.Module):
         Stacking the three tensors first makes a length mismatch an error in torch and in ONNX
         Runtime alike, instead of a silent broadcast of a length-1 tensor."""
         events = self._history_events(item_ids, action_ids, timestamps)
-        item_ids, action_ids, timestamps = events[:, 0], events[:, 1], events[:, 2]
-        positions = torch.arange(events.shape[0], dtype=torch.int64)
-        previous = torch.cat([timestamps[:1], timestamps[:-1]])
-        gap = torch.where(positions == 0, 0, self._gap_bucket(timestamps - previous))
-        tokens = (
-            self.item_emb(hash_ids(item_ids, self.cfg.item_buckets))
-            + self.action_emb(hash_ids(action_ids, self.cfg.action_buckets))
-            + self.gap_emb(gap)
-            + self.position_emb(positions)
-        )
-        return tokens, self._last_timestamp(timestamps)
+        tokens = self._embed_events(events, 0, self._last_timestamp(events[:, 2][:0]))
+        return tokens, self._last_timestamp(events[:, 2])
 
     def _history_events(self, item_ids: Tensor, action_ids: Tensor, timestamps: Tensor) -> Tensor:
         """[L'', 3] most recent max_history events; unequal lengths raise instead of broadcast."""
@@ -294,6 +319,48 @@ class RankingTransformer(nn.Module):
                 k, v = block.kv(x)
             layers.append(torch.stack([k[0], v[0]]))
         return torch.stack(layers), last_ts
+
+    def encode_append(
+        self, user_kv: Tensor, last_event_timestamp: Tensor, item_ids: Tensor,
+        action_ids: Tensor, timestamps: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The cached forward of a returning user (causal masks only): `user_kv` [layers, 2, H,
+        P, dh] of the first P events and the newest of them's timestamp, plus ΔL new events
+        [ΔL] -> (user_kv of all P + ΔL events, their newest timestamp [1]), equal to
+        `encode_user` on the whole history. Costs O(ΔL) tokens instead of O(P + ΔL).
+
+        Exact only while P + ΔL <= max_history (beyond it the oldest events drop out and every
+        position shifts): the caller must re-encode then. With a bidirectional mask every K/V
+        depends on the new events, so appending is refused."""
+        if self.cfg.mask != "causal":
+            raise SplitNotExactError(
+                f"appending to a cached user_kv is exact only with the causal mask, not "
+                f"'{self.cfg.mask}': every history K/V depends on later events; re-encode")
+        events = torch.stack([item_ids, action_ids, timestamps], dim=1)  # length mismatch: error
+        last = torch.cat([last_event_timestamp, timestamps])[-1:].reshape(1)
+        # One dummy event rides at the end and is dropped: ONNX Runtime 1.19 kills the process
+        # (SIGFPE) on this graph when there are no new events (ΔL = 0). Under the causal mask no
+        # real event sees it; its position is clamped into the table.
+        dummy = torch.cat([torch.zeros(2, dtype=torch.int64), last]).reshape(1, 3)
+        events = torch.cat([events, dummy])
+        prefix = user_kv.shape[3]
+        x = self._embed_events(events, prefix, last_event_timestamp,
+                               max_position=self.cfg.max_history - 1)
+        tokens = events.shape[0]
+        query_pos = torch.arange(tokens, dtype=torch.int64) + prefix
+        key_pos = torch.arange(tokens + prefix, dtype=torch.int64)
+        bias = torch.where(key_pos[None, :] <= query_pos[:, None], 0.0, float("-inf"))
+        layers = []
+        for i, block in enumerate(self.blocks):
+            k_prefix, v_prefix = user_kv[i, 0], user_kv[i, 1]
+            if i < len(self.blocks) - 1:
+                x, k, v = block.forward_after_prefix(x, k_prefix, v_prefix, bias)
+            else:
+                k, v = block.kv(x)
+            k, v = k[:, :-1].to(user_kv.dtype), v[:, :-1].to(user_kv.dtype)
+            layers.append(torch.stack([torch.cat([k_prefix, k], dim=1),
+                                       torch.cat([v_prefix, v], dim=1)]))
+        return torch.stack(layers), last
 
     def score_candidates(
         self,

@@ -45,6 +45,15 @@ class UserEncoder(_Graph):
         return user_kv.to(self.model.item_emb.weight.dtype), last_ts
 
 
+class UserEncoderAppend(_Graph):
+    """Cached user_kv of P events + ΔL new events -> user_kv of all P + ΔL (causal only)."""
+
+    def forward(self, user_kv: Tensor, last_ts: Tensor, items: Tensor, actions: Tensor,
+                timestamps: Tensor) -> tuple[Tensor, Tensor]:
+        full, last = self.model.encode_append(user_kv, last_ts, items, actions, timestamps)
+        return full.to(self.model.item_emb.weight.dtype), last
+
+
 class TargetFusion(_Graph):
     """N candidates + the shared user_kv -> scores [N, T], all candidates in one pass."""
 
@@ -92,9 +101,24 @@ GRAPHS = {
         [c.SCORES],
     ),
     "ranker_naive": GraphSpec("ranker_naive", NaiveRanker, REQUEST_NAMES, [c.SCORES]),
+    "user_encoder_append": GraphSpec(
+        "user_encoder_append", UserEncoderAppend,
+        [c.CACHED_USER_KV, c.CACHED_LAST_EVENT_TIMESTAMP, *c.HISTORY_INPUTS],
+        [c.USER_KV, c.LAST_EVENT_TIMESTAMP],
+    ),
     "ranker_base": GraphSpec("ranker_base", BaseRanker, REQUEST_NAMES, [c.SCORES]),
 }
-SPLIT_GRAPHS = ("user_encoder", "target_fusion")
+SPLIT_GRAPHS = ("user_encoder", "target_fusion", "user_encoder_append")
+# Graphs that only a causal model has (appending is exact only under a causal mask).
+CAUSAL_ONLY_GRAPHS = ("user_encoder_append",)
+
+
+def graphs_for(cfg: ModelConfig, naive_only: bool = False) -> list[str]:
+    """The graphs a model of this config exports: no split for the `full` mask (or with
+    naive_only), no append graph unless the mask is causal."""
+    return [g for g in GRAPHS
+            if not ((naive_only or cfg.mask == "full") and g in SPLIT_GRAPHS)
+            and not (cfg.mask != "causal" and g in CAUSAL_ONLY_GRAPHS)]
 
 # Which axis of each tensor is dynamic, and its name in the ONNX graph. user_kv holds the kept
 # history (at most max_history events), not the L events sent.
@@ -102,6 +126,7 @@ DYNAMIC_AXES = {
     **{n: {0: "L"} for n in c.HISTORY_INPUTS},
     **{n: {0: "N"} for n in c.CANDIDATE_INPUTS},
     c.USER_KV: {3: "L_kept"},
+    c.CACHED_USER_KV: {3: "P"},
     c.SCORES: {0: "N"},
 }
 
@@ -111,7 +136,9 @@ def contract_specs(cfg: ModelConfig, fp16: bool = False) -> dict[str, c.TensorSp
     specs = [*c.request_inputs(cfg.profile_dim), c.scores_output(cfg.num_tasks),
              c.user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim,
                             "FP16" if fp16 else "FP32"),
-             c.last_event_timestamp_spec()]
+             c.last_event_timestamp_spec(),
+             *c.cached_specs(cfg.num_layers, cfg.num_heads, cfg.head_dim,
+                             "FP16" if fp16 else "FP32")]
     return {s.name: s for s in specs}
 
 
@@ -146,6 +173,8 @@ def example_inputs(cfg: ModelConfig, length: int = 5, n: int = 3) -> dict[str, T
         c.USER_PROFILE: torch.randn(cfg.profile_dim, generator=g),
         c.USER_KV: torch.randn(cfg.num_layers, 2, cfg.num_heads, length, cfg.head_dim),
         c.LAST_EVENT_TIMESTAMP: torch.tensor([1_700_000_000 + 60 * (length - 1)]),
+        c.CACHED_USER_KV: torch.randn(cfg.num_layers, 2, cfg.num_heads, 2 * length, cfg.head_dim),
+        c.CACHED_LAST_EVENT_TIMESTAMP: torch.tensor([1_699_999_000]),
     }
 
 
@@ -160,6 +189,7 @@ def export_graph(
     inputs = example_inputs(model.cfg)
     if fp16:
         inputs[c.USER_KV] = inputs[c.USER_KV].half()
+        inputs[c.CACHED_USER_KV] = inputs[c.CACHED_USER_KV].half()
     args = tuple(inputs[n] for n in spec.inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():

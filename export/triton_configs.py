@@ -39,7 +39,9 @@ USER_ENCODER = "user_encoder"
 TARGET_FUSION = "target_fusion"
 NAIVE = "ranker_naive"
 BASE = "ranker_base"
-ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE, BASE)
+USER_ENCODER_APPEND = "user_encoder_append"  # causal models only
+CORE_ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE, BASE)  # every repository has these
+ONNX_MODELS = (*CORE_ONNX_MODELS, USER_ENCODER_APPEND)
 ALL_MODELS = (ENSEMBLE, *ONNX_MODELS)
 
 _GPU, _CPU = mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU
@@ -103,7 +105,7 @@ def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dic
     limits the graphs enforce (export/guards.py), mirrored here so that clients can read them."""
     params = _task_names(cfg) if c.SCORES in [o.name for o in outputs] else {}
     params.update({k: mc.ModelParameter(string_value=v) for k, v in ORT_THREADS.items()})
-    if name != USER_ENCODER:
+    if name not in (USER_ENCODER, USER_ENCODER_APPEND):
         params["max_candidates"] = mc.ModelParameter(string_value=str(cfg.max_candidates))
     if name == NAIVE:
         params["naive_max_work"] = mc.ModelParameter(string_value=str(cfg.naive_max_work))
@@ -158,7 +160,7 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
                              "FP16" if fp16 else "FP32")
     last_ts = c.last_event_timestamp_spec()
     fuse_inputs = [by_name[n] for n in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)]
-    return {
+    configs = {
         ENSEMBLE: _ensemble(cfg, request, scores, user_kv),
         USER_ENCODER: _onnx_model(USER_ENCODER, [by_name[n] for n in c.HISTORY_INPUTS],
                                   [user_kv, last_ts], cfg, flavour, tensorrt_fp16),
@@ -167,6 +169,12 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
         NAIVE: _onnx_model(NAIVE, request, [scores], cfg, flavour, tensorrt_fp16),
         BASE: _onnx_model(BASE, request, [scores], cfg, flavour, tensorrt_fp16),
     }
+    if cfg.mask == "causal":
+        cached = c.cached_specs(cfg.num_layers, cfg.num_heads, cfg.head_dim, user_kv.dtype)
+        configs[USER_ENCODER_APPEND] = _onnx_model(
+            USER_ENCODER_APPEND, [*cached, *(by_name[n] for n in c.HISTORY_INPUTS)],
+            [user_kv, last_ts], cfg, flavour, tensorrt_fp16)
+    return configs
 
 
 def to_text(config: mc.ModelConfig, source: str = "") -> str:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.triton_configs import ONNX_MODELS, parse, to_flavour, to_text
+from export.triton_configs import CORE_ONNX_MODELS, parse, to_flavour, to_text
 from local_server.processes import (
     is_running,
     kill_lingering,
@@ -100,7 +100,7 @@ def build_local_repository(
                                                   f"{model_dir}/config.pbtxt, local flavour"))
         shutil.copy2(LOCAL_BACKEND_MODEL, version / "model.py")
         (version / "model.onnx").symlink_to(onnx_file.resolve())
-    missing = [m for m in ONNX_MODELS if not (target / m).exists()]
+    missing = [m for m in CORE_ONNX_MODELS if not (target / m).exists()]
     if missing:
         raise ServerError(f"model repository {repository} lacks {missing}")
     return target

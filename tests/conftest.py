@@ -12,7 +12,7 @@ import torch
 from client import contract as c
 from export.config import ModelConfig
 from export.model import RankingTransformer, build_model
-from export.onnx_export import GRAPHS, SPLIT_GRAPHS, export_graph
+from export.onnx_export import export_graph, graphs_for
 from export.runtime import make_session, run_in_chunks
 
 INT64_MIN, INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
@@ -92,7 +92,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple]
         if mask not in cache:
             model = build_model(small_config(mask))
             directory = tmp_path_factory.mktemp(f"onnx_{mask}")
-            graphs = [g for g in GRAPHS if mask != "full" or g not in SPLIT_GRAPHS]
+            graphs = graphs_for(model.cfg)
             for graph in graphs:
                 export_graph(model, graph, directory / graph / "model.onnx")
             cache[mask] = (model, OnnxModels(directory, graphs))
@@ -109,7 +109,7 @@ def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = small_config("causal")
     model = build_model(cfg)
     repo = tmp_path_factory.mktemp("model_repository")
-    for graph in GRAPHS:
+    for graph in graphs_for(cfg):
         export_graph(model, graph, repo / graph / "1" / "model.onnx")
     write_configs(cfg, repo, "tests/conftest.py SMALL")
     return repo

@@ -12,7 +12,7 @@ import pytest
 from client import contract as c
 from export.guards import length_rule, limit_rule, naive_rule
 from export.model import build_model
-from export.onnx_export import GRAPHS, export_graph
+from export.onnx_export import export_graph, graphs_for
 from export.triton_configs import build_configs
 from tests.conftest import OnnxModels, random_request, small_config
 
@@ -26,9 +26,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> OnnxModels:
     cfg = small_config("causal", max_candidates=LIMIT, naive_max_work=WORK)
     model = build_model(cfg)
     directory = tmp_path_factory.mktemp("guarded")
-    for graph in GRAPHS:
+    for graph in graphs_for(cfg):
         export_graph(model, graph, directory / graph / "model.onnx")
-    onnx_models = OnnxModels(directory, list(GRAPHS))
+    onnx_models = OnnxModels(directory, graphs_for(cfg))
     onnx_models.cfg = cfg
     return onnx_models
 
