@@ -9,7 +9,9 @@ One source, built with Triton's own protobuf (`model_config_pb2`) and written wi
   instances, running ONNX Runtime on the very same model.onnx), for the tritonserver binary of
   the nvidia-pytriton wheel, which ships no onnxruntime backend.
 
-The `ranker` ensemble is identical in both flavours.
+The `ranker` and `ranker_cached` ensembles and the `user_cache` python-backend model (the
+cross-request user K/V cache, model_repository/user_cache/1/model.py) are identical in both
+flavours: the NGC container has the python backend too.
 
 `python -m export.triton_configs --check` exits 1 when the committed configs differ from what
 this generator writes.
@@ -18,6 +20,7 @@ this generator writes.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,9 +43,15 @@ TARGET_FUSION = "target_fusion"
 NAIVE = "ranker_naive"
 BASE = "ranker_base"
 USER_ENCODER_APPEND = "user_encoder_append"  # causal models only
+USER_CACHE = "user_cache"  # python backend: user_id -> cached user_kv (BLS to the encoders)
+CACHED_ENSEMBLE = "ranker_cached"  # the request contract + user_id, through user_cache
 CORE_ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE, BASE)  # every repository has these
 ONNX_MODELS = (*CORE_ONNX_MODELS, USER_ENCODER_APPEND)
-ALL_MODELS = (ENSEMBLE, *ONNX_MODELS)
+PYTHON_MODELS = (USER_CACHE,)  # code committed in model_repository/<name>/1/model.py
+ALL_MODELS = (ENSEMBLE, CACHED_ENSEMBLE, *ONNX_MODELS, *PYTHON_MODELS)
+# user_cache's LRU bound: user_kv bytes per user x users to keep (README "ranker_cached").
+# 1 GiB keeps ~500 users at the default config's full history (2 MiB of fp32 user_kv each).
+DEFAULT_USER_CACHE_BYTES = 1 << 30
 
 _GPU, _CPU = mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU
 _DTYPES = {"INT64": mc.TYPE_INT64, "FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16}
@@ -78,10 +87,11 @@ def _set_backend(config: mc.ModelConfig, flavour: str, tensorrt_fp16: bool) -> N
 
 
 def to_flavour(config: mc.ModelConfig, flavour: str, tensorrt_fp16: bool = False) -> mc.ModelConfig:
-    """A copy of `config` with its backend lines set for `flavour` (ensembles are unchanged)."""
+    """A copy of `config` with its backend lines set for `flavour` (ensembles and python-backend
+    models, which run the same everywhere, are unchanged)."""
     out = mc.ModelConfig()
     out.CopyFrom(config)
-    if out.platform == "ensemble":
+    if out.platform == "ensemble" or out.name in PYTHON_MODELS:
         return out
     out.ClearField("backend")
     out.ClearField("instance_group")
@@ -114,25 +124,56 @@ def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dic
 
 
 def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpec],
-                cfg: ModelConfig, flavour: str, tensorrt_fp16: bool) -> mc.ModelConfig:
+                cfg: ModelConfig, flavour: str, tensorrt_fp16: bool,
+                response_cache: bool = False) -> mc.ModelConfig:
     config = mc.ModelConfig(
         name=name, max_batch_size=0, input=_inputs(inputs), output=_outputs(outputs),
         parameters=_parameters(cfg, name, outputs),
     )
+    if response_cache:
+        # Triton's own response cache (needs `--cache-config` on the server): exact repeats of
+        # every input only, CPU-resident tensors only (README "ranker_cached").
+        config.response_cache.enable = True
     _set_backend(config, flavour, tensorrt_fp16)
     return config
 
 
+def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.TensorSpec,
+                last_ts: c.TensorSpec, cache_bytes: int) -> mc.ModelConfig:
+    """user_id + history -> user_kv, last_event_timestamp: the same outputs as user_encoder,
+    served from a per-user LRU (model_repository/user_cache/1/model.py) that calls user_encoder
+    or user_encoder_append through BLS. One CPU instance: the cache lives in that instance's
+    process, so a second instance would hold a second, colder cache. It runs the same code in
+    both flavours (the python backend ships in the NGC container)."""
+    params = {
+        "cache_bytes": str(cache_bytes),
+        "max_history": str(cfg.max_history),
+        "encoder": USER_ENCODER,
+        # append only where it is exact (causal); a bidirectional history re-encodes on change
+        "append_model": USER_ENCODER_APPEND if cfg.mask == "causal" else "",
+    }
+    return mc.ModelConfig(
+        name=USER_CACHE, backend="python", max_batch_size=0,
+        input=_inputs([c.user_id_spec(), *history]), output=_outputs([user_kv, last_ts]),
+        instance_group=[mc.ModelInstanceGroup(count=1, kind=_CPU)],
+        parameters={k: mc.ModelParameter(string_value=v) for k, v in params.items()},
+    )
+
+
 def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpec,
-              user_kv: c.TensorSpec) -> mc.ModelConfig:
+              name: str = ENSEMBLE) -> mc.ModelConfig:
     """request -> user_encoder (once) -> user_kv -> target_fusion (all N candidates) -> scores.
+    `ranker_cached`: request + user_id -> user_cache (reuse, append or encode) -> the same
+    target_fusion step.
 
     user_kv and last_event_timestamp are internal ensemble tensors: produced once, consumed once.
     """
     step = mc.ModelEnsembling.Step
+    cached = name == CACHED_ENSEMBLE
+    encode_inputs = (c.USER_ID, *c.HISTORY_INPUTS) if cached else c.HISTORY_INPUTS
     encode = step(
-        model_name=USER_ENCODER, model_version=-1,
-        input_map={n: n for n in c.HISTORY_INPUTS},
+        model_name=USER_CACHE if cached else USER_ENCODER, model_version=-1,
+        input_map={n: n for n in encode_inputs},
         output_map={c.USER_KV: c.USER_KV, c.LAST_EVENT_TIMESTAMP: c.LAST_EVENT_TIMESTAMP},
     )
     fuse_inputs = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
@@ -141,9 +182,10 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
         model_name=TARGET_FUSION, model_version=-1,
         input_map={n: n for n in fuse_inputs}, output_map={c.SCORES: c.SCORES},
     )
+    inputs = [c.user_id_spec(), *request] if cached else request
     return mc.ModelConfig(
-        name=ENSEMBLE, platform="ensemble", max_batch_size=0,
-        input=_inputs(request), output=_outputs([scores]),
+        name=name, platform="ensemble", max_batch_size=0,
+        input=_inputs(inputs), output=_outputs([scores]),
         ensemble_scheduling=mc.ModelEnsembling(step=[encode, fuse]),
         parameters={**_task_names(cfg),
                     "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates))},
@@ -151,8 +193,10 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
 
 
 def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = False,
-                  tensorrt_fp16: bool = False) -> dict[str, mc.ModelConfig]:
-    """All model configs of the repository, by model name."""
+                  tensorrt_fp16: bool = False, response_cache: bool = False,
+                  user_cache_bytes: int = DEFAULT_USER_CACHE_BYTES) -> dict[str, mc.ModelConfig]:
+    """All model configs of the repository, by model name. `response_cache` turns Triton's
+    response cache on for user_encoder (the zero-code option for exact repeats)."""
     request = c.request_inputs(cfg.profile_dim)
     by_name = {s.name: s for s in request}
     scores = c.scores_output(cfg.num_tasks)
@@ -160,10 +204,13 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
                              "FP16" if fp16 else "FP32")
     last_ts = c.last_event_timestamp_spec()
     fuse_inputs = [by_name[n] for n in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)]
+    history = [by_name[n] for n in c.HISTORY_INPUTS]
     configs = {
-        ENSEMBLE: _ensemble(cfg, request, scores, user_kv),
-        USER_ENCODER: _onnx_model(USER_ENCODER, [by_name[n] for n in c.HISTORY_INPUTS],
-                                  [user_kv, last_ts], cfg, flavour, tensorrt_fp16),
+        ENSEMBLE: _ensemble(cfg, request, scores),
+        CACHED_ENSEMBLE: _ensemble(cfg, request, scores, CACHED_ENSEMBLE),
+        USER_CACHE: _user_cache(cfg, history, user_kv, last_ts, user_cache_bytes),
+        USER_ENCODER: _onnx_model(USER_ENCODER, history, [user_kv, last_ts], cfg, flavour,
+                                  tensorrt_fp16, response_cache),
         TARGET_FUSION: _onnx_model(TARGET_FUSION, [*fuse_inputs, user_kv, last_ts], [scores],
                                    cfg, flavour, tensorrt_fp16),
         NAIVE: _onnx_model(NAIVE, request, [scores], cfg, flavour, tensorrt_fp16),
@@ -185,6 +232,20 @@ def parse(text: str) -> mc.ModelConfig:
     return text_format.Parse(text, mc.ModelConfig())
 
 
+def install_python_models(repository: Path) -> list[Path]:
+    """Copy the python-backend models' code (committed under model_repository/) into another
+    repository, so that an export elsewhere is servable as it is."""
+    copied = []
+    for name in PYTHON_MODELS:
+        source = MODEL_REPOSITORY / name / "1" / "model.py"
+        target = repository / name / "1" / "model.py"
+        if target.resolve() != source.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            copied.append(target)
+    return copied
+
+
 def write_configs(cfg: ModelConfig, repository: Path, source: str, **kwargs: object) -> list[Path]:
     written = []
     for name, config in build_configs(cfg, **kwargs).items():
@@ -193,7 +254,7 @@ def write_configs(cfg: ModelConfig, repository: Path, source: str, **kwargs: obj
         (path.parent / "1").mkdir(exist_ok=True)
         path.write_text(to_text(config, source))
         written.append(path)
-    return written
+    return written + install_python_models(repository)
 
 
 def stale_configs(cfg: ModelConfig, repository: Path, source: str) -> list[str]:
@@ -224,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp16", action="store_true", help="user_kv in fp16 (an --fp16 export)")
     p.add_argument("--tensorrt-fp16", action="store_true",
                    help="add the TensorRT execution accelerator with FP16 precision (GPU)")
+    p.add_argument("--response-cache", action="store_true",
+                   help="turn Triton's response cache on for user_encoder (serve with "
+                        "--cache-config local,size=BYTES): exact repeats of the whole history "
+                        "skip the encoder; see README 'ranker_cached' for its limits")
+    p.add_argument("--user-cache-bytes", type=int, default=DEFAULT_USER_CACHE_BYTES,
+                   help="user_cache's LRU bound in bytes: user_kv bytes per user x users to "
+                        "keep (default %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="only compare: exit 1 when a committed config differs")
     args = p.parse_args(argv)
@@ -237,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("Triton configs are up to date")
         return 0
-    for path in write_configs(cfg, repo, source, fp16=args.fp16, tensorrt_fp16=args.tensorrt_fp16):
+    for path in write_configs(cfg, repo, source, fp16=args.fp16, tensorrt_fp16=args.tensorrt_fp16,
+                              response_cache=args.response_cache,
+                              user_cache_bytes=args.user_cache_bytes):
         print(f"wrote {path}")
     return 0
 

@@ -5,7 +5,9 @@ but no onnxruntime backend. This module
 1. copies the wheel's server folder once into build/tritonserver and adds the python-backend stub;
 2. builds a runnable copy of model_repository/ in which each ONNX model gets the local flavour of
    its config (only the backend lines change) and local_server/python_backend/model.py beside a
-   link to the very same model.onnx; the `ranker` ensemble config is copied unchanged;
+   link to the very same model.onnx (and its model card, which user_cache reads to tag its
+   entries with the weights); the ensembles and the python-backend models (user_cache) are
+   copied as they are: they run the same code in production;
 3. starts the server bound to 127.0.0.1 with the model control API off, waits until the server and
    every model are ready, and stops it by PID.
 Used by local_server/serve.py (the command behind scripts/serve.sh), the tests and the benchmarks.
@@ -88,8 +90,12 @@ def build_local_repository(
         out = target / model_dir.name
         version = out / "1"
         version.mkdir(parents=True)
-        if config.platform == "ensemble":
+        if config.platform == "ensemble" or config.backend == "python":
             shutil.copy2(model_dir / "config.pbtxt", out / "config.pbtxt")
+            for source in sorted((model_dir / "1").glob("*.py")):
+                shutil.copy2(source, version / source.name)
+            if config.backend == "python" and not (version / "model.py").exists():
+                raise ServerError(f"{model_dir}/1/model.py is missing (python-backend model)")
             continue
         onnx_file = model_dir / "1" / "model.onnx"
         if not onnx_file.exists():
@@ -100,6 +106,9 @@ def build_local_repository(
                                                   f"{model_dir}/config.pbtxt, local flavour"))
         shutil.copy2(LOCAL_BACKEND_MODEL, version / "model.py")
         (version / "model.onnx").symlink_to(onnx_file.resolve())
+        card = model_dir / "1" / "model_card.json"
+        if card.exists():
+            (version / "model_card.json").symlink_to(card.resolve())
     missing = [m for m in CORE_ONNX_MODELS if not (target / m).exists()]
     if missing:
         raise ServerError(f"model repository {repository} lacks {missing}")
