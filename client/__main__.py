@@ -1,4 +1,5 @@
-"""Command line for the ranker on Triton: `python -m client {score,validate,health} --help`.
+"""Command line for the ranker on Triton:
+`python -m client {score,validate,health,returning-user,cache-stats} --help`.
 
 Exit codes: 0 success; 1 validation mismatch, failed requests or models not ready; 2 usage
 error, unreachable server, or a request or server error (one line on stderr, no traceback).
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from client.api import RankerClient, RankerError
+from client.metrics import MetricsError, fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator, edge_case_requests
 from client.validation import RequestError
@@ -45,6 +47,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.request and args.save_request:
         raise UsageError("--save-request only applies to a generated request")
     task: str | int = int(args.task) if args.task.isdigit() else args.task
+    if args.model is None:
+        args.model = "ranker_cached" if args.user_id is not None else "ranker"
     with _client(args) as client:
         info = client.model_info(args.model)
         column = info.task_index(task)
@@ -59,7 +63,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             if args.save_request:
                 req.save(args.save_request)  # before scoring, so a failure can be replayed
                 print(f"request saved to {args.save_request}")
-        scores, latency = client.score_with_latency(req, args.model)
+        scores, latency = client.score_with_latency(req, args.model, args.user_id)
 
     order = np.argsort(-scores[:, column], kind="stable")
     top = order if args.top <= 0 else order[: args.top]
@@ -185,6 +189,50 @@ def _summary(args: argparse.Namespace, tally: _Tally) -> int:
     return 0 if ok else 1
 
 
+# --------------------------------------------------------------------------- returning user
+def cmd_returning_user(args: argparse.Namespace) -> int:
+    if args.history_length < 0 or args.new_events < 0 or args.num_candidates < 1:
+        raise UsageError("--history-length and --new-events must be >= 0, --num-candidates >= 1")
+    with _client(args) as client:
+        info = client.model_info(args.model)
+        gen = RequestGenerator(seed=args.seed, profile_dim=info.profile_dim)
+        user_id = gen.user_id() if args.user_id is None else args.user_id
+        first = gen.request(args.history_length, args.num_candidates)
+        grown = gen.returning(first, args.new_events)
+        visits = [("first visit", first), (f"+{args.new_events} events", grown),
+                  ("repeat, new candidates", gen.returning(grown, 0))]
+        print(f"user {user_id}: {args.model} (user K/V cache) vs {args.oracle} and ranker, "
+              f"N={args.num_candidates}")
+        print(f"{'visit':<24} {'L':>6} {'path':>7} {args.model + ' ms':>18} {'ranker ms':>10} "
+              f"{'max|diff|':>10}")
+        worst = 0.0
+        for label, req in visits:
+            before = client.cache_counts()
+            scores, latency = client.score_with_latency(req, args.model, user_id)
+            path = client.cache_path(before)
+            _, plain = client.score_with_latency(req, "ranker")
+            expected = client.score(req, args.oracle)
+            diff = float(np.max(np.abs(scores - expected))) if scores.size else 0.0
+            worst = max(worst, diff if np.isfinite(diff) else np.inf)
+            print(f"{label:<24} {req.history_length:>6} {path:>7} {latency * 1e3:>18.2f} "
+                  f"{plain * 1e3:>10.2f} {diff:>10.2e}", flush=True)
+    ok = worst <= args.tolerance
+    print(f"max |{args.model} - {args.oracle}| {worst:.3g}, tolerance {args.tolerance:g}: "
+          f"{'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------- cache stats
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    stats = fetch_cache_stats(args.metrics_url, args.cache_model, args.timeout)
+    print(f"{args.cache_model} at {args.metrics_url}: {stats.requests} requests: "
+          f"{stats.hits} hits, {stats.appends} appends, {stats.misses} misses "
+          f"(reuse {stats.reuse_rate:.1%}); {stats.users} users, "
+          f"{stats.bytes_held / 2**20:.1f} MiB of {stats.capacity_bytes / 2**20:.0f} MiB, "
+          f"{stats.evictions} evictions")
+    return 0
+
+
 # --------------------------------------------------------------------------- health
 def cmd_health(args: argparse.Namespace) -> int:
     with _client(args) as client:
@@ -260,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates of the generated request (default 50)")
     p.add_argument("--save-request", metavar="FILE.json",
                    help="write the generated request as JSON (to replay it with --request)")
-    p.add_argument("--model", default="ranker", help="model to call (default ranker)")
+    p.add_argument("--model", default=None,
+                   help="model to call (default ranker, ranker_cached with --user-id)")
+    p.add_argument("--user-id", type=int, default=None, metavar="ID",
+                   help="the user's id, for ranker_cached (the key of the user K/V cache)")
     p.add_argument("--task", default="0",
                    help="task to rank by: name or index (default 0, the first task)")
     p.add_argument("--top", type=int, default=10, metavar="K",
@@ -288,6 +339,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="one line per request")
     p.set_defaults(func=cmd_validate, parser=p)
 
+    p = sub.add_parser("returning-user", parents=[common],
+                       help="one returning user through ranker_cached: paths and latency",
+                       description="One user three times through ranker_cached: the first visit "
+                                   "(miss), a few new events (append on a causal model), the "
+                                   "same history again with new candidates (hit). Prints the "
+                                   "path user_cache took (from Triton's inference statistics), "
+                                   "the latency next to ranker's, and the difference to the "
+                                   "naive oracle; exits 1 above the tolerance.")
+    p.add_argument("--history-length", type=int, default=300, metavar="L",
+                   help="events of the first visit (default %(default)s)")
+    p.add_argument("--new-events", type=int, default=5, metavar="K",
+                   help="events added before the second visit (default %(default)s)")
+    p.add_argument("--num-candidates", type=int, default=20, metavar="N",
+                   help="candidates per visit (default %(default)s)")
+    p.add_argument("--user-id", type=int, default=None, help="user id (default: random)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--model", default="ranker_cached", help="default ranker_cached")
+    p.add_argument("--oracle", default="ranker_naive", help="default ranker_naive")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest allowed score difference to the oracle (default 1e-5)")
+    p.set_defaults(func=cmd_returning_user, parser=p)
+
+    p = sub.add_parser("cache-stats", parents=[common],
+                       help="the user K/V cache's counters from the metrics endpoint",
+                       description="Read user_cache's custom metrics (hits, appends, misses, "
+                                   "evictions, bytes and users held) from Triton's Prometheus "
+                                   "endpoint; the server needs --metrics-port.")
+    p.add_argument("--metrics-url", default="127.0.0.1:8002",
+                   help="Triton metrics endpoint host:port[/metrics] (default %(default)s)")
+    p.add_argument("--cache-model", default="user_cache", help="default user_cache")
+    p.set_defaults(func=cmd_cache_stats, parser=p)
+
     p = sub.add_parser("health", parents=[common],
                        help="server liveness/readiness and each model's readiness",
                        description="Print server live/ready and the readiness of each model "
@@ -305,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as e:
         args.parser.error(str(e))  # exits 2 with the subcommand's usage line
-    except (RankerError, RequestError, OSError) as e:
+    except (RankerError, RequestError, MetricsError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

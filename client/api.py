@@ -17,8 +17,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.contract import SCORES, USER_PROFILE, request_inputs
-from client.request import RankingRequest
+from client.contract import SCORES, USER_ID, USER_PROFILE, request_inputs
+from client.request import INT64_MAX, INT64_MIN, RankingRequest, RequestError
 from client.validation import validate_request
 
 T = TypeVar("T")
@@ -33,6 +33,8 @@ TASK_NAMES_PARAMETER = "task_names"
 MAX_CANDIDATES_PARAMETER = "max_candidates"
 NAIVE_MAX_WORK_PARAMETER = "naive_max_work"
 MAX_HISTORY_PARAMETER = "max_history"
+USER_CACHE = "user_cache"
+CACHE_MODELS = (USER_CACHE, "user_encoder", "user_encoder_append")
 
 
 class RankerError(RuntimeError):
@@ -72,6 +74,11 @@ class ModelInfo:
     # attention cells per request. The client splits a larger request into candidate slices.
     naive_max_work: int | None = None
     max_history: int | None = None
+    inputs: tuple[str, ...] = ()  # every input the model takes (ranker_cached adds user_id)
+
+    @property
+    def needs_user_id(self) -> bool:
+        return USER_ID in self.inputs
 
     def candidates_per_call(self, history_length: int) -> int | None:
         """Most candidates one call may carry under naive_max_work (None: no such bound)."""
@@ -281,7 +288,8 @@ class RankerClient:
         info = ModelInfo(model, profile_dim, num_tasks, names,
                          int_parameter(MAX_CANDIDATES_PARAMETER),
                          int_parameter(NAIVE_MAX_WORK_PARAMETER),
-                         int_parameter(MAX_HISTORY_PARAMETER))
+                         int_parameter(MAX_HISTORY_PARAMETER),
+                         tuple(t.name for t in meta.inputs))
         self._info[model] = info
         return info
 
@@ -300,13 +308,41 @@ class RankerClient:
         rows = [s for s in stats.model_stats if s.name == model]
         return sum(s.inference_count for s in rows), sum(s.execution_count for s in rows)
 
+    def cache_counts(self) -> dict[str, int]:
+        """Execution counts of user_cache and of the encoders it calls, for those the server
+        has (a bidirectional repository has no user_encoder_append). Take them before a
+        ranker_cached request and give them to `cache_path` after it."""
+        served = {m["name"] for m in self.repository_index()}
+        return {m: self.inference_count(m)[1] for m in CACHE_MODELS if m in served}
+
+    def cache_path(self, before: dict[str, int], timeout_s: float = 5.0) -> str:
+        """Which path user_cache took for the one ranker_cached request sent since `before`,
+        from Triton's own inference statistics: user_encoder ran (miss), user_encoder_append
+        ran (append), neither (hit). Triton records statistics just after it responds, so this
+        polls until user_cache's execution shows up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            after = self.cache_counts()
+            if after.get(USER_CACHE, 0) > before.get(USER_CACHE, 0) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        time.sleep(0.02)  # the encoders' statistics land before user_cache's; one more look
+        after = self.cache_counts()
+        ran = {m for m in after if m != USER_CACHE and after[m] > before.get(m, 0)}
+        if "user_encoder" in ran:
+            return "miss"
+        return "append" if "user_encoder_append" in ran else "hit"
+
     # ------------------------------------------------------------------ scoring
-    def score(self, req: RankingRequest, model: str | None = None) -> np.ndarray:
-        """Scores float32 [N, T] of the request's candidates (rows in candidate order)."""
-        return self.score_with_latency(req, model)[0]
+    def score(self, req: RankingRequest, model: str | None = None,
+              user_id: int | None = None) -> np.ndarray:
+        """Scores float32 [N, T] of the request's candidates (rows in candidate order).
+        `user_id` is for models that take one (ranker_cached: the key of the user K/V cache)."""
+        return self.score_with_latency(req, model, user_id)[0]
 
     def score_with_latency(
-        self, req: RankingRequest, model: str | None = None
+        self, req: RankingRequest, model: str | None = None, user_id: int | None = None
     ) -> tuple[np.ndarray, float]:
         """(scores [N, T], seconds). The latency is that of the successful RPC alone: not the
         validation, not failed attempts or backoff sleeps.
@@ -320,24 +356,30 @@ class RankerClient:
             info = self.model_info(model)
             validate_request(req, profile_dim=info.profile_dim, now=int(time.time()),
                              max_candidates=info.max_candidates)
+            _check_user_id(user_id, info)
         per_call = self.model_info(model).candidates_per_call(req.history_length)
         n = req.num_candidates
         if per_call is None or n <= per_call:
-            return self._infer(req, model, info)
+            return self._infer(req, model, info, user_id)
         parts = []
         for s in range(0, n, per_call):
             part = req.replace(candidate_item_ids=req.candidate_item_ids[s:s + per_call],
                                candidate_category_ids=req.candidate_category_ids[s:s + per_call])
-            parts.append(self._infer(part, model, info))
+            parts.append(self._infer(part, model, info, user_id))
         return np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts)
 
     def _infer(
-        self, req: RankingRequest, model: str, info: ModelInfo | None
+        self, req: RankingRequest, model: str, info: ModelInfo | None,
+        user_id: int | None = None,
     ) -> tuple[np.ndarray, float]:
         """One RPC: (scores [N, T], seconds), the output checked against the request."""
         inputs = []
-        for name, array in req.as_inputs().items():
-            infer_input = grpcclient.InferInput(name, list(array.shape), _TRITON_DTYPES[name])
+        tensors = req.as_inputs()
+        if user_id is not None:
+            tensors[USER_ID] = np.array([user_id], dtype=np.int64)
+        for name, array in tensors.items():
+            dtype = "INT64" if name == USER_ID else _TRITON_DTYPES[name]
+            infer_input = grpcclient.InferInput(name, list(array.shape), dtype)
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
         outputs = [grpcclient.InferRequestedOutput(SCORES)]
@@ -396,6 +438,21 @@ class RankerClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_user_id(user_id: int | None, info: ModelInfo) -> None:
+    """A user_id where the model takes one, an int64, and none where it does not."""
+    if user_id is None:
+        if info.needs_user_id:
+            raise RequestError(f"{USER_ID}: model {info.name!r} needs a user id (the key of its "
+                               f"user K/V cache)")
+        return
+    if not info.needs_user_id:
+        raise RequestError(f"{USER_ID}: model {info.name!r} takes no user id")
+    if isinstance(user_id, bool) or not isinstance(user_id, int | np.integer):
+        raise RequestError(f"{USER_ID}: expected an integer, got {user_id!r}")
+    if not INT64_MIN <= int(user_id) <= INT64_MAX:
+        raise RequestError(f"{USER_ID}: {user_id} is outside the int64 range")
 
 
 def _last_dim(tensors: Iterable[Any], name: str, kind: str, model: str) -> int:

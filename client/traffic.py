@@ -192,6 +192,56 @@ class RequestGenerator:
             size = sizes[int(self._rng.integers(len(sizes)))]
             yield self.request(int(length), int(size))
 
+    def user_id(self) -> int:
+        """A user id over the whole int64 range: a cache key, never arithmetic."""
+        return int(self._rng.integers(INT64_MIN, INT64_MAX, dtype=np.int64, endpoint=True))
+
+    def returning(
+        self, previous: RankingRequest, new_events: int, num_candidates: int | None = None
+    ) -> RankingRequest:
+        """The same user back (a refresh, "load more", the next stage): the previous history
+        plus `new_events` events at its end (0: the very same history), fresh candidates (N of
+        the previous request unless given), the same profile, a later request time.
+
+        New events follow the previous request as a session does (the user acted on what was
+        shown): the first some seconds after it, the next ones seconds apart; items lean to the
+        categories of the user's recent events. With no new events the request is a refresh a
+        few seconds later."""
+        if new_events < 0:
+            raise ValueError("new_events must be >= 0")
+        rng = self._rng
+        n = previous.num_candidates if num_candidates is None else num_candidates
+        start = int(previous.request_timestamp[0])
+        if previous.history_length:
+            start = max(start, int(previous.history_timestamps[-1]))
+        recent = previous.history_item_ids[-8:]
+        favourites = (category_of(recent, self.num_categories) if len(recent)
+                      else self.item_categories[self._popular_ranks(2)])
+        ranks = self._popular_ranks(new_events)
+        related = rng.random(new_events) < 0.6
+        if related.any():
+            pref = favourites[rng.integers(0, len(favourites), size=int(related.sum()))]
+            ranks[related] = self._category_ranks(np.minimum(pref, self.num_categories))
+        codes = np.array([a.value for a in Action], dtype=np.int64)
+        actions = codes[rng.choice(len(codes), size=new_events, p=ACTION_PROBS)]
+        gaps = np.clip(rng.lognormal(np.log(20.0), 1.0, size=new_events), 0, 1_800)
+        gaps[rng.random(new_events) < SAME_SECOND_PROB] = 0
+        if new_events:
+            gaps[0] = np.clip(rng.lognormal(np.log(30.0), 1.0), 1, 1_800)
+        timestamps = start + np.cumsum(gaps.astype(np.int64))
+        last = int(timestamps[-1]) if new_events else start
+        request_ts = last + int(np.clip(rng.lognormal(np.log(5.0), 1.0), 1, 600))
+        cand_ids = self.item_ids[self._candidate_ranks(n, ranks, favourites)]
+        return previous.replace(
+            history_item_ids=np.concatenate([previous.history_item_ids, self.item_ids[ranks]]),
+            history_action_ids=np.concatenate([previous.history_action_ids, actions]),
+            history_timestamps=np.concatenate([previous.history_timestamps,
+                                               timestamps.astype(np.int64)]),
+            candidate_item_ids=cand_ids,
+            candidate_category_ids=category_of(cand_ids, self.num_categories),
+            request_timestamp=np.array([request_ts], dtype=np.int64),
+        )
+
     def _history(
         self, length: int, favourites: np.ndarray, focus: float, action_probs: np.ndarray,
         request_ts: int,

@@ -32,7 +32,8 @@ def closed_port() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
-@pytest.mark.parametrize("command", [[], ["score"], ["validate"], ["health"]])
+@pytest.mark.parametrize("command", [[], ["score"], ["validate"], ["health"], ["returning-user"],
+                                     ["cache-stats"]])
 def test_help_exits_zero(command: list[str]) -> None:
     result = run_cli(*command, "--help")
     assert result.returncode == 0, result.stderr
