@@ -126,3 +126,37 @@ def server(small_repository: Path):
         yield srv
     finally:
         srv.stop()
+
+
+# user_cache's LRU bound for the cache tests: about 13 users at the small model's full history
+# (300 events x 512 B of user_kv + 24 B of events each), so a few dozen users evict.
+SMALL_CACHE_BYTES = 2 << 20
+
+
+@pytest.fixture(scope="session")
+def cache_repository(small_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_repository` with user_cache bounded at SMALL_CACHE_BYTES (the ONNX files shared)."""
+    import shutil
+
+    from export.triton_configs import write_configs
+
+    repo = tmp_path_factory.mktemp("cache_repository")
+    for model_dir in small_repository.iterdir():
+        shutil.copytree(model_dir, repo / model_dir.name, symlinks=True)
+    write_configs(small_config("causal"), repo, "tests/conftest.py SMALL",
+                  user_cache_bytes=SMALL_CACHE_BYTES)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def cache_server(cache_repository: Path):
+    """A real tritonserver serving `cache_repository`, with the metrics endpoint on (the cache's
+    counters are custom metrics); stopped by PID. Fails (never skips) when it cannot start."""
+    from local_server.triton import free_port, start_server
+
+    srv = start_server(grpc_port=free_port(), metrics_port=free_port(),
+                       repository=cache_repository, timeout_s=240)
+    try:
+        yield srv
+    finally:
+        srv.stop()

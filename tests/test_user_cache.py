@@ -1,0 +1,269 @@
+"""ranker_cached through a real tritonserver: the user K/V cache (user_cache, a python-backend
+model calling user_encoder / user_encoder_append through BLS) answers every path exactly like
+ranker_naive, and Triton's own inference statistics prove which path ran.
+
+Paths: hit (the kept history equals the cached events: no encoder runs), append (the cached
+events are a strict prefix and the total fits max_history: user_encoder_append on the new events
+only), miss (anything else: user_encoder). The small causal model has max_history 300 and the
+server's cache is bounded at SMALL_CACHE_BYTES (about 13 users at full history), so the eviction
+test can fill it. The restart test runs last: it kills and restarts the module's server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client import contract as c
+from client.api import RankerClient
+from client.metrics import fetch_cache_stats
+from client.request import RankingRequest
+from client.traffic import RequestGenerator
+from tests.conftest import SMALL, SMALL_CACHE_BYTES
+from tests.test_bad_input import REJECTED_BY_GRAPH, REJECTED_BY_TRITON, TRITON_DTYPES, with_
+
+pytestmark = pytest.mark.server
+TOLERANCE = 1e-5
+MAX_HISTORY = SMALL["max_history"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def client(cache_server):
+    with RankerClient(cache_server.grpc_url, timeout_s=120) as cl:
+        yield cl
+
+
+def gen(seed: int) -> RequestGenerator:
+    return RequestGenerator(seed=seed, profile_dim=SMALL["profile_dim"], num_items=50_000)
+
+
+def visit(client: RankerClient, user_id: int, request: RankingRequest) -> tuple[str, float]:
+    """One ranker_cached request: (the path user_cache took, max |scores - ranker_naive|)."""
+    before = client.cache_counts()
+    scores = client.score(request, "ranker_cached", user_id)
+    path = client.cache_path(before)
+    naive = client.score(request, "ranker_naive")
+    assert scores.shape == naive.shape == (request.num_candidates, SMALL["num_tasks"])
+    assert np.isfinite(scores).all()
+    return path, float(np.abs(scores - naive).max()) if scores.size else 0.0
+
+
+def rewrite_middle(request: RankingRequest, at: int) -> RankingRequest:
+    items = request.history_item_ids.copy()
+    items[at] += 1
+    return request.replace(history_item_ids=items)
+
+
+def test_every_path_equals_naive_and_the_statistics_prove_it(client) -> None:
+    g = gen(1)
+    user = g.user_id()
+    first = g.request(120, 10)
+    story = [("first visit", first, "miss")]
+    story.append(("repeat, new candidates", g.returning(first, 0), "hit"))
+    req = story[-1][1]
+    for added in (1, 7, 100):  # 121, 128, 228 events: every append fits max_history 300
+        req = g.returning(req, added)
+        story.append((f"append {added}", req, "append"))
+    story.append(("ΔL = 0, new candidates", g.returning(req, 0), "hit"))
+    req = g.returning(req, 100)  # 328 > 300: positions shift, append cannot be exact
+    story.append(("append crossing max_history", req, "miss"))
+    story.append(("repeat past max_history", g.returning(req, 0), "hit"))
+    story.append(("grown past max_history", g.returning(req, 3), "miss"))
+    req = rewrite_middle(g.returning(first, 20), 60)
+    story.append(("history rewritten in the middle", req, "miss"))
+    req = g.returning(req, 5)
+    story.append(("append after the rewrite", req, "append"))
+    story.append(("rewritten in the middle and grown", rewrite_middle(g.returning(req, 10), 30),
+                  "miss"))
+    story.append(("shorter history (another device)", first.replace(
+        history_item_ids=first.history_item_ids[:50],
+        history_action_ids=first.history_action_ids[:50],
+        history_timestamps=first.history_timestamps[:50]), "miss"))
+    for name, request, expected in story:
+        path, diff = visit(client, user, request)
+        assert diff <= TOLERANCE, f"{name}: differs from ranker_naive by {diff:.2e}"
+        assert path == expected, f"{name}: path {path}, expected {expected}"
+
+
+def test_a_repeat_runs_no_encoder_and_an_append_runs_only_append(client) -> None:
+    """The raw statistics behind `cache_path`, for one repeat and one append."""
+    g = gen(2)
+    user = g.user_id()
+    first = g.request(80, 5)
+    client.score(first, "ranker_cached", user)
+    counts = client.cache_counts()
+    client.score(g.returning(first, 0), "ranker_cached", user)
+    client.cache_path(counts)  # waits until user_cache's statistics show the request
+    after = client.cache_counts()
+    assert after["user_cache"] == counts["user_cache"] + 1
+    assert after["user_encoder"] == counts["user_encoder"]
+    assert after["user_encoder_append"] == counts["user_encoder_append"]
+    client.score(g.returning(first, 4), "ranker_cached", user)
+    client.cache_path(after)
+    last = client.cache_counts()
+    assert last["user_encoder"] == after["user_encoder"]
+    assert last["user_encoder_append"] == after["user_encoder_append"] + 1
+
+
+def test_empty_history_and_append_from_nothing(client) -> None:
+    g = gen(3)
+    user = g.user_id()
+    empty = g.request(0, 6)
+    assert visit(client, user, empty)[0] == "miss"
+    assert visit(client, user, g.returning(empty, 0))[0] == "hit"
+    grown = g.returning(empty, 5)  # P = 0 cached events, 5 new
+    path, diff = visit(client, user, grown)
+    assert (path, diff <= TOLERANCE) == ("append", True), (path, diff)
+
+
+def test_two_users_with_identical_histories_keep_their_own_entries(client) -> None:
+    g = gen(4)
+    alice, bob = g.user_id(), g.user_id()
+    shared = g.request(90, 8)
+    assert visit(client, alice, shared)[0] == "miss"
+    assert visit(client, bob, shared)[0] == "miss"  # never another user's entry
+    changed = rewrite_middle(shared, 10)
+    path, diff = visit(client, alice, changed)
+    assert (path, diff <= TOLERANCE) == ("miss", True)
+    path, diff = visit(client, bob, g.returning(shared, 0))
+    assert (path, diff <= TOLERANCE) == ("hit", True)
+
+
+def test_concurrent_requests_of_one_user_with_different_histories(client) -> None:
+    g = gen(5)
+    user = g.user_id()
+    base = g.request(150, 6)
+    variants = [base, g.returning(base, 1), g.returning(base, 30), rewrite_middle(base, 75),
+                g.returning(rewrite_middle(base, 3), 9), g.request(40, 6), g.returning(base, 0)]
+    expected = [client.score(r, "ranker_naive") for r in variants]
+    order = [i % len(variants) for i in range(42)]
+    np.random.default_rng(0).shuffle(order)
+
+    def one(i: int) -> float:
+        with RankerClient(client.url, timeout_s=120) as own:
+            return float(np.abs(own.score(variants[i], "ranker_cached", user)
+                                - expected[i]).max())
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        diffs = list(pool.map(one, order))
+    assert max(diffs) <= TOLERANCE, max(diffs)
+
+
+def test_eviction_under_a_tiny_cache_stays_exact(client, cache_server) -> None:
+    metrics = f"127.0.0.1:{cache_server.metrics_port}"
+    g = gen(6)
+    users = [g.user_id() for _ in range(20)]
+    requests = [g.request(MAX_HISTORY, 4) for _ in users]
+    before = fetch_cache_stats(metrics)
+    for user, request in zip(users, requests, strict=True):
+        client.score(request, "ranker_cached", user)
+    stats = fetch_cache_stats(metrics)
+    assert stats.evictions - before.evictions >= 20 - SMALL_CACHE_BYTES // (MAX_HISTORY * 536)
+    assert 0 < stats.bytes_held <= stats.capacity_bytes == SMALL_CACHE_BYTES
+    # the oldest user was evicted: a miss again, exact; the newest is still held: a hit
+    path, diff = visit(client, users[0], g.returning(requests[0], 0))
+    assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
+    path, diff = visit(client, users[-1], g.returning(requests[-1], 0))
+    assert (path, diff <= TOLERANCE) == ("hit", True), (path, diff)
+
+
+def raw_infer(url: str, model: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    inputs = []
+    for name, value in tensors.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), TRITON_DTYPES[value.dtype])
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(url) as cl:
+        result = cl.infer(model, inputs, client_timeout=120)
+    return result.as_numpy(c.SCORES)
+
+
+VALID = {**gen(7).request(40, 6).as_inputs(), c.USER_ID: np.array([42], np.int64)}
+BAD_USER_ID = {
+    "missing user_id": with_(VALID, user_id=None),
+    "user_id int32": with_(VALID, user_id=np.array([42], np.int32)),
+    "user_id float32": with_(VALID, user_id=np.array([42], np.float32)),
+    "user_id of shape [2]": with_(VALID, user_id=np.array([42, 43], np.int64)),
+    "user_id of rank 2": with_(VALID, user_id=np.array([[42]], np.int64)),
+}
+
+
+def assert_still_exact(url: str) -> None:
+    request = gen(8).request(60, 5).as_inputs()
+    cached = raw_infer(url, "ranker_cached", {**request, c.USER_ID: np.array([7], np.int64)})
+    assert float(np.abs(cached - raw_infer(url, "ranker_naive", request)).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", sorted(BAD_USER_ID))
+def test_bad_user_id_is_invalid_argument_naming_it(cache_server, case: str) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        raw_infer(cache_server.grpc_url, "ranker_cached", BAD_USER_ID[case])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+    assert c.USER_ID in info.value.message(), info.value.message()
+    assert_still_exact(cache_server.grpc_url)
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED_BY_TRITON))
+def test_the_bad_input_table_holds_for_ranker_cached_triton(cache_server, case: str) -> None:
+    request, named = REJECTED_BY_TRITON[case]
+    with pytest.raises(InferenceServerException) as info:
+        raw_infer(cache_server.grpc_url, "ranker_cached",
+                  {**request, c.USER_ID: np.array([5], np.int64)})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+    assert named in info.value.message(), info.value.message()
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED_BY_GRAPH))
+def test_the_bad_input_table_holds_for_ranker_cached_guards(cache_server, case: str) -> None:
+    """Lengths that disagree reach user_encoder's guard through user_cache (nothing cached);
+    the candidate rules are target_fusion's, as in ranker. Twice: a cached user must not
+    turn a refusal into an answer."""
+    request, rule = REJECTED_BY_GRAPH[case]
+    for _ in range(2):
+        with pytest.raises(InferenceServerException) as info:
+            raw_infer(cache_server.grpc_url, "ranker_cached",
+                      {**request, c.USER_ID: np.array([6], np.int64)})
+        assert info.value.status() == "StatusCode.INTERNAL", info.value
+        assert rule in info.value.message(), info.value.message()
+    assert_still_exact(cache_server.grpc_url)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_returning_user_and_cache_stats(cache_server) -> None:
+    result = run_cli("--url", cache_server.grpc_url, "returning-user", "--history-length",
+                     "100", "--new-events", "4", "--num-candidates", "8", "--seed", "9")
+    assert result.returncode == 0, result.stdout + result.stderr
+    paths = [line.split()[-4] for line in result.stdout.splitlines()[2:5]]
+    assert paths == ["miss", "append", "hit"], result.stdout
+    assert "PASS" in result.stdout
+    stats = run_cli("cache-stats", "--metrics-url", f"127.0.0.1:{cache_server.metrics_port}")
+    assert stats.returncode == 0, stats.stderr
+    assert " hits, " in stats.stdout and " evictions" in stats.stdout, stats.stdout
+
+
+def test_restart_gives_a_cold_cache_and_stays_exact(client, cache_server) -> None:
+    g = gen(10)
+    user = g.user_id()
+    request = g.request(200, 6)
+    visit(client, user, request)
+    assert visit(client, user, g.returning(request, 0))[0] == "hit"
+    cache_server.restart(timeout_s=240)
+    client.wait_ready(["ranker_cached", "ranker_naive"], 60)
+    stats = fetch_cache_stats(f"127.0.0.1:{cache_server.metrics_port}")
+    assert (stats.hits, stats.appends, stats.misses, stats.users) == (0, 0, 0, 0)
+    path, diff = visit(client, user, g.returning(request, 0))
+    assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
