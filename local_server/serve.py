@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="server log (default build/logs/tritonserver_<grpc-port>.log)")
     p.add_argument("--cache-bytes", type=int, default=0,
                    help="enable Triton's local response cache with this many bytes")
+    p.add_argument("--cache-config", action="append", default=[], metavar="CACHE,KEY=VALUE",
+                   help="passed to tritonserver as --cache-config (repeatable), e.g. "
+                        "local,size=268435456: the response cache that models with "
+                        "response_cache enabled use (python -m export.triton_configs "
+                        "--response-cache puts it on user_encoder)")
     p.add_argument("--ready-timeout", type=float, default=180.0,
                    help="seconds to wait for every model to be ready (default %(default)s)")
     p.add_argument("--watchdog-interval", type=float, default=2.0,
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
             repository=args.repository, build_dir=BUILD_DIR, log_file=args.log_file,
             cache_bytes=args.cache_bytes, timeout_s=args.ready_timeout,
+            extra_args=[f"--cache-config={value}" for value in args.cache_config],
         )
     except ServerError as e:
         print(f"serve: error: {e}", file=sys.stderr)

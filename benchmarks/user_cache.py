@@ -1,0 +1,400 @@
+"""Returning-user traffic: ranker_cached (the user K/V cache) against ranker, per path.
+
+For each history length L (default 1000; 8192 only where the config's max_history allows it)
+the script times, through a real tritonserver over gRPC, on the same requests:
+
+* miss: a user seen for the first time (ranker_cached encodes and stores);
+* repeat: the same history again with new candidates (hit: no encoder runs);
+* append ΔL: a user cached with L - ΔL events comes back with L (user_encoder_append);
+* the references: target_fusion alone (the floor of a hit) and user_encoder alone;
+* optionally Triton's own response cache on user_encoder (the zero-code option) on a repeat.
+
+Every timed ranker_cached request is checked: its path (from Triton's inference statistics:
+which encoder ran) and its scores against ranker's (exact to 1e-5; ranker equals ranker_naive,
+tests/test_server.py). Memory per cached user comes from user_cache's own metrics (bytes held
+per user) and from the user_cache stub's RSS growth. One more line simulates two replicas with
+and without user affinity (the replica is a namespace of user ids on one server, so both see
+the same cache code): the share of requests served without a full encode.
+
+Writes <out>/user_cache.csv and <out>/user_cache.md (machine, method, results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from benchmarks.cpu import external_cores, snapshot
+from client import contract as c
+from client.api import RankerClient
+from client.metrics import fetch_cache_stats
+from client.request import RankingRequest
+from client.traffic import RequestGenerator
+from export.config import DEFAULT_CONFIG, ModelConfig
+from export.triton_configs import MODEL_REPOSITORY, write_configs
+from local_server.processes import rss_bytes, stub_pids
+from local_server.triton import BUILD_DIR, free_port, start_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-5
+FIELDS = ["L", "N", "path", "delta", "requests", "cached_p50_ms", "cached_p90_ms",
+          "ranker_p50_ms", "ranker_p90_ms", "cached_over_ranker_p50", "paths_seen",
+          "max_abs_diff_vs_ranker", "note"]
+
+
+def log(message: str) -> None:
+    print(f"[user_cache] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.user_cache",
+        description="Benchmark ranker_cached (user K/V cache) vs ranker on returning-user "
+                    "traffic, per path (repeat, append ΔL, miss), through a real tritonserver "
+                    "it starts itself. Writes user_cache.csv and user_cache.md.")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config (default "
+                   "%(default)s); the repository must hold its export")
+    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
+                   help="exported model repository (default %(default)s)")
+    p.add_argument("--lengths", default="1000",
+                   help="history lengths L, comma-separated; those above the config's "
+                        "max_history are skipped with a note (default %(default)s)")
+    p.add_argument("--deltas", default="1,10,100", help="appended events ΔL (default %(default)s)")
+    p.add_argument("--num-candidates", type=int, default=50, help="N (default %(default)s)")
+    p.add_argument("--requests", type=int, default=15,
+                   help="timed requests per path and model (default %(default)s)")
+    p.add_argument("--replica-users", type=int, default=40,
+                   help="users of the 2-replica simulation, 0 to skip (default %(default)s)")
+    p.add_argument("--replica-visits", type=int, default=5,
+                   help="visits per user in the simulation (default %(default)s)")
+    p.add_argument("--replica-length", type=int, default=200,
+                   help="history length in the simulation (hit rates do not depend on it; "
+                        "default %(default)s)")
+    p.add_argument("--no-response-cache", action="store_true",
+                   help="skip the Triton response cache comparison (a second server)")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed (default %(default)s)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results",
+                   help="output folder (default %(default)s)")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Timings:
+    cached: list[float] = field(default_factory=list)
+    ranker: list[float] = field(default_factory=list)
+    paths: dict[str, int] = field(default_factory=dict)
+    diff: float = 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
+
+
+def row(length: int, n: int, path: str, delta: int | str, t: Timings, note: str = "") -> dict:
+    ranker = pct(t.ranker, 50)
+    return {
+        "L": length, "N": n, "path": path, "delta": delta, "requests": len(t.cached),
+        "cached_p50_ms": round(pct(t.cached, 50), 3), "cached_p90_ms": round(pct(t.cached, 90), 3),
+        "ranker_p50_ms": round(ranker, 3) if t.ranker else "",
+        "ranker_p90_ms": round(pct(t.ranker, 90), 3) if t.ranker else "",
+        "cached_over_ranker_p50": round(pct(t.cached, 50) / ranker, 3) if t.ranker else "",
+        "paths_seen": " ".join(f"{k}:{v}" for k, v in sorted(t.paths.items())),
+        "max_abs_diff_vs_ranker": f"{t.diff:.2e}" if t.ranker else "", "note": note,
+    }
+
+
+def timed_pair(client: RankerClient, user: int, req: RankingRequest, t: Timings) -> None:
+    """One ranker_cached request (timed, path recorded) then ranker on the same request."""
+    before = client.cache_counts()
+    scores, seconds = client.score_with_latency(req, "ranker_cached", user)
+    path = client.cache_path(before)
+    t.paths[path] = t.paths.get(path, 0) + 1
+    t.cached.append(seconds)
+    expected, seconds = client.score_with_latency(req, "ranker")
+    t.ranker.append(seconds)
+    t.diff = max(t.diff, float(np.abs(scores - expected).max()) if scores.size else 0.0)
+
+
+def raw(url: str, model: str, tensors: dict[str, np.ndarray], outputs: list[str]
+        ) -> tuple[list[np.ndarray], float]:
+    inputs = []
+    for name, value in tensors.items():
+        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
+                 np.dtype(np.float16): "FP16"}[value.dtype]
+        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(url) as cl:
+        start = time.perf_counter()
+        result = cl.infer(model, inputs, client_timeout=300)
+        seconds = time.perf_counter() - start
+    return [result.as_numpy(o) for o in outputs], seconds
+
+
+def references(url: str, gen: RequestGenerator, length: int, n: int, count: int
+               ) -> tuple[Timings, Timings]:
+    """target_fusion alone (fed a user_kv from user_encoder) and user_encoder alone."""
+    fusion, encoder = Timings(), Timings()
+    for _ in range(count):
+        req = gen.request(length, n).as_inputs()
+        history = {k: req[k] for k in c.HISTORY_INPUTS}
+        (kv, last), seconds = raw(url, "user_encoder", history, [c.USER_KV,
+                                                                   c.LAST_EVENT_TIMESTAMP])
+        encoder.cached.append(seconds)
+        feeds = {k: req[k] for k in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
+        _, seconds = raw(url, "target_fusion", {**feeds, c.USER_KV: kv,
+                                                c.LAST_EVENT_TIMESTAMP: last}, [c.SCORES])
+        fusion.cached.append(seconds)
+    return fusion, encoder
+
+
+def bench_length(client: RankerClient, gen: RequestGenerator, length: int, args: argparse.Namespace,
+                 deltas: list[int]) -> list[dict]:
+    n, count = args.num_candidates, args.requests
+    rows = []
+    log(f"L={length}: warm-up")
+    for _ in range(3):
+        req = gen.request(length, n)
+        timed_pair(client, gen.user_id(), req, Timings())
+        client.score(gen.returning(req, 0), "ranker")
+    log(f"L={length}: miss x{count}")
+    miss = Timings()
+    for _ in range(count):
+        timed_pair(client, gen.user_id(), gen.request(length, n), miss)
+    rows.append(row(length, n, "miss", 0, miss, "first visit: user_encoder + store"))
+    log(f"L={length}: repeat x{count}")
+    hit = Timings()
+    for _ in range(count):
+        user, req = gen.user_id(), gen.request(length, n)
+        client.score(req, "ranker_cached", user)
+        timed_pair(client, user, gen.returning(req, 0), hit)
+    rows.append(row(length, n, "repeat", 0, hit, "same history, new candidates: no encoder"))
+    for delta in deltas:
+        if delta >= length:
+            continue
+        log(f"L={length}: append ΔL={delta} x{count}")
+        t = Timings()
+        for _ in range(count):
+            user, req = gen.user_id(), gen.request(length - delta, n)
+            client.score(req, "ranker_cached", user)
+            timed_pair(client, user, gen.returning(req, delta), t)
+        rows.append(row(length, n, "append", delta, t,
+                        f"{length - delta} cached + {delta} new: user_encoder_append"))
+    log(f"L={length}: target_fusion and user_encoder alone x{count}")
+    fusion, encoder = references(client.url, gen, length, n, count)
+    rows.append(row(length, n, "target_fusion alone", "", fusion, "the floor of a hit"))
+    rows.append(row(length, n, "user_encoder alone", "", encoder, "a full encode"))
+    return rows
+
+
+def memory_per_user(client: RankerClient, server: object, metrics: str, gen: RequestGenerator,
+                    length: int, users: int = 20) -> dict:
+    """user_cache's bytes per user (its own accounting) and the stub's RSS growth per user."""
+    stub = stub_pids(server.pid, "user_cache")
+    before_stats, before_rss = fetch_cache_stats(metrics), sum(rss_bytes(p) for p in stub)
+    for _ in range(users):
+        client.score(gen.request(length, 1), "ranker_cached", gen.user_id())
+    stats, rss = fetch_cache_stats(metrics), sum(rss_bytes(p) for p in stub)
+    added = stats.users - before_stats.users
+    return {"users_added": added,
+            "bytes_per_user": (stats.bytes_held - before_stats.bytes_held) / max(added, 1),
+            "rss_per_user": (rss - before_rss) / max(added, 1),
+            "evictions": stats.evictions - before_stats.evictions}
+
+
+def replicas(client: RankerClient, metrics: str, gen: RequestGenerator, users: int,
+             visits: int, length: int, n: int = 10) -> dict[str, float]:
+    """Two replicas, simulated as two user-id namespaces on one server's user_cache: with
+    affinity a user always goes to replica hash(user) % 2; without, to a random one. Each
+    visit repeats the history (half the time) or appends 1-10 events. Returns the share of
+    requests served without a full encode (hits + appends) for each routing."""
+    rng = np.random.default_rng(gen.seed + 7)
+    rates = {}
+    for mode in ("affinity", "random"):
+        histories = {u: gen.request(length, n) for u in range(users)}
+        order = [u for u in range(users) for _ in range(visits)]
+        rng.shuffle(order)
+        before = fetch_cache_stats(metrics)
+        for u in order:
+            replica = u % 2 if mode == "affinity" else int(rng.integers(2))
+            key = (1 << 50) * (2 if mode == "random" else 1) + (replica << 40) + u
+            req = histories[u]
+            client.score(req, "ranker_cached", key)
+            grow = int(rng.integers(1, 11)) if rng.random() < 0.5 else 0
+            histories[u] = gen.returning(req, grow)
+        after = fetch_cache_stats(metrics)
+        served = after.requests - before.requests
+        reused = (after.hits + after.appends) - (before.hits + before.appends)
+        rates[mode] = reused / served
+        log(f"2 replicas, {mode} routing: {reused}/{served} requests without a full encode")
+    return rates
+
+
+def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenerator,
+                          length: int, n: int, count: int) -> Timings:
+    """Triton's own response cache on user_encoder, on a second server: an exact repeat of the
+    history through `ranker` (the ensemble's user_encoder step hits the cache)."""
+    copy = BUILD_DIR / "bench_response_cache_repository"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(repository, copy, symlinks=True)
+    write_configs(cfg, copy, "benchmarks/user_cache.py (response cache)", response_cache=True)
+    server = start_server(grpc_port=free_port(), repository=copy, cache_bytes=256 << 20,
+                          timeout_s=300)
+    t = Timings()
+    try:
+        with RankerClient(server.grpc_url, timeout_s=300) as cl:
+            for _ in range(count):
+                req = gen.request(length, n)
+                cl.score(req, "ranker")
+                again = gen.returning(req, 0)
+                scores, seconds = cl.score_with_latency(again, "ranker")
+                t.cached.append(seconds)
+                t.diff = max(t.diff, float(np.abs(scores - cl.score(again, "ranker_naive")
+                                                  ).max()) if length * n <= 20_000 else 0.0)
+            before = cl.inference_count("user_encoder")
+            cl.score(gen.returning(req, 0), "ranker")
+            time.sleep(0.2)
+            t.paths["user_encoder executions on a repeat"] = (
+                cl.inference_count("user_encoder")[1] - before[1])
+    finally:
+        server.stop()
+        shutil.rmtree(copy, ignore_errors=True)
+    return t
+
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import onnxruntime
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu,
+            "cores": str(os.cpu_count()), "gpu": "none",
+            "os": platform.platform(), "python": platform.python_version(),
+            "tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
+                            "python-backend stand-ins running ONNX Runtime)",
+            "onnxruntime": onnxruntime.__version__}
+
+
+def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: dict,
+             rates: dict[str, float], info: dict[str, str], notes: list[str]) -> str:
+    kv_bytes = cfg.num_layers * 2 * cfg.d_model * 4
+    lines = [
+        "# ranker_cached: returning-user benchmark", "",
+        f"`python -m benchmarks.user_cache` ({time.strftime('%Y-%m-%d')}), config "
+        f"`{Path(args.config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
+        f"{cfg.num_heads} heads, max_history {cfg.max_history}, mask {cfg.mask}), "
+        f"N = {args.num_candidates}, {args.requests} timed requests per path and model, "
+        "gRPC client latency (one RPC, client side), concurrency 1.", "",
+        "## Machine", "", "| item | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in info.items()], "",
+        "## Per path (p50 / p90 in ms)", "",
+        "| L | path | ΔL | ranker_cached p50 | p90 | ranker p50 | p90 | cached / ranker | "
+        "paths seen | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['L']} | {r['path']} | {r['delta']} | {r['cached_p50_ms']} | "
+                     f"{r['cached_p90_ms']} | {r['ranker_p50_ms']} | {r['ranker_p90_ms']} | "
+                     f"{r['cached_over_ranker_p50']} | {r['paths_seen']} | "
+                     f"{r['max_abs_diff_vs_ranker']} |")
+    lines += ["", "Rows `target_fusion alone` and `user_encoder alone` call those models "
+              "directly (their p50 is in the ranker_cached column).", ""]
+    if mem:
+        lines += ["## Memory per cached user", "",
+                  f"At L = {mem['L']}: user_cache holds {mem['bytes_per_user'] / 2**20:.3f} MiB "
+                  f"per user by its own accounting (user_kv + events), the stub's RSS grew "
+                  f"{mem['rss_per_user'] / 2**20:.3f} MiB per user over {mem['users_added']} "
+                  f"users; the formula `layers x 2 x L x d_model x 4` gives "
+                  f"{kv_bytes * mem['L'] / 2**20:.3f} MiB of fp32 user_kv.", ""]
+    if rates:
+        lines += ["## Two replicas", "",
+                  f"{args.replica_users} users x {args.replica_visits} visits (half repeats, "
+                  f"half +1..10 events), L = {args.replica_length}: requests served without a "
+                  f"full encode: **{rates['affinity']:.0%} with user affinity** (replica = "
+                  f"hash(user_id) mod 2), **{rates['random']:.0%} with random routing**. "
+                  "Simulated as two user-id namespaces of one user_cache (same code, no "
+                  "evictions).", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = ModelConfig.load(args.config)
+    deltas = [int(x) for x in args.deltas.split(",") if x]
+    lengths, notes = [], []
+    for x in (int(v) for v in args.lengths.split(",") if v):
+        if x > cfg.max_history:
+            notes.append(f"L = {x} skipped: the config's max_history is {cfg.max_history} "
+                         f"(use a long config, e.g. export/configs/*long*.json, and its export)")
+            log(notes[-1])
+        else:
+            lengths.append(x)
+    if cfg.mask != "causal":
+        notes.append(f"mask {cfg.mask}: no append path (user_cache re-encodes on any change)")
+        deltas = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port()
+    log(f"starting tritonserver on {args.repository}")
+    server = start_server(grpc_port=free_port(), metrics_port=metrics_port,
+                          repository=args.repository, timeout_s=300)
+    metrics = f"127.0.0.1:{metrics_port}"
+    rows: list[dict] = []
+    mem: dict = {}
+    rates: dict[str, float] = {}
+    gen = RequestGenerator(seed=args.seed, profile_dim=cfg.profile_dim)
+    start = snapshot()
+    try:
+        with RankerClient(server.grpc_url, timeout_s=300) as client:
+            for length in lengths:
+                rows += bench_length(client, gen, length, args, deltas)
+                log(f"L={length}: memory per cached user")
+                mem = {"L": length, **memory_per_user(client, server, metrics, gen, length)}
+            if args.replica_users:
+                rates = replicas(client, metrics, gen, args.replica_users, args.replica_visits,
+                                 args.replica_length)
+    finally:
+        server.stop()
+    if not args.no_response_cache:
+        for length in lengths:
+            log(f"L={length}: Triton response cache on user_encoder, repeat x{args.requests}")
+            t = response_cache_repeat(args.repository, cfg, gen, length, args.num_candidates,
+                                      args.requests)
+            rows.append(row(length, args.num_candidates, "repeat, Triton response cache", 0, t,
+                            "ranker with response_cache on user_encoder (exact repeats only)"))
+    info = machine()
+    load = external_cores(start)
+    if load:
+        info["other processes' CPU during the run"] = f"{load['ext_cpu_cores']:.2f} cores"
+    bad = [r for r in rows if r["max_abs_diff_vs_ranker"]
+           and float(r["max_abs_diff_vs_ranker"]) > TOLERANCE]
+    with open(args.out / "user_cache.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, rates, info, notes))
+    for r in rows:
+        log(f"L={r['L']} {r['path']:<30} ΔL={r['delta']!s:<4} cached p50 {r['cached_p50_ms']} "
+            f"ms, ranker p50 {r['ranker_p50_ms']} ms, {r['paths_seen']}")
+    log(f"wrote {args.out / 'user_cache.csv'} and {args.out / 'user_cache.md'}")
+    if bad:
+        log(f"FAIL: scores differ from ranker beyond {TOLERANCE}: {bad}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
