@@ -201,6 +201,11 @@ def cmd_returning_user(args: argparse.Namespace) -> int:
         grown = gen.returning(first, args.new_events)
         visits = [("first visit", first), (f"+{args.new_events} events", grown),
                   ("repeat, new candidates", gen.returning(grown, 0))]
+        if not args.no_warmup:  # first calls of each model pay ONNX Runtime's warm-up
+            other = gen.user_id()
+            for req in (first, grown, gen.returning(grown, 0)):
+                client.score(req, args.model, other)
+                client.score(req, "ranker")
         print(f"user {user_id}: {args.model} (user K/V cache) vs {args.oracle} and ranker, "
               f"N={args.num_candidates}")
         print(f"{'visit':<24} {'L':>6} {'path':>7} {args.model + ' ms':>18} {'ranker ms':>10} "
@@ -355,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates per visit (default %(default)s)")
     p.add_argument("--user-id", type=int, default=None, help="user id (default: random)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the warm-up (another user sent through the same visits first)")
     p.add_argument("--model", default="ranker_cached", help="default ranker_cached")
     p.add_argument("--oracle", default="ranker_naive", help="default ranker_naive")
     p.add_argument("--tolerance", type=float, default=1e-5,

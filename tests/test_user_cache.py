@@ -267,3 +267,41 @@ def test_restart_gives_a_cold_cache_and_stays_exact(client, cache_server) -> Non
     assert (stats.hits, stats.appends, stats.misses, stats.users) == (0, 0, 0, 0)
     path, diff = visit(client, user, g.returning(request, 0))
     assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
+
+
+# ------------------------------------------------------------------ no server needed
+def test_generated_configs_of_the_cache() -> None:
+    from export.triton_configs import build_configs, to_flavour
+    from tests.conftest import small_config
+
+    causal = build_configs(small_config("causal"))
+    bidirectional = build_configs(small_config("bidirectional"))
+    params = {k: v.string_value for k, v in causal["user_cache"].parameters.items()}
+    assert params["append_model"] == "user_encoder_append"
+    assert params["max_history"] == str(MAX_HISTORY)
+    assert bidirectional["user_cache"].parameters["append_model"].string_value == ""
+    assert "user_encoder_append" not in bidirectional and "ranker_cached" in bidirectional
+    assert to_flavour(causal["user_cache"], "local") == causal["user_cache"]
+    steps = [s.model_name for s in causal["ranker_cached"].ensemble_scheduling.step]
+    assert steps == ["user_cache", "target_fusion"]
+    assert causal["ranker_cached"].input[0].name == c.USER_ID
+    assert [i.name for i in causal["ranker"].input] == [
+        s.name for s in c.request_inputs(SMALL["profile_dim"])]
+    cached = build_configs(small_config("causal"), response_cache=True)
+    assert [n for n, cfg in cached.items() if cfg.response_cache.enable] == ["user_encoder"]
+    assert not any(cfg.response_cache.enable for cfg in causal.values())
+
+
+def test_returning_users_grow_at_the_end_with_later_times() -> None:
+    g = gen(11)
+    first = g.request(50, 7)
+    for added in (0, 1, 25):
+        back = g.returning(first, added)
+        assert back.history_length == 50 + added and back.num_candidates == 7
+        for name in c.HISTORY_INPUTS:
+            np.testing.assert_array_equal(getattr(back, name)[:50], getattr(first, name))
+        assert (np.diff(back.history_timestamps) >= 0).all()
+        assert back.request_timestamp[0] > max(first.request_timestamp[0],
+                                               back.history_timestamps[-1])
+        np.testing.assert_array_equal(back.user_profile, first.user_profile)
+        assert not np.array_equal(back.candidate_item_ids, first.candidate_item_ids)
