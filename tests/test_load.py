@@ -51,11 +51,12 @@ def test_load_small_repository(small_repository: Path, tmp_path: Path) -> None:
         figures["latency_ms"]["p99"])
     memory = figures["memory"]
     assert memory["measured"]
-    # tritonserver + one stub per ONNX model (user_encoder, target_fusion, naive, base)
-    assert memory["processes"] == 5
+    # tritonserver + one stub per ONNX model (user_encoder, target_fusion, naive, base, and
+    # user_encoder_append in a causal repository) + user_cache's (the user K/V cache)
+    assert memory["processes"] == 7
     assert set(memory["end_by_process_mib"]) == {
         "tritonserver", "stub:user_encoder", "stub:target_fusion", "stub:ranker_naive",
-        "stub:ranker_base"}
+        "stub:ranker_base", "stub:user_encoder_append", "stub:user_cache"}
     assert 0 < memory["after_warmup_mib"] <= memory["max_mib"]
     assert memory["end_mib"] <= memory["max_mib"]
     assert memory["growth_pct"] <= memory["max_growth_pct"]
