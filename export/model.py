@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from export.attention import bidirectional_attention, candidate_attention, causal_attention
 from export.config import ModelConfig
 
 
@@ -84,8 +85,20 @@ class Block(nn.Module):
         _, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
+    def forward_history(self, x: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """History tokens x [L, d] (no batch axis) -> (x' [L, d], K, V [H, L, dh]), with
+        attention whose memory is linear in L (export/attention.py)."""
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        if causal:
+            attn = causal_attention(q, k, v, self.num_heads, self.head_dim, self.scale)
+        else:
+            attn = bidirectional_attention(q, k, v, self.num_heads, self.scale)
+        x = x + self.out(attn)
+        return self._ffn(x), self._split_heads(k), self._split_heads(v)
+
     def forward(self, x: Tensor, mask_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Full forward of x [B, T, d] with an additive mask [T, T]; returns (x', K, V)."""
+        """Full forward of x [B, T, d] with an additive mask [T, T]; returns (x', K, V). Plain
+        attention, [B, H, T, T] scores: the naive model (the oracle) runs it."""
         q, k, v = (self._split_heads(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
         scores = (q * self.scale) @ k.transpose(-1, -2)
         if mask_bias is not None:
@@ -111,20 +124,14 @@ class Block(nn.Module):
         return self._ffn(x), k, v
 
     def forward_candidates(self, x: Tensor, k_hist: Tensor, v_hist: Tensor) -> Tensor:
-        """Cached forward of N candidate tokens x [N, d] against the shared history K/V [H, L, dh].
-
-        Each candidate attends to all L history keys and to its own key, never to another
-        candidate. Queries are head-major [H, N, dh], so the history part is one [H,N,dh]x[H,dh,L]
-        matrix product per head (a real GEMM), and the K/V is never replicated along N. The own
-        key is appended as one extra score column so a single softmax normalises both parts
-        (numerically stable, and valid for L = 0)."""
-        q, k, v = (self._split_heads(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
-        q = q * self.scale  # [H, N, dh]
-        scores_hist = q @ k_hist.transpose(-1, -2)  # [H, N, L]
-        score_self = (q * k).sum(dim=-1, keepdim=True)  # [H, N, 1]
-        probs = torch.softmax(torch.cat([scores_hist, score_self], dim=-1), dim=-1)
-        attn = probs[..., :-1] @ v_hist + probs[..., -1:] * v  # [H, N, dh]
-        x = x + self.out(self._merge_heads(attn))
+        """Cached forward of N >= 1 candidate tokens x [N, d] against the shared history K/V
+        [H, L, dh]. Each candidate attends to all L history keys and to its own key, never to
+        another candidate; the K/V is never replicated along N and memory is O(N + L)
+        (export/attention.candidate_attention)."""
+        n, h, dh = x.shape[0], self.num_heads, self.head_dim
+        q, k, v = (t.reshape(n, h, dh) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        attn = candidate_attention(q * self.scale, k, v, k_hist, v_hist, h, dh)  # [N,H,dh]
+        x = x + self.out(attn.reshape(n, h * dh))
         return self._ffn(x)
 
 
@@ -151,11 +158,6 @@ class RankingTransformer(nn.Module):
         # means "no previous event". Integer comparisons keep torch and ONNX Runtime identical.
         boundaries = torch.tensor([2**i for i in range(cfg.gap_buckets - 2)], dtype=torch.int64)
         self.register_buffer("gap_boundaries", boundaries, persistent=False)
-        # The causal mask as a constant, sliced to the length at hand: building it per request
-        # (a Where over [L, L]) cost 13 % of user_encoder's time at L = 1000 (ORT profile).
-        pos = torch.arange(cfg.max_history + 1)
-        causal = torch.where(pos[None, :] <= pos[:, None], 0.0, float("-inf"))
-        self.register_buffer("causal_bias", causal, persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -248,21 +250,17 @@ class RankingTransformer(nn.Module):
         return torch.sigmoid(self.head_out(torch.relu(hidden)))
 
     # ----------------------------------------------------------------- masks
-    def history_mask_bias(self, length: int | Tensor) -> Tensor | None:
-        """Additive mask among L history tokens (None: all visible)."""
-        if self.cfg.mask != "causal":
-            return None
-        return self.causal_bias[:length, :length]
-
     def naive_mask_bias(self, length: int | Tensor) -> Tensor | None:
-        """Additive mask over [history (L) ..., target], length L + 1. The target (last) sees all
-        tokens; `full` lets history see the target too."""
-        if self.cfg.mask == "causal":  # the target is last: causal order already fits
-            return self.causal_bias[: length + 1, : length + 1]
+        """Additive mask over [history (L) ..., target], length L + 1, built per request (no
+        graph constant grows with max_history). The target (last) sees all tokens; `full` lets
+        history see the target too."""
         if self.cfg.mask == "full":
             return None
         pos = torch.arange(length + 1, dtype=torch.int64)
-        allowed = (pos[None, :] < length) | (pos[:, None] == length)
+        if self.cfg.mask == "causal":  # the target is last: causal order already fits
+            allowed = pos[None, :] <= pos[:, None]
+        else:
+            allowed = (pos[None, :] < length) | (pos[:, None] == length)
         return torch.where(allowed, 0.0, float("-inf"))
 
     # ----------------------------------------------------------------- forwards
@@ -309,15 +307,14 @@ class RankingTransformer(nn.Module):
         self, history_item_ids: Tensor, history_action_ids: Tensor, history_timestamps: Tensor
     ) -> tuple[Tensor, Tensor]:
         x, last_ts = self.embed_history(history_item_ids, history_action_ids, history_timestamps)
-        x = x.unsqueeze(0)  # [1, L, d]
-        bias = self.history_mask_bias(x.shape[1])
+        causal = self.cfg.mask == "causal"
         layers = []
         for i, block in enumerate(self.blocks):
             if i < len(self.blocks) - 1:
-                x, k, v = block(x, bias)
+                x, k, v = block.forward_history(x, causal)
             else:
                 k, v = block.kv(x)
-            layers.append(torch.stack([k[0], v[0]]))
+            layers.append(torch.stack([k, v]))
         return torch.stack(layers), last_ts
 
     def encode_append(

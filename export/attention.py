@@ -1,0 +1,226 @@
+"""History attention whose memory is linear in L, exact, exportable to ONNX Runtime 1.19.
+
+Plain attention materialises [H, L, L] scores: at L = 8192 the user encoder took 6 s and +5 GiB.
+Here:
+
+* bidirectional history: one `com.microsoft.MultiHeadAttention` (ORT contrib op, present in the
+  production container's ONNX Runtime on CPU and CUDA): unmasked, it runs ORT's flash-attention
+  kernel on CPU, with no [L, L] buffer;
+* causal history: one ONNX `Loop` over query blocks of at most CAUSAL_BLOCK rows. Each block's
+  diagonal part (the only part that needs the mask) runs in plain ops over [H, block, block];
+  all earlier keys go through MultiHeadAttention, unmasked;
+* candidates (target_fusion): one MultiHeadAttention over the shared history K/V, each
+  candidate's own key merged in exactly (below). Nothing grows with N x L.
+
+The "sink" trick merges two partial attentions although MultiHeadAttention returns only the
+normalised output, not its softmax normaliser: the extra part enters as ONE extra key, the sink,
+placed first. Every key gets SINK_PAD zero dims appended, the sink key is (0..0, 1, 0..), and each
+query gets its wanted sink score c_i in that dim, so the sink scores exactly c_i. The sink's
+value is (0..0, 1, 0..): column head_dim of the output is the sink's probability p_i, the first
+head_dim columns the other keys' part, already normalised over [keys, sink]. Then
+out_i = o_i[:head_dim] + p_i * u_i, where u_i is the normalised output of the part the sink
+stands for and c_i its log-sum-exp:
+  * candidates: the sink is the candidate's own key: c_i = q_i.k_i, u_i = v_i;
+  * causal history: per query block, the sink is the masked diagonal block: c_i = its LSE,
+    u_i = its (plain-op) attention output.
+Exact to float rounding (~3e-6 against an fp64 reference up to L = 16384, also with extreme
+scores). No graph constant depends on max_history (the diagonal triangle comes from a Range).
+
+ONNX Runtime 1.19 pitfalls handled here: MultiHeadAttention kills the process (SIGFPE) on zero
+queries, so a dummy query row rides along where L or N can be 0; 0 keys with >= 1 query is fine.
+Non-tensor arguments of the autograd Functions must be plain Python ints/floats (traced shapes
+arrive in `symbolic` as graph values). Eager torch runs the same math blockwise
+(`_eager_attention`), so the torch model and the ONNX graphs agree and the torch model's memory is
+linear too.
+
+On CUDA, MultiHeadAttention's fused kernels want head sizes that are multiples of 8: SINK_PAD = 8
+(head size 40) would be the setting there; untested (no GPU was lent to this work). On CPU 1 is
+10-20 % faster than 8 at L >= 8192.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+CAUSAL_BLOCK = 256  # max history query rows per causal block. Memory: O(L) + [H, 256, 256].
+SINK_PAD = 1  # extra MultiHeadAttention head dims for the sink (see the module docstring)
+
+
+# --------------------------------------------------------------------------- symbolic helpers
+def _onnx_const(g, value, dtype=torch.int64):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _float_dtype(value) -> torch.dtype:
+    """torch dtype of a symbolic value (fp32 / fp16 exports)."""
+    return {"Half": torch.float16, "BFloat16": torch.bfloat16}.get(
+        value.type().scalarType(), torch.float32)
+
+
+def _eager_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                     block: int = CAUSAL_BLOCK) -> Tensor:
+    """Eager torch reference, [H, L, dh] -> [H, L, dh], memory O(block x L): blocks of query
+    rows, each over its visible keys."""
+    n = q.shape[-2]
+    if n == 0:
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    outs = []
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        kk, vv = (k[..., :e, :], v[..., :e, :]) if causal else (k, v)
+        scores = (q[..., s:e, :] * scale) @ kk.transpose(-1, -2)
+        if causal:
+            pos = torch.arange(e)
+            scores = scores.masked_fill(pos[None, :] > pos[s:e, None], float("-inf"))
+        outs.append(torch.softmax(scores, dim=-1) @ vv)
+    return torch.cat(outs, dim=-2)
+
+
+# --------------------------------------------------------------------------- MHA contrib op
+class _MultiHeadAttention(torch.autograd.Function):
+    """com.microsoft.MultiHeadAttention(q [1,S,H*a], k [1,T,H*a], v [1,T,H*b]) -> [1,S,H*b],
+    unmasked. Eager: the same math in torch. ORT 1.19 CPU: flash attention, memory O(S + T)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
+        def split(x: Tensor) -> Tensor:  # [1, T, H*a] -> [H, T, a]; T may be 0
+            return x[0].reshape(x.shape[1], num_heads, x.shape[2] // num_heads).transpose(0, 1)
+
+        o = _eager_attention(split(q), split(k), split(v), scale, causal=False)
+        return o.transpose(0, 1).reshape(1, q.shape[1], v.shape[2])
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads, scale):
+        return g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads,
+                    scale_f=scale)
+
+
+def _sink_kv(k: Tensor, v: Tensor, num_heads: int, head_dim: int,
+             pad: int = SINK_PAD) -> tuple[Tensor, Tensor]:
+    """k, v [T, H, dh] -> [1, 1+T, H*(dh+pad)] each: the sink key/value (0..0, 1, 0..) first,
+    then the keys/values with `pad` zero dims appended. The sink is built from plain ints, so it
+    is one constant in the graph."""
+    row = [0.0] * head_dim + [1.0] + [0.0] * (pad - 1)
+    sink = torch.tensor([[row] * num_heads], dtype=k.dtype)  # [1, H, dh + pad]
+    width = num_heads * (head_dim + pad)
+
+    def widen(x: Tensor) -> Tensor:
+        return torch.cat([sink, torch.nn.functional.pad(x, (0, pad))]).reshape(1, -1, width)
+
+    return widen(k), widen(v)
+
+
+def bidirectional_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                            scale: float) -> Tensor:
+    """Unmasked self-attention, q, k, v [L, d] -> [L, d], through MultiHeadAttention.
+
+    One zero query row rides at the end and is dropped: ORT 1.19's MHA kills the process
+    (SIGFPE) on 0 queries (L = 0); 0 keys with >= 1 query is fine (the row comes out 0)."""
+    q = torch.cat([q, q.new_zeros(1, q.shape[1])])
+    o = _MultiHeadAttention.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), num_heads, scale)
+    return o[0, :-1]
+
+
+# --------------------------------------------------------------------------- causal history
+class _CausalAttention(torch.autograd.Function):
+    """Causal self-attention q, k, v [L, d] -> [L, d] as ONE ONNX Loop over
+    nb = max(1, ceil(L / block)) query blocks of bs = ceil(L / nb) <= block rows (balanced;
+    the rows padded with zeros). Block [s, e): its diagonal [bs, bs] scores in plain ops, masked
+    by a [bs, bs] triangle built once per request
+    -> max, sum, LSE and the normalised diagonal output; keys [0, s) through MultiHeadAttention
+    with a sink scored at that LSE (see the module docstring). Padded rows/keys sit after every
+    real one, so causality hides them from real queries. Memory O(L + block^2): MHA's CPU path
+    for an unmasked call is flash attention (no [rows, keys] buffer)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int,
+                scale: float, block: int) -> Tensor:
+        n = q.shape[0]
+        split = lambda x: x.reshape(n, num_heads, head_dim).transpose(0, 1)  # noqa: E731
+        o = _eager_attention(split(q), split(k), split(v), scale, causal=True, block=block)
+        return o.transpose(0, 1).reshape(n, num_heads * head_dim)
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads, head_dim, scale, block):
+        h, dh, hx = num_heads, head_dim, head_dim + SINK_PAD
+        c = lambda value, dtype=torch.int64: _onnx_const(g, value, dtype)  # noqa: E731
+        dt = _float_dtype(q)
+        zero, one = c([0]), c([1])
+        n = g.op("Shape", q, start_i=0, end_i=1)  # [1] = L
+        nb = g.op("Max", g.op("Div", g.op("Add", n, c([block - 1])), c([block])), one)
+        bs = g.op("Max", g.op("Div", g.op("Sub", g.op("Add", n, nb), one), nb), one)
+        padded = g.op("Mul", nb, bs)
+        rows = g.op("Concat", zero, zero, g.op("Sub", padded, n), zero, axis_i=0)
+        as_heads = g.op("Concat", padded, c([h, dh]), axis_i=0)
+        qp = g.op("Reshape", g.op("Pad", g.op("Mul", q, c(scale, dt)), rows), as_heads)
+        kp = g.op("Reshape", g.op("Pad", k, rows), as_heads)  # [Lp, H, dh]
+        vp = g.op("Reshape", g.op("Pad", v, rows), as_heads)
+        sink = torch.zeros(1, h, hx, dtype=dt)
+        sink[..., dh] = 1.0
+        sink = g.op("Constant", value_t=sink)
+        widen = c([0, 0, 0, 0, 0, SINK_PAD])
+        kx, vx = (g.op("Reshape", g.op("Concat", sink, g.op("Pad", t, widen), axis_i=0),
+                       c([1, -1, h * hx])) for t in (kp, vp))  # [1, 1+Lp, H*hx]
+        qh = g.op("Transpose", qp, perm_i=[1, 0, 2])  # [H, Lp, dh]
+        kth = g.op("Transpose", kp, perm_i=[1, 2, 0])  # [H, dh, Lp]
+        vh = g.op("Transpose", vp, perm_i=[1, 0, 2])  # [H, Lp, dh]
+        r = g.op("Range", c(0), g.op("Squeeze", bs, zero), c(1))
+        tri = g.op("LessOrEqual", g.op("Unsqueeze", r, zero), g.op("Unsqueeze", r, one))  # [bs, bs]
+        cond = c(True, torch.bool)
+        loop = g.op("Loop", g.op("Squeeze", nb, zero), cond, outputs=1)
+        body = loop.node().addBlock()
+        b = dataclasses.replace(g, block=body)
+        cb = lambda value, dtype=torch.int64: _onnx_const(b, value, dtype)  # noqa: E731
+        it = body.addInputToBlock()  # iteration number
+        body.addInputToBlock()  # cond_in
+        s = b.op("Mul", b.op("Unsqueeze", it, cb([0])), bs)
+        e = b.op("Add", s, bs)
+        qb = b.op("Slice", qh, s, e, cb([1]))  # [H, bs, dh]
+        sd = b.op("MatMul", qb, b.op("Slice", kth, s, e, cb([2])))  # [H, bs, bs]
+        sd = b.op("Where", tri, sd, cb(float("-inf"), dt))
+        md = b.op("ReduceMax", sd, axes_i=[-1], keepdims_i=1)  # finite: the diagonal is visible
+        ed = b.op("Exp", b.op("Sub", sd, md))
+        zd = b.op("ReduceSum", ed, cb([-1]), keepdims_i=1)  # [H, bs, 1]
+        od = b.op("Div", b.op("MatMul", ed, b.op("Slice", vh, s, e, cb([1]))), zd)  # [H, bs, dh]
+        lse = b.op("Pad", b.op("Add", md, b.op("Log", zd)), cb([0, 0, 0, 0, 0, SINK_PAD - 1]))
+        qx = b.op("Reshape", b.op("Transpose", b.op("Concat", qb, lse, axis_i=2), perm_i=[1, 0, 2]),
+                  cb([1, -1, h * hx]))  # [1, bs, H*hx]
+        s1 = b.op("Add", s, cb([1]))  # the sink + keys [0, s)
+        o = b.op("com.microsoft::MultiHeadAttention", qx, b.op("Slice", kx, cb([0]), s1, cb([1])),
+                 b.op("Slice", vx, cb([0]), s1, cb([1])), num_heads_i=h, scale_f=1.0)
+        o = b.op("Reshape", o, cb([-1, h, hx]))  # [bs, H, hx]
+        o_prefix = b.op("Slice", o, cb([0]), cb([dh]), cb([2]))
+        p_diag = b.op("Slice", o, cb([dh]), cb([dh + 1]), cb([2]))
+        ob = b.op("Add", o_prefix, b.op("Mul", p_diag, b.op("Transpose", od, perm_i=[1, 0, 2])))
+        body.registerOutput(b.op("Identity", cond))
+        body.registerOutput(ob)  # scan output: [nb, bs, H, dh]
+        out = g.op("Reshape", loop, g.op("Concat", padded, c([h * dh]), axis_i=0))
+        return g.op("Slice", out, zero, n, zero)  # [L, d]
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, head_dim: int,
+                     scale: float, block: int = CAUSAL_BLOCK) -> Tensor:
+    """Causal self-attention q, k, v [L, d] -> [L, d], exact, memory O(L + block^2)."""
+    return _CausalAttention.apply(q, k, v, num_heads, head_dim, scale, block)
+
+
+def candidate_attention(q: Tensor, k: Tensor, v: Tensor, k_hist: Tensor, v_hist: Tensor,
+                        num_heads: int, head_dim: int) -> Tensor:
+    """N candidate queries q [N, H, dh] (already scaled), their own keys/values k, v [N, H, dh],
+    and the shared history K/V [H, L, dh] -> [N, H, dh].
+
+    Each candidate attends to all L history keys and to its own key, never to another
+    candidate: one MultiHeadAttention over [sink; history], the sink being the own key (score
+    q.k). The history K/V enters once, with batch 1: never N copies, never an [N, L] score block
+    of the whole request at once. N must be >= 1 (score_candidates' dummy candidate).
+    num_heads and head_dim are plain ints: traced shapes cannot reach the op's attributes."""
+    n, h, dh = q.shape[0], num_heads, head_dim
+    score_self = (q * k).sum(dim=-1, keepdim=True)  # [N, H, 1]
+    qx = torch.cat([q, torch.nn.functional.pad(score_self, (0, SINK_PAD - 1))], dim=-1)
+    kx, vx = _sink_kv(k_hist.transpose(0, 1), v_hist.transpose(0, 1), h, dh)
+    o = _MultiHeadAttention.apply(qx.reshape(1, n, h * (dh + SINK_PAD)), kx, vx, h, 1.0)
+    o = o.reshape(n, h, dh + SINK_PAD)
+    return o[..., :dh] + o[..., dh : dh + 1] * v
