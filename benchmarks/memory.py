@@ -31,7 +31,8 @@ from export.config import ModelConfig
 from export.runtime import make_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
+MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base",
+          "mfalcon", "replicated_fusion")  # the last two: benchmarks/peers.py
 
 
 def maxrss_bytes() -> int:
@@ -63,10 +64,11 @@ def feeds(model: str, n: int, length: int, cfg: ModelConfig, seed: int) -> dict[
     inputs = request.as_inputs()
     if model == "user_encoder":
         return {k: inputs[k] for k in c.HISTORY_INPUTS}
-    if model == "target_fusion":
+    if model in ("target_fusion", "replicated_fusion"):
         rng = np.random.default_rng(seed)
+        kept = min(length, cfg.max_history)
         kv = rng.standard_normal(
-            (cfg.num_layers, 2, cfg.num_heads, length, cfg.head_dim)).astype(np.float32)
+            (cfg.num_layers, 2, cfg.num_heads, kept, cfg.head_dim)).astype(np.float32)
         last = inputs[c.HISTORY_TIMESTAMPS][-1:] if length else np.zeros(1, np.int64)
         out = {k: inputs[k] for k in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
         out[c.USER_KV] = kv

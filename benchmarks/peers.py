@@ -1,0 +1,104 @@
+"""The peers the split is measured against, built from the same weights (benchmark only).
+
+* **M-FALCON single pass** (Meta's generative recommenders): one forward over
+  [history; N candidates] with a mask: history tokens see the history (causal or bidirectional),
+  each candidate sees the history and itself, never another candidate; every candidate carries
+  the same (target) position, so it is scored exactly as alone. Written here as a dense masked
+  forward in plain ONNX ops (what ONNX Runtime offers on CPU; Meta's implementation uses jagged,
+  block-sparse kernels on GPU): its attention is [H, L+N, L+N].
+* **Replicated K/V** (the `np.repeat` pattern of Merlin-style pipelines): the same user_encoder,
+  then a fusion that broadcasts user_kv to doc granularity literally, N copies of [H, L, dh], and
+  runs one attention per candidate.
+
+Both score exactly what the naive oracle scores (tested against it in the benchmark run and in
+tests/test_bench_units.py); only their cost differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from client import contract as c
+from export.model import RankingTransformer
+from export.onnx_export import DYNAMIC_AXES, OPSET, example_inputs
+
+MFALCON = "mfalcon"
+REPLICATED_FUSION = "replicated_fusion"
+PEERS = (MFALCON, REPLICATED_FUSION)
+REQUEST = [s.name for s in c.request_inputs(1)]
+FUSION_INPUTS = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
+                 c.LAST_EVENT_TIMESTAMP]
+
+
+class MFalcon(nn.Module):
+    """One masked forward over [history; candidates] -> scores [N, T]."""
+
+    def __init__(self, model: RankingTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist_items: Tensor, hist_actions: Tensor, hist_ts: Tensor,
+                cand_items: Tensor, cand_cats: Tensor, request_ts: Tensor,
+                profile: Tensor) -> Tensor:
+        m = self.model
+        history, last_ts = m.embed_history(hist_items, hist_actions, hist_ts)
+        length = history.shape[0]
+        candidates = m.embed_candidates(cand_items, cand_cats, request_ts, last_ts,
+                                        torch.tensor(length) > 0)
+        x = torch.cat([history, candidates]).unsqueeze(0)  # [1, L + N, d]
+        pos = torch.arange(x.shape[1], dtype=torch.int64)
+        q, k = pos[:, None], pos[None, :]
+        history_sees = (k <= q) if m.cfg.mask == "causal" else (k < length)
+        is_history = q < length
+        allowed = (is_history & history_sees & (k < length)) | (
+            ~is_history & ((k < length) | (k == q)))
+        bias = torch.where(allowed, 0.0, float("-inf"))
+        for block in m.blocks:
+            x, _, _ = block(x, bias)
+        return m.head(x[0, length:], profile)
+
+
+class ReplicatedFusion(nn.Module):
+    """target_fusion's contract, but user_kv is copied N times and each candidate attends alone."""
+
+    def __init__(self, model: RankingTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, cand_items: Tensor, cand_cats: Tensor, request_ts: Tensor, profile: Tensor,
+                user_kv: Tensor, last_ts: Tensor) -> Tensor:
+        m = self.model
+        x = m.embed_candidates(cand_items, cand_cats, request_ts, last_ts,
+                               torch.tensor(user_kv.shape[3]) > 0)
+        n = x.shape[0]
+        for i, block in enumerate(m.blocks):
+            q, k, v = (block._split_heads(t).transpose(0, 1).unsqueeze(2)
+                       for t in block.qkv(block.ln1(x)).chunk(3, dim=-1))  # [N, H, 1, dh]
+            keys = torch.cat([user_kv[i, 0].repeat(n, 1, 1, 1), k], dim=2)  # [N, H, L+1, dh]
+            values = torch.cat([user_kv[i, 1].repeat(n, 1, 1, 1), v], dim=2)
+            probs = torch.softmax((q * block.scale) @ keys.transpose(-1, -2), dim=-1)
+            attn = (probs @ values).squeeze(2)  # [N, H, dh]
+            x = x + block.out(attn.reshape(n, block.num_heads * block.head_dim))
+            x = block._ffn(x)
+        return m.head(x, profile)
+
+
+def export_peer(model: RankingTransformer, name: str, path: Path) -> None:
+    """Trace one peer into `path` (dynamic L and N, the project's opset)."""
+    module, inputs = (MFalcon(model), REQUEST) if name == MFALCON else (
+        ReplicatedFusion(model), FUSION_INPUTS)
+    example = example_inputs(model.cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), tuple(example[n] for n in inputs), str(path), dynamo=False,
+            opset_version=OPSET, input_names=inputs, output_names=[c.SCORES],
+            dynamic_axes={n: DYNAMIC_AXES[n] for n in [*inputs, c.SCORES] if n in DYNAMIC_AXES},
+        )
+    onnx.checker.check_model(str(path))
