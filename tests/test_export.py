@@ -93,22 +93,34 @@ def test_bidirectional_kv_sees_the_whole_history(exported) -> None:
 VIEW_OPS = {"Gather", "Slice", "Transpose", "Squeeze", "Identity", "Cast", "Reshape"}
 
 
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes of a graph and of its If/Loop subgraphs (which read outer tensors by name)."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out += all_nodes(attr.g)
+    return out
+
+
 def test_target_fusion_never_replicates_user_kv(tmp_path: Path) -> None:
-    """Every path from user_kv goes through views (slice/transpose/reshape) and the sink's
-    widening (a zero pad of the head dim, one sink row concatenated in front along L) into the
-    key/value inputs of one MultiHeadAttention per layer, whose batch is 1: no Expand/Tile of
-    the K/V along N and no per-candidate products. Candidates reach the same op as its queries
-    ([1, N, ...]), so the K/V is read once for all of them."""
+    """Every path from user_kv goes through views (slice/transpose/reshape) and, on the
+    MultiHeadAttention branch, the sink's widening (a zero pad of the head dim, one sink row in
+    front along L) into a MatMul of the plain branch (head-major [H,N,dh] x [H,dh,L], one
+    product per head) or the key/value inputs of a MultiHeadAttention with batch 1: no
+    Expand/Tile of the K/V along N, no per-candidate products, in both branches of every
+    layer."""
     cfg = small_config("causal")
     path = tmp_path / "tf.onnx"
     export_graph(build_model(cfg), "target_fusion", path)
-    graph = onnx.load(str(path)).graph
+    nodes = all_nodes(onnx.load(str(path)).graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
-    views, frontier, attention = {c.USER_KV}, [c.USER_KV], []
+    views, frontier, matmuls, attention = {c.USER_KV}, [c.USER_KV], [], []
     while frontier:
         for node in consumers.get(frontier.pop(), []):
             if node.op_type in (*VIEW_OPS, "Pad", "Concat"):
@@ -118,6 +130,8 @@ def test_target_fusion_never_replicates_user_kv(tmp_path: Path) -> None:
                     if out not in views:
                         views.add(out)
                         frontier.append(out)
+            elif node.op_type == "MatMul":
+                matmuls.append(node)
             elif node.op_type == "MultiHeadAttention":
                 attention.append(node)
                 assert node.domain == "com.microsoft"
@@ -125,7 +139,8 @@ def test_target_fusion_never_replicates_user_kv(tmp_path: Path) -> None:
             elif node.op_type != "Shape":
                 pytest.fail(f"user_kv reaches a {node.op_type} node ({node.name})")
     assert len({n.name for n in attention}) == cfg.num_layers
-    assert not any(n.op_type in ("Expand", "Tile") for n in graph.node)
+    assert len({n.name for n in matmuls}) == 2 * cfg.num_layers  # Q K^T and P V, plain branch
+    assert not any(n.op_type in ("Expand", "Tile") for n in nodes)
 
 
 def test_opset_and_dynamic_axes(exported, tmp_path: Path) -> None:
