@@ -138,6 +138,9 @@ def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpe
     return config
 
 
+MAX_APPEND_EVENTS = 256
+
+
 def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.TensorSpec,
                 last_ts: c.TensorSpec, cache_bytes: int) -> mc.ModelConfig:
     """user_id + history -> user_kv, last_event_timestamp: the same outputs as user_encoder,
@@ -151,6 +154,9 @@ def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.Tensor
         "encoder": USER_ENCODER,
         # append only where it is exact (causal); a bidirectional history re-encodes on change
         "append_model": USER_ENCODER_APPEND if cfg.mask == "causal" else "",
+        # user_encoder_append attends [ΔL, P + ΔL] in plain ops: more new events than this
+        # re-encode instead (user_encoder's memory is linear in L), so no append is quadratic
+        "max_append_events": str(MAX_APPEND_EVENTS),
     }
     return mc.ModelConfig(
         name=USER_CACHE, backend="python", max_batch_size=0,

@@ -125,6 +125,22 @@ def test_empty_history_and_append_from_nothing(client) -> None:
     assert (path, diff <= TOLERANCE) == ("append", True), (path, diff)
 
 
+def test_many_new_events_re_encode_instead_of_appending(client) -> None:
+    """More than max_append_events new events: user_encoder (memory linear in L) instead of
+    user_encoder_append, whose [ΔL, P + ΔL] attention would grow quadratically."""
+    from export.triton_configs import MAX_APPEND_EVENTS
+
+    g = gen(7)
+    user = g.user_id()
+    first = g.request(20, 4)
+    assert visit(client, user, first)[0] == "miss"
+    path, diff = visit(client, user, g.returning(first, MAX_APPEND_EVENTS + 1))
+    assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
+    assert visit(client, user, first)[0] == "miss"  # 20 cached events again
+    path, diff = visit(client, user, g.returning(first, MAX_APPEND_EVENTS))
+    assert (path, diff <= TOLERANCE) == ("append", True), (path, diff)
+
+
 def test_two_users_with_identical_histories_keep_their_own_entries(client) -> None:
     g = gen(4)
     alice, bob = g.user_id(), g.user_id()

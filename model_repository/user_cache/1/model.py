@@ -6,8 +6,9 @@ encoded, their user_kv, the newest timestamp and which weights produced them, an
 request with the same two tensors as user_encoder, by one of three paths:
 
 * hit:    the request's kept history equals the cached events -> the cached user_kv, no encoder;
-* append: the cached events are a strict prefix of the history, the mask is causal and the whole
-          history fits max_history -> user_encoder_append on the new events only (O(ΔL));
+* append: the cached events are a strict prefix of the history, the mask is causal, the whole
+          history fits max_history and at most `max_append_events` (256) events are new ->
+          user_encoder_append on the new events only (O(ΔL));
 * miss:   anything else (first visit, a rewritten history, another device's history, a total
           past max_history where every position shifts, other weights) -> user_encoder.
 
@@ -133,6 +134,8 @@ class TritonPythonModel:
         self.max_history = int(params["max_history"])
         self.encoder = params["encoder"]
         self.append_model = params.get("append_model") or None
+        # more new events than this re-encode: the append's attention is [ΔL, P + ΔL]
+        self.max_append = int(params.get("max_append_events") or 256)
         self.store = LruStore(int(params.get("cache_bytes") or 1 << 30))
         # the sibling model folders of this one: <repository>/<model>/<version>/
         self.repository = Path(args["model_repository"]).parent
@@ -259,6 +262,7 @@ class TritonPythonModel:
             return entry.user_kv, entry.last_ts
         prefix = 0 if entry is None else len(entry.events)
         if (entry is not None and self.append_model and prefix < len(events) <= self.max_history
+                and len(events) - prefix <= self.max_append
                 and np.array_equal(entry.events, events[:prefix])):
             new = {n: np.ascontiguousarray(history[n][prefix:]) for n in HISTORY}
             user_kv, last_ts = self._bls(self.append_model, {
