@@ -38,6 +38,7 @@ from export.config import CONFIG_DIR, ModelConfig
 from export.model import build_model
 from export.onnx_export import graphs_for
 from export.runtime import make_session
+from export.triton_configs import config_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LONG = CONFIG_DIR / "ranker_causal_long.json"
@@ -108,6 +109,8 @@ def method_fits(run: Run, method: str, n: int, length: int) -> str:
         # one slice of candidates within naive_max_work: [slice, H, L+1, L+1], a few copies
         "naive": 4 * h * min(cfg.naive_max_work, n * (kept + 1) ** 2) * b,
     }[method]
+    if method == "naive" and (kept + 1) ** 2 > cfg.naive_max_work:
+        return f"one candidate is above naive_max_work={cfg.naive_max_work} (its graph refuses)"
     if need > run.budget_bytes:
         return f"needs ~{need / 2**30:.1f} GiB > budget {run.budget_bytes / 2**30:.1f} GiB"
     return ""
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = [int(v) for v in args.ns.split(",")]
     progress(f"exporting {args.config} (and the peers) into {run.repository}")
     run.facts.update(export_all(args.config, run.repository, run.peers_dir))
-    run.facts["config"] = str(args.config)
+    run.facts["config"] = config_source(args.config)
     default_sizes = {g: round((REPO_ROOT / "model_repository" / g / "1" / "model.onnx")
                               .stat().st_size / 2**20, 1)
                      for g in ("user_encoder", "target_fusion")
