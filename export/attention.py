@@ -142,15 +142,22 @@ class _CausalAttention(torch.autograd.Function):
         n = g.op("Shape", q, start_i=0, end_i=1)
         small = g.op("And", g.op("Greater", n, c([0])),
                      g.op("LessOrEqual", n, c([PLAIN_CAUSAL_MAX])))
-        branch = g.op("If", g.op("Squeeze", small, c([0])), outputs=1)
-        plain = branch.node().addBlock()
-        plain.registerOutput(_plain_causal(dataclasses.replace(g, block=plain), q, k, v,
-                                           num_heads, head_dim, scale))
-        blocked = branch.node().addBlock()
-        blocked.registerOutput(_blocked_causal(dataclasses.replace(g, block=blocked), q, k, v,
-                                               num_heads, head_dim, scale, block))
-        branch.setType(q.type())
-        return branch
+        return _if_else(
+            g, small, q,
+            lambda b: _plain_causal(b, q, k, v, num_heads, head_dim, scale),
+            lambda b: _blocked_causal(b, q, k, v, num_heads, head_dim, scale, block))
+
+
+def _if_else(g, condition, like, then_branch, else_branch):
+    """ONNX If on a [1] bool: each branch builds its ops in its own block (it may read outer
+    tensors by name) and returns one tensor of `like`'s type."""
+    c = lambda value, dtype=torch.int64: _onnx_const(g, value, dtype)  # noqa: E731
+    branch = g.op("If", g.op("Squeeze", condition, c([0])), outputs=1)
+    for build in (then_branch, else_branch):
+        block = branch.node().addBlock()
+        block.registerOutput(build(dataclasses.replace(g, block=block)))
+    branch.setType(like.type())
+    return branch
 
 
 def _plain_causal(g, q, k, v, h: int, dh: int, scale: float):
@@ -264,15 +271,10 @@ class _CandidateAttention(torch.autograd.Function):
         cells = g.op("Mul", n, g.op("Add", length, c([1])))
         small = g.op("And", g.op("Greater", length, c([0])),
                      g.op("LessOrEqual", cells, c([PLAIN_FUSION_MAX_CELLS])))
-        branch = g.op("If", g.op("Squeeze", small, c([0])), outputs=1)
-        plain = branch.node().addBlock()
-        plain.registerOutput(_plain_candidates(dataclasses.replace(g, block=plain), q, k, v,
-                                               k_hist, v_hist, length))
-        sink = branch.node().addBlock()
-        sink.registerOutput(_sink_candidates(dataclasses.replace(g, block=sink), q, k, v,
-                                             k_hist, v_hist, num_heads, head_dim))
-        branch.setType(q.type())
-        return branch
+        return _if_else(
+            g, small, q,
+            lambda b: _plain_candidates(b, q, k, v, k_hist, v_hist, length),
+            lambda b: _sink_candidates(b, q, k, v, k_hist, v_hist, num_heads, head_dim))
 
 
 def _plain_candidates(g, q, k, v, k_hist, v_hist, length):

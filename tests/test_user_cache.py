@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import contract as c
@@ -28,7 +27,7 @@ from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
 from tests.conftest import SMALL, SMALL_CACHE_BYTES
-from tests.test_bad_input import REJECTED_BY_GRAPH, REJECTED_BY_TRITON, TRITON_DTYPES, with_
+from tests.test_bad_input import REJECTED_BY_GRAPH, REJECTED_BY_TRITON, infer, with_
 
 pytestmark = pytest.mark.server
 TOLERANCE = 1e-5
@@ -192,17 +191,6 @@ def test_eviction_under_a_tiny_cache_stays_exact(client, cache_server) -> None:
     assert (path, diff <= TOLERANCE) == ("hit", True), (path, diff)
 
 
-def raw_infer(url: str, model: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
-    inputs = []
-    for name, value in tensors.items():
-        tensor = grpcclient.InferInput(name, list(value.shape), TRITON_DTYPES[value.dtype])
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    with grpcclient.InferenceServerClient(url) as cl:
-        result = cl.infer(model, inputs, client_timeout=120)
-    return result.as_numpy(c.SCORES)
-
-
 VALID = {**gen(7).request(40, 6).as_inputs(), c.USER_ID: np.array([42], np.int64)}
 BAD_USER_ID = {
     "missing user_id": with_(VALID, user_id=None),
@@ -215,14 +203,14 @@ BAD_USER_ID = {
 
 def assert_still_exact(url: str) -> None:
     request = gen(8).request(60, 5).as_inputs()
-    cached = raw_infer(url, "ranker_cached", {**request, c.USER_ID: np.array([7], np.int64)})
-    assert float(np.abs(cached - raw_infer(url, "ranker_naive", request)).max()) <= TOLERANCE
+    cached = infer(url, "ranker_cached", {**request, c.USER_ID: np.array([7], np.int64)})
+    assert float(np.abs(cached - infer(url, "ranker_naive", request)).max()) <= TOLERANCE
 
 
 @pytest.mark.parametrize("case", sorted(BAD_USER_ID))
 def test_bad_user_id_is_invalid_argument_naming_it(cache_server, case: str) -> None:
     with pytest.raises(InferenceServerException) as info:
-        raw_infer(cache_server.grpc_url, "ranker_cached", BAD_USER_ID[case])
+        infer(cache_server.grpc_url, "ranker_cached", BAD_USER_ID[case])
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
     assert c.USER_ID in info.value.message(), info.value.message()
     assert_still_exact(cache_server.grpc_url)
@@ -232,7 +220,7 @@ def test_bad_user_id_is_invalid_argument_naming_it(cache_server, case: str) -> N
 def test_the_bad_input_table_holds_for_ranker_cached_triton(cache_server, case: str) -> None:
     request, named = REJECTED_BY_TRITON[case]
     with pytest.raises(InferenceServerException) as info:
-        raw_infer(cache_server.grpc_url, "ranker_cached",
+        infer(cache_server.grpc_url, "ranker_cached",
                   {**request, c.USER_ID: np.array([5], np.int64)})
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
     assert named in info.value.message(), info.value.message()
@@ -246,7 +234,7 @@ def test_the_bad_input_table_holds_for_ranker_cached_guards(cache_server, case: 
     request, rule = REJECTED_BY_GRAPH[case]
     for _ in range(2):
         with pytest.raises(InferenceServerException) as info:
-            raw_infer(cache_server.grpc_url, "ranker_cached",
+            infer(cache_server.grpc_url, "ranker_cached",
                       {**request, c.USER_ID: np.array([6], np.int64)})
         assert info.value.status() == "StatusCode.INTERNAL", info.value
         assert rule in info.value.message(), info.value.message()
