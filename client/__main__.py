@@ -127,11 +127,14 @@ def _validate_one(
     try:
         scores, latency = client.score_with_latency(req, args.model)
         tally.model_latency.append(latency)
-        if oracle_tokens(req, args.max_history) > args.max_oracle_tokens:
+        too_long = not client.model_info(args.oracle).serves_history(req.history_length)
+        if too_long or oracle_tokens(req, args.max_history) > args.max_oracle_tokens:
             tally.skipped.append(name)
+            why = ("(L+1)^2 above its naive_max_work" if too_long else
+                   f"N x (L+1) > --max-oracle-tokens {args.max_oracle_tokens}")
             if args.verbose:
                 print(f"{name:<34} {shape} {args.model} {latency * 1e3:8.2f} ms, {args.oracle} "
-                      f"skipped (N x (L+1) > --max-oracle-tokens {args.max_oracle_tokens})")
+                      f"skipped ({why})")
             return
         expected, oracle_latency = client.score_with_latency(req, args.oracle)
     except (RankerError, RequestError) as e:
@@ -170,7 +173,8 @@ def _summary(args: argparse.Namespace, tally: _Tally) -> int:
     print(f"requests: {tally.total} ({args.count} random + edge cases), compared: "
           f"{tally.compared}, oracle skipped: {len(tally.skipped)}, failed: {len(tally.failed)}")
     if tally.skipped:
-        print(f"  {args.oracle} skipped (N x (L+1) > {args.max_oracle_tokens}): "
+        print(f"  {args.oracle} skipped (N x (L+1) > {args.max_oracle_tokens}, or one candidate "
+              "above its naive_max_work): "
               + ", ".join(tally.skipped))
     if tally.failed:
         print("  failed: " + ", ".join(tally.failed))

@@ -80,6 +80,13 @@ class ModelInfo:
     def needs_user_id(self) -> bool:
         return USER_ID in self.inputs
 
+    def serves_history(self, history_length: int) -> bool:
+        """Whether even one candidate fits naive_max_work at this history length (ranker_naive
+        refuses it otherwise: a long history is beyond the oracle, not beyond the ranker)."""
+        if not self.naive_max_work or not self.max_history:
+            return True
+        return (min(history_length, self.max_history) + 1) ** 2 <= self.naive_max_work
+
     def candidates_per_call(self, history_length: int) -> int | None:
         """Most candidates one call may carry under naive_max_work (None: no such bound)."""
         if not self.naive_max_work or not self.max_history:
