@@ -1,0 +1,103 @@
+"""ONNX Runtime thread policy for the two ensemble steps, measured in one process.
+
+In the `ranker` ensemble, user_encoder and target_fusion take turns on the same cores. With
+ONNX Runtime's defaults each session owns an intra-op pool whose threads spin for a while after
+each run; the idle session's spinning then competes with the busy one. Triton's native
+onnxruntime backend (r24.10) has no per-model switch for spinning; its server-wide
+`--backend-config=onnxruntime,enable-global-threadpool=true` gives all models one shared pool.
+ONNX Runtime's Python API (1.19) has no global pool, so this script measures the policies it can
+build, side by side, alternating within one run: per-session pools with spinning (the native
+backend's default), per-session pools without spinning (the local stand-in), at 1 and all
+intra-op threads. Writes a CSV; see --help.
+
+    scripts/bench.sh is the full benchmark; this one is run on its own:
+    PYTHONPATH=. .venv/bin/python -m benchmarks.threads --out benchmarks/results/threads.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.direct import model_path
+from client import contract as c
+from client.traffic import RequestGenerator
+from export.config import DEFAULT_CONFIG, ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def sessions(repository: Path, threads: int, spinning: bool) -> dict[str, ort.InferenceSession]:
+    out = {}
+    for name in ("user_encoder", "target_fusion"):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        out[name] = ort.InferenceSession(str(model_path(repository, name)), so,
+                                         providers=["CPUExecutionProvider"])
+    return out
+
+
+def ranker_once(s: dict[str, ort.InferenceSession], request: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    user_kv, last_ts = s["user_encoder"].run(None, {n: request[n] for n in c.HISTORY_INPUTS})
+    feeds = {n: request[n] for n in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
+    s["target_fusion"].run(None, {**feeds, c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts})
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.threads", description=__doc__.split(
+        "\n\n")[0] + " Prints p50 latency per policy and point.")
+    p.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--points", default="256x50,1000x50,1000x1000",
+                   help="LxN points (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=60, help="timed requests per policy and point")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write")
+    args = p.parse_args(argv)
+    if not model_path(args.repository, "user_encoder").exists():
+        print(f"no exported models in {args.repository}: run `python -m export` first",
+              file=sys.stderr)
+        return 2
+    cfg = ModelConfig.load(args.config)
+    cores = os.cpu_count() or 1
+    policies = {f"threads={t} spinning={'on' if s else 'off'}": sessions(args.repository, t, s)
+                for t in (1, cores) for s in (True, False)}
+    gen = RequestGenerator(seed=0, profile_dim=cfg.profile_dim)
+    rows = []
+    for point in args.points.split(","):
+        length, n = (int(v) for v in point.split("x"))
+        requests = [gen.request(length, n).as_inputs() for _ in range(8)]
+        times: dict[str, list[float]] = {name: [] for name in policies}
+        for s in policies.values():  # warm-up
+            ranker_once(s, requests[0])
+        for i in range(args.rounds):  # policies interleaved: the machine's noise hits them all
+            for name, s in policies.items():
+                times[name].append(ranker_once(s, requests[i % len(requests)]))
+        for name, values in times.items():
+            p50 = float(np.median(values)) * 1e3
+            rows.append({"L": length, "N": n, "policy": name, "p50_ms": round(p50, 3),
+                         "p90_ms": round(float(np.percentile(values, 90)) * 1e3, 3)})
+            print(f"L={length:<5} N={n:<5} {name:<26} p50 {p50:8.2f} ms", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
