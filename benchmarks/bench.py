@@ -150,6 +150,11 @@ def naive_estimate_s(st: State, sessions: direct.Sessions, n: int, length: int) 
 
 
 def naive_skip_reason(st: State, est_s: float, n: int, length: int, concurrency: int) -> str:
+    tokens = min(length, st.cfg.max_history) + 1
+    if n * tokens**2 > st.cfg.naive_max_work:
+        return (f"skipped: N x (L+1)^2 above naive_max_work={st.cfg.naive_max_work}, which "
+                "ranker_naive's graph refuses (bench a repository exported with a larger "
+                "naive_max_work to measure the unbounded baseline)")
     latency = est_s * concurrency
     if latency > st.mode.naive_limit_s:
         conc = f" x concurrency {concurrency}" if concurrency > 1 else ""

@@ -29,6 +29,7 @@ from benchmarks.summary import (
     targets,
     value_of,
 )
+from export.config import ModelConfig
 
 if TYPE_CHECKING:
     from benchmarks.state import State
@@ -58,7 +59,11 @@ def report(st: State, summary: list[Row]) -> str:
         f"max_history {cfg.max_history}. The server is the local flavour (tritonserver 2.51 from "
         "the nvidia-pytriton wheel): every ONNX model runs with ONNX Runtime (CPU) inside a "
         "Python-backend model, the `ranker` ensemble config is the production one. "
-        "perf_analyzer, the server and both ORT sessions share the same cores.")
+        "perf_analyzer, the server and both ORT sessions share the same cores."
+        + ("" if cfg.naive_max_work == ModelConfig().naive_max_work else
+           f" ranker_naive was exported with naive_max_work {cfg.naive_max_work} (the shipped "
+           f"default, {ModelConfig().naive_max_work}, makes its graph refuse N x (L+1)^2 above "
+           "it): the baseline runs whole requests, as the traditional scheme would."))
     add("")
     add(_method(st))
     add("")
