@@ -273,6 +273,55 @@ def test_restart_gives_a_cold_cache_and_stays_exact(client, cache_server) -> Non
     assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
 
 
+def test_a_new_model_version_invalidates_cached_entries(small_repository: Path,
+                                                        tmp_path: Path) -> None:
+    """Under explicit model control, new weights arrive as version 2 of every ONNX model and
+    are loaded through the model control API: the next request of a cached user (a repeat,
+    which runs no encoder) must miss and be exact against the new ranker_naive, not serve the
+    old weights' K/V."""
+    import shutil
+    import time
+
+    from export.model import build_model
+    from export.onnx_export import export_graph, graphs_for, write_model_card
+    from local_server.triton import LOCAL_BACKEND_MODEL, free_port, start_server
+    from tests.conftest import small_config
+
+    srv = start_server(grpc_port=free_port(), repository=small_repository, timeout_s=240,
+                       extra_args=["--model-control-mode=explicit", "--load-model=*"])
+    try:
+        with RankerClient(srv.grpc_url, timeout_s=120) as cl:
+            g = gen(11)
+            user, request = g.user_id(), g.request(60, 5)
+            old = cl.score(request, "ranker_cached", user)
+            before = cl.cache_counts()
+            cl.score(request, "ranker_cached", user)
+            assert cl.cache_path(before) == "hit"
+            cfg = small_config("causal", seed=SMALL["seed"] + 1)
+            model = build_model(cfg)
+            graphs = graphs_for(cfg)
+            for graph in graphs:  # written aside, then moved in whole
+                staging = tmp_path / graph
+                export_graph(model, graph, staging / "model.onnx")
+                write_model_card(staging / "model_card.json", cfg, model, [graph], False, None)
+                shutil.copy2(LOCAL_BACKEND_MODEL, staging / "model.py")
+                staging.rename(srv.local_repository / graph / "2")
+            for graph in graphs:
+                cl._client.load_model(graph)
+            deadline = time.monotonic() + 180
+            while any(cl._client.get_model_metadata(m).versions != ["2"] for m in graphs):
+                assert time.monotonic() < deadline, "version 2 never replaced version 1"
+                time.sleep(1)
+            before = cl.cache_counts()
+            new = cl.score(request, "ranker_cached", user)
+            assert cl.cache_path(before) == "miss"
+            naive = cl.score(request, "ranker_naive")
+            assert float(np.abs(new - naive).max()) <= TOLERANCE
+            assert float(np.abs(new - old).max()) > 1e-3  # the weights really changed
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------ no server needed
 def test_generated_configs_of_the_cache() -> None:
     from export.triton_configs import build_configs, to_flavour

@@ -19,9 +19,10 @@ newest max_history events (user_encoder drops older ones, and the first kept eve
 gap), so an over-long history costs max_history events of memory and still hits on a repeat.
 
 The encoders run through BLS (`pb_utils.InferenceRequest(...).exec()`), pinned to the version
-whose weights the entries are tagged with; the tag is re-read when an encoder call fails (a
-model reloaded with new weights under poll/explicit model control), and an entry with another
-tag is a miss. The LRU is bounded in bytes (`cache_bytes`). Counters go to Triton's metrics
+whose weights the entries are tagged with; the tag is re-read on every request (the newest
+version folder and its model card) and again when an encoder call fails, so after a model is
+reloaded with new weights under poll/explicit model control every entry of the old weights is a
+miss. The LRU is bounded in bytes (`cache_bytes`). Counters go to Triton's metrics
 endpoint as python-backend custom metrics (`user_cache_*`).
 
 Requests are handled one at a time in this instance's process (Triton calls `execute` with a
@@ -245,6 +246,10 @@ class TritonPythonModel:
         return int(user_id.reshape(-1)[0]), history
 
     def _answer(self, request: object) -> tuple[np.ndarray, np.ndarray]:
+        # Which weights are served now (a few stat calls and one small file read): a model
+        # reloaded with new weights under poll/explicit model control must turn every entry of
+        # the old weights into a miss, hits included (a hit runs no encoder that could fail).
+        self._resolve_weights()
         user_id, history = self._inputs(request)
         lengths = {v.shape for v in history.values()}
         if len(lengths) != 1:
