@@ -148,6 +148,9 @@ def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> 
     ["scripts/serve.sh"], ["scripts/main.sh"], ["scripts/test.sh"], ["scripts/setup.sh"],
     ["scripts/bench.sh"], [sys.executable, "-m", "export"],
     [sys.executable, "-m", "export.triton_configs"], [sys.executable, "-m", "client"],
+    [sys.executable, "-m", "export.native_rules"], ["scripts/load_test.sh"],
+    [sys.executable, "-m", "benchmarks.long_history"], [sys.executable, "-m", "benchmarks.threads"],
+    [sys.executable, "-m", "benchmarks.user_cache"], [sys.executable, "-m", "benchmarks.memory"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,
