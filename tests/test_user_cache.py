@@ -27,7 +27,7 @@ from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
 from tests.conftest import SMALL, SMALL_CACHE_BYTES
-from tests.test_bad_input import REJECTED_BY_GRAPH, REJECTED_BY_TRITON, infer, with_
+from tests.test_bad_input import REJECTED, infer, with_
 
 pytestmark = pytest.mark.server
 TOLERANCE = 1e-5
@@ -216,28 +216,18 @@ def test_bad_user_id_is_invalid_argument_naming_it(cache_server, case: str) -> N
     assert_still_exact(cache_server.grpc_url)
 
 
-@pytest.mark.parametrize("case", sorted(REJECTED_BY_TRITON))
-def test_the_bad_input_table_holds_for_ranker_cached_triton(cache_server, case: str) -> None:
-    request, named = REJECTED_BY_TRITON[case]
-    with pytest.raises(InferenceServerException) as info:
-        infer(cache_server.grpc_url, "ranker_cached",
-                  {**request, c.USER_ID: np.array([5], np.int64)})
-    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
-    assert named in info.value.message(), info.value.message()
-
-
-@pytest.mark.parametrize("case", sorted(REJECTED_BY_GRAPH))
-def test_the_bad_input_table_holds_for_ranker_cached_guards(cache_server, case: str) -> None:
-    """Lengths that disagree reach user_encoder's guard through user_cache (nothing cached);
-    the candidate rules are target_fusion's, as in ranker. Twice: a cached user must not
-    turn a refusal into an answer."""
-    request, rule = REJECTED_BY_GRAPH[case]
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_the_bad_input_table_holds_for_ranker_cached(cache_server, case: str) -> None:
+    """As for ranker: Triton's checks, then the guards (lengths that disagree reach
+    user_encoder's guard through user_cache, nothing cached; the candidate rules are
+    target_fusion's). Twice: a cached user must not turn a refusal into an answer."""
+    request, named, status = REJECTED[case]
     for _ in range(2):
         with pytest.raises(InferenceServerException) as info:
             infer(cache_server.grpc_url, "ranker_cached",
-                      {**request, c.USER_ID: np.array([6], np.int64)})
-        assert info.value.status() == "StatusCode.INTERNAL", info.value
-        assert rule in info.value.message(), info.value.message()
+                  {**request, c.USER_ID: np.array([6], np.int64)})
+        assert info.value.status() == status, info.value
+        assert named in info.value.message(), info.value.message()
     assert_still_exact(cache_server.grpc_url)
 
 
