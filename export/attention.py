@@ -86,6 +86,16 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool
     return torch.cat(outs, dim=-2)
 
 
+def _with_sink(g, x, h: int, dh: int, dt: torch.dtype):
+    """Keys or values x [T, H, dh] -> [1, 1+T, H*(dh+SINK_PAD)] for MultiHeadAttention: the sink
+    row (0..0, 1, 0..) first, then x with SINK_PAD zero dims appended (module docstring)."""
+    sink = torch.zeros(1, h, dh + SINK_PAD, dtype=dt)
+    sink[..., dh] = 1.0
+    widened = g.op("Pad", x, _onnx_const(g, [0, 0, 0, 0, 0, SINK_PAD]))
+    return g.op("Reshape", g.op("Concat", g.op("Constant", value_t=sink), widened, axis_i=0),
+                _onnx_const(g, [1, -1, h * (dh + SINK_PAD)]))
+
+
 # --------------------------------------------------------------------------- MHA contrib op
 class _MultiHeadAttention(torch.autograd.Function):
     """com.microsoft.MultiHeadAttention(q [1,S,H*a], k [1,T,H*a], v [1,T,H*b]) -> [1,S,H*b],
@@ -194,12 +204,7 @@ def _blocked_causal(g, q, k, v, h: int, dh: int, scale: float, block: int):
     qp = g.op("Reshape", g.op("Pad", g.op("Mul", q, c(scale, dt)), rows), as_heads)
     kp = g.op("Reshape", g.op("Pad", k, rows), as_heads)  # [Lp, H, dh]
     vp = g.op("Reshape", g.op("Pad", v, rows), as_heads)
-    sink = torch.zeros(1, h, hx, dtype=dt)
-    sink[..., dh] = 1.0
-    sink = g.op("Constant", value_t=sink)
-    widen = c([0, 0, 0, 0, 0, SINK_PAD])
-    kx, vx = (g.op("Reshape", g.op("Concat", sink, g.op("Pad", t, widen), axis_i=0),
-                   c([1, -1, h * hx])) for t in (kp, vp))  # [1, 1+Lp, H*hx]
+    kx, vx = (_with_sink(g, t, h, dh, dt) for t in (kp, vp))  # [1, 1+Lp, H*hx]
     qh = g.op("Transpose", qp, perm_i=[1, 0, 2])  # [H, Lp, dh]
     kth = g.op("Transpose", kp, perm_i=[1, 2, 0])  # [H, dh, Lp]
     vh = g.op("Transpose", vp, perm_i=[1, 0, 2])  # [H, Lp, dh]
@@ -301,13 +306,8 @@ def _sink_candidates(g, q, k, v, k_hist, v_hist, h: int, dh: int):
     own = g.op("ReduceSum", g.op("Mul", q, k), c([-1]), keepdims_i=1)  # [N, H, 1]
     qx = g.op("Concat", q, g.op("Pad", own, c([0, 0, 0, 0, 0, SINK_PAD - 1])), axis_i=2)
     qx = g.op("Reshape", qx, c([1, -1, h * hx]))  # [1, N, H*hx]
-    sink = torch.zeros(1, h, hx, dtype=dt)
-    sink[..., dh] = 1.0
-    sink = g.op("Constant", value_t=sink)
-    widen = c([0, 0, 0, 0, 0, SINK_PAD])
-    kx, vx = (g.op("Reshape", g.op("Concat", sink, g.op(
-        "Pad", g.op("Transpose", t, perm_i=[1, 0, 2]), widen), axis_i=0), c([1, -1, h * hx]))
-        for t in (k_hist, v_hist))  # [1, 1+L, H*hx]
+    kx, vx = (_with_sink(g, g.op("Transpose", t, perm_i=[1, 0, 2]), h, dh, dt)
+              for t in (k_hist, v_hist))  # [1, 1+L, H*hx]
     o = g.op("com.microsoft::MultiHeadAttention", qx, kx, vx, num_heads_i=h, scale_f=1.0)
     o = g.op("Reshape", o, c([-1, h, hx]))  # [N, H, hx]
     return g.op("Add", g.op("Slice", o, c([0]), c([dh]), c([2])),

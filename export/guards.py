@@ -108,7 +108,7 @@ def _attach(b: _Builder, target: str, zeros: list[str]) -> None:
     for z in zeros[1:]:
         total = b.op("Add", [total, z])
     checked = f"{_PREFIX}{target}"
-    users = [n for n in b.graph.node]
+    users = list(b.graph.node)  # the model's nodes only: the guards read the raw input
     b.nodes.append(helper.make_node("Add", [target, total], [checked], name=checked))
     for node in users:
         for i, name in enumerate(node.input):

@@ -205,7 +205,7 @@ class RankingTransformer(nn.Module):
         Stacking the three tensors first makes a length mismatch an error in torch and in ONNX
         Runtime alike, instead of a silent broadcast of a length-1 tensor."""
         events = self._history_events(item_ids, action_ids, timestamps)
-        tokens = self._embed_events(events, 0, self._last_timestamp(events[:, 2][:0]))
+        tokens = self._embed_events(events, 0, torch.zeros(1, dtype=torch.int64))
         return tokens, self._last_timestamp(events[:, 2])
 
     def _history_events(self, item_ids: Tensor, action_ids: Tensor, timestamps: Tensor) -> Tensor:

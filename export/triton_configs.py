@@ -225,7 +225,7 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
     if cfg.mask == "causal":
         cached = c.cached_specs(cfg.num_layers, cfg.num_heads, cfg.head_dim, user_kv.dtype)
         configs[USER_ENCODER_APPEND] = _onnx_model(
-            USER_ENCODER_APPEND, [*cached, *(by_name[n] for n in c.HISTORY_INPUTS)],
+            USER_ENCODER_APPEND, [*cached, *history],
             [user_kv, last_ts], cfg, flavour, tensorrt_fp16)
     return configs
 
