@@ -34,6 +34,7 @@ the server still reports it ready.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -115,16 +116,24 @@ def _newest_version(model_dir: Path) -> str:
 
 def _weights_of(model_dir: Path, version: str) -> str:
     """The weights a model version carries: its model card's weight sha256 when the export
-    wrote one, else the model file's size and modification time."""
+    wrote one, else the model file's size and modification time. Read on every request, so the
+    card is parsed only when its file changes (one stat otherwise)."""
     folder = model_dir / version
     card = folder / "model_card.json"
     if card.exists():
-        sha = json.loads(card.read_text()).get("weight_sha256")
+        stat = card.stat()
+        sha = _card_sha(str(card), stat.st_size, stat.st_mtime_ns)
         if sha:
             return sha
     model = folder / "model.onnx"
     stat = model.stat() if model.exists() else folder.stat()
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@functools.lru_cache(maxsize=64)
+def _card_sha(path: str, size: int, mtime_ns: int) -> str | None:
+    """weight_sha256 of a model card; keyed on its size and mtime so a new card is re-read."""
+    return json.loads(Path(path).read_text()).get("weight_sha256")
 
 
 class TritonPythonModel:
