@@ -18,7 +18,6 @@ that fits and scaled by the number of slices (the same total work; labelled so).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import subprocess
@@ -242,16 +241,14 @@ def through_triton(run: Run, lengths: list[int], ns: list[int], seed: int) -> No
 
 
 def write(run: Run) -> None:
+    from benchmarks.bench import write_csv
     from benchmarks.long_report import report
 
     run.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("long_history.csv", run.rows), ("long_memory.csv", run.memory),
                        ("long_triton.csv", run.triton)):
         if rows:
-            with (run.out / name).open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(run.out / name, rows)
     (run.out / "long_facts.json").write_text(json.dumps(run.facts, indent=2) + "\n")
     (run.out / "long_history.md").write_text(report(run.rows, run.memory, run.triton,
                                                      run.facts, run.out))

@@ -17,7 +17,6 @@ intra-op threads. Writes a CSV; see --help.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -26,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.bench import write_csv
 from benchmarks.direct import model_path
 from client import contract as c
 from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,12 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def sessions(repository: Path, threads: int, spinning: bool) -> dict[str, ort.InferenceSession]:
     out = {}
     for name in ("user_encoder", "target_fusion"):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        out[name] = ort.InferenceSession(str(model_path(repository, name)), so,
+        out[name] = ort.InferenceSession(str(model_path(repository, name)),
+                                         session_options(threads, spinning=spinning),
                                          providers=["CPUExecutionProvider"])
     return out
 
@@ -91,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"L={length:<5} N={n:<5} {name:<26} p50 {p50:8.2f} ms", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.out, rows)
         print(f"wrote {args.out}")
     return 0
 

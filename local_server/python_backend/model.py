@@ -16,6 +16,7 @@ it ready.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,6 @@ from export.runtime import THREADS_ENV, make_session
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        import os
-
         config = json.loads(args["model_config"])
         self.name = config["name"]
         version_dir = Path(args["model_repository"]) / args["model_version"]
