@@ -1,14 +1,37 @@
-"""Serving guards written into the exported ONNX graphs, so that both Triton backends enforce them.
+"""Serving guards written into the exported ONNX graphs, so that both Triton backends enforce them
+on every execution provider.
 
 Triton's native onnxruntime backend runs the graph and nothing else: a check that lives only in
 the local python-backend stand-in is a check production silently lacks. Each guard here is a few
-shape ops ending in a `Gather` on a one-element constant whose index is 0 when the request is
-fine and 1 when it is not. Gather refuses index 1, and ONNX Runtime quotes the failing node's name
-in its error, so the node is *named after the rule it enforces*: the client reads, for example,
+shape ops computing a flag (0: the request is fine, 1: it breaks the rule), then
 
-    Non-zero status code returned while running Gather node. Name:'candidate_item_ids and
-    candidate_category_ids must have the same length (N)' Status Message: indices element out of
-    data bounds, idx=1 must be within the inclusive range [-1,0]
+    Reshape(data = the one-element *string* constant ["0"], shape = [1 + flag])
+
+named after the rule it enforces, and a Cast of its output to int64. With flag 1 the requested
+shape [2] does not hold the one element, the Reshape fails, and ONNX Runtime quotes the failing
+node's name, so the client reads, for example,
+
+    Non-zero status code returned while running Reshape node. Name:'candidate_item_ids and
+    candidate_category_ids must have the same length (N)' Status Message: ... The input tensor
+    cannot be reshaped to the requested shape. Input shape:{1}, requested shape:{2}
+
+Why this holds on every execution provider (onnxruntime sources, release 1.19):
+* The decision runs on the host, in the CPU kernel. A string tensor has no CUDA kernel: the CUDA
+  EP registers Reshape (core/providers/cuda/tensor/reshape.cc, every opset) and Cast only for
+  fixed-size types (`DataTypeImpl::AllFixedSizeTensorTypes()`), and TensorRT has no string type,
+  so its EP cannot take these two nodes into an engine. ONNX Runtime's partitioner therefore
+  assigns them to the CPU EP under every GPU configuration (CPU's Reshape takes all tensor types,
+  core/providers/cpu/tensor/reshape.cc), whatever its placement heuristics do with the flag's
+  arithmetic (which computes the same integers on any device).
+* The CPU Reshape checks the element count on the host before anything is written
+  (`ReshapeHelper`, core/providers/cpu/tensor/reshape_helper.h: "The input tensor cannot be
+  reshaped to the requested shape"), and the executor wraps a kernel's failure with the node's
+  type and name (`ExecuteKernel`, core/framework/sequential_executor.cc: "Non-zero status code
+  returned while running <op> node. Name:'<name>'"), which both Triton backends return.
+* The earlier mechanism, a Gather on index 1, was not: the CUDA Gather kernel writes 0 for an
+  out-of-range index and returns (core/providers/cuda/tensor/gather_impl.cu, `_GatherKernel`),
+  and 0 was the guard's "pass" value. `tests/test_guards.py` checks statically that no guard is a
+  Gather and every guard is this string Reshape.
 
 The guard's output (a zero) is added to the first tensor of its group, so every node that reads
 that tensor waits for the guard: nothing of the request runs before the rule is checked. Cost: a
@@ -34,6 +57,7 @@ from client import contract as c
 from export.config import ModelConfig
 
 _PREFIX = "guard/"
+GUARD_DATA = b"0"  # the one element every guard reshapes; a string, so no GPU EP can run it
 
 
 def length_rule(names: list[str], axis: str) -> str:
@@ -73,11 +97,12 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=name or out, **attrs))
         return out
 
-    def const(self, value: int) -> str:
+    def const(self, value: int | bytes) -> str:
+        """A [1] constant: int64, or string for bytes."""
         out = self.tensor("const")
+        dtype = TensorProto.STRING if isinstance(value, bytes) else TensorProto.INT64
         self.nodes.append(helper.make_node(
-            "Constant", [], [out], name=out,
-            value=helper.make_tensor(out, TensorProto.INT64, [1], [value])))
+            "Constant", [], [out], name=out, value=helper.make_tensor(out, dtype, [1], [value])))
         return out
 
     def length(self, name: str) -> str:
@@ -85,8 +110,11 @@ class _Builder:
         return self.op("Shape", [name], start=0, end=1)
 
     def fail_if(self, flag: str, rule: str) -> str:
-        """flag: [1] int64, 0 or 1. Returns a [1] int64 zero; the node named `rule` fails on 1."""
-        return self.op("Gather", [self.const(0), flag], name=rule, axis=0)
+        """flag: [1] int64, 0 or 1. Returns a [1] int64 zero; the node named `rule` fails on 1:
+        a string Reshape to [1 + flag], which only the CPU EP can run (module docstring)."""
+        shape = self.op("Add", [flag, self.const(1)])
+        checked = self.op("Reshape", [self.const(GUARD_DATA), shape], name=rule)
+        return self.op("Cast", [checked], to=TensorProto.INT64)
 
     def flag(self, condition: str) -> str:
         """bool [1] -> int64 [1] (0 or 1)."""

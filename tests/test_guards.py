@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto
 
 from client import contract as c
-from export.guards import length_rule, limit_rule, naive_rule
+from export.guards import GUARD_DATA, append_rule, length_rule, limit_rule, naive_rule
 from export.model import build_model
 from export.onnx_export import export_graph, graphs_for
 from export.triton_configs import build_configs
@@ -41,7 +43,7 @@ def feeds(onnx_models: OnnxModels, length: int, n: int) -> dict[str, np.ndarray]
 
 
 def refused(onnx_models: OnnxModels, graph: str, request: dict, rule: str) -> None:
-    with pytest.raises(Exception, match="running Gather node") as info:
+    with pytest.raises(Exception, match="running Reshape node") as info:
         onnx_models.run(graph, request)
     assert f"Name:'{rule}'" in str(info.value), str(info.value)
 
@@ -104,3 +106,45 @@ def test_fp16_export_is_guarded_too(tmp_path: Path) -> None:
     user_kv, last_ts = fp16.run("user_encoder", request)
     refused(fp16, "target_fusion",
             {**request, c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts}, limit_rule(LIMIT))
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    found = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            found[node.output[0]] = node.attribute[0].t
+    return found
+
+
+def test_no_guard_relies_on_an_out_of_range_gather(guarded: OnnxModels,
+                                                   tmp_path: Path) -> None:
+    """Statically, in every exported graph: each rule is a Reshape of the one-element *string*
+    constant, so only the CPU EP can run it (no CUDA kernel and no TensorRT type for strings,
+    export/guards.py) and its refusal is decided on the host; no guard node is a Gather.
+    The CUDA Gather kernel writes 0 for an out-of-range index instead of failing."""
+    cfg = guarded.cfg
+    rules = {length_rule(list(c.HISTORY_INPUTS), "L"), length_rule(list(c.CANDIDATE_INPUTS), "N"),
+             limit_rule(cfg.max_candidates), naive_rule(cfg.naive_max_work),
+             append_rule(cfg.max_history)}
+    model = build_model(cfg)
+    seen: set[str] = set()
+    for graph_name in graphs_for(cfg):
+        path = tmp_path / graph_name / "model.onnx"
+        export_graph(model, graph_name, path)
+        graph = onnx.load(str(path)).graph
+        constants = _constants(graph)
+        guard_nodes = [n for n in graph.node if n.name in rules or n.name.startswith("guard/")]
+        assert guard_nodes, graph_name
+        assert not [n.name for n in guard_nodes if n.op_type == "Gather"], graph_name
+        for node in graph.node:
+            if node.name not in rules:
+                continue
+            seen.add(node.name)
+            assert node.op_type == "Reshape", (graph_name, node.name, node.op_type)
+            data = constants[node.input[0]]
+            assert data.data_type == TensorProto.STRING, (graph_name, node.name)
+            assert list(data.string_data) == [GUARD_DATA]
+            readers = [n for n in graph.node if node.output[0] in n.input]
+            assert [(r.op_type, r.attribute[0].i) for r in readers] == [
+                ("Cast", TensorProto.INT64)], (graph_name, node.name)
+    assert seen == rules  # every rule was found in some graph

@@ -113,6 +113,6 @@ def test_guards_and_empty_parts_hold_for_the_long_config(long_export) -> None:
     assert length_rule(list(c.HISTORY_INPUTS), "L") in str(info.value)
     request = random_request(rng, cfg, 10, cfg.max_candidates + 1)
     kv, last = models.run("user_encoder", request)
-    with pytest.raises(Exception, match="running Gather node") as info:
+    with pytest.raises(Exception, match="running Reshape node") as info:
         models.run("target_fusion", {**request, c.USER_KV: kv, c.LAST_EVENT_TIMESTAMP: last})
     assert limit_rule(cfg.max_candidates) in str(info.value)
