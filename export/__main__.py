@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.attention import TARGETS
 from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
 from export.native_rules import check_repository
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PyTorch state_dict to load (default: seeded random init)")
     p.add_argument("--fp16", action="store_true",
                    help="export fp16 weights and user_kv (for GPU serving; I/O stays int64/fp32)")
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="device the graphs are tuned for: the attention sink's head padding "
+                   "(gpu: head sizes in multiples of 8 for the fused CUDA kernels; cpu: the "
+                   "fastest on CPU). Exact either way. Default: gpu with --fp16, else cpu")
     p.add_argument("--naive-only", action="store_true",
                    help="skip the user_encoder/target_fusion split (a `full`-mask model has none)")
     return p.parse_args(argv)
@@ -53,15 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.fp16:
         model = model.half()
+    target = args.target or ("gpu" if args.fp16 else "cpu")
     out = Path(args.output)
     print(f"export: mask={cfg.mask} d_model={cfg.d_model} layers={cfg.num_layers} "
-          f"heads={cfg.num_heads} max_history={cfg.max_history} -> {out}")
+          f"heads={cfg.num_heads} max_history={cfg.max_history} target={target} -> {out}")
     for name in graphs:
         t0 = time.perf_counter()
         path = out / name / "1" / "model.onnx"
-        export_graph(model, name, path, fp16=args.fp16)
+        export_graph(model, name, path, fp16=args.fp16, target=target)
         write_model_card(path.parent / "model_card.json", cfg, model, [name], args.fp16,
-                         args.checkpoint)
+                         args.checkpoint, target)
         size_mb = path.stat().st_size / 2**20
         print(f"export: wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
     if not args.naive_only:

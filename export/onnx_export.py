@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from client import contract as c
+from export.attention import export_target
 from export.config import ModelConfig
 from export.guards import add_guards
 from export.model import RankingTransformer, SplitNotExactError, full_mask_refusal
@@ -179,9 +180,10 @@ def example_inputs(cfg: ModelConfig, length: int = 5, n: int = 3) -> dict[str, T
 
 
 def export_graph(
-    model: RankingTransformer, name: str, path: Path, fp16: bool = False
+    model: RankingTransformer, name: str, path: Path, fp16: bool = False, target: str = "cpu"
 ) -> None:
-    """Trace one graph of `model` into `path` (a single self-contained .onnx file)."""
+    """Trace one graph of `model` into `path` (a single self-contained .onnx file), tuned for
+    `target` ("cpu" or "gpu": the attention sink's padding, export/attention.py)."""
     spec = GRAPHS[name]
     if name in SPLIT_GRAPHS and model.cfg.mask == "full":
         raise SplitNotExactError(full_mask_refusal(model.cfg.mask))
@@ -192,7 +194,7 @@ def export_graph(
         inputs[c.CACHED_USER_KV] = inputs[c.CACHED_USER_KV].half()
     args = tuple(inputs[n] for n in spec.inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), export_target(target):
         warnings.simplefilter("ignore")  # tracer warnings about shape-to-int conversions
         torch.onnx.export(
             module, args, str(path), dynamo=False, opset_version=OPSET,
@@ -218,11 +220,12 @@ def weight_hash(model: nn.Module) -> str:
 
 
 def write_model_card(path: Path, cfg: ModelConfig, model: nn.Module, graphs: list[str],
-                     fp16: bool, checkpoint: str | None) -> None:
+                     fp16: bool, checkpoint: str | None, target: str = "cpu") -> None:
     card = {
         "config": cfg.to_dict(),
         "opset": OPSET,
         "precision": "fp16" if fp16 else "fp32",
+        "target": target,
         "weights": checkpoint or f"seeded random init (seed {cfg.seed})",
         "weight_sha256": weight_hash(model),
         "graphs": graphs,
