@@ -1,0 +1,223 @@
+"""The exported graphs on a GPU's execution providers, checked against the CPU's scores.
+
+`bash scripts/gpu_check.sh` (this module) on a machine with an NVIDIA GPU and onnxruntime-gpu:
+
+1. exports the model config's graphs for the gpu target (fp32, and fp16 with --fp16), or takes
+   an exported repository (--repository);
+2. for each provider (CUDA, and TensorRT where ONNX Runtime offers it): runs user_encoder +
+   target_fusion on requests at every (L, N) of the grid and compares the scores with the same
+   graphs on the CPU EP (max abs difference; fp32 is held to 1e-4, fp16 to 5e-3);
+3. sends one request that breaks each guard (export/guards.py) to the provider and checks that
+   it is refused with the rule's name - the check that an out-of-range Gather failed on CUDA;
+4. times user_encoder and target_fusion per point (p50 of session.run, inputs and outputs in
+   host memory, as Triton's python-backend stand-in would move them) and records user_kv's
+   bytes and the process's GPU memory (nvidia-smi) after each point.
+
+Results: `gpu_check.csv` (one row per provider x check) and `gpu_check.md` under --out. With
+`--cpu` it runs the same steps on the CPU EP against itself: that checks this script (CI runs
+it), not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.bench import write_csv
+from client import contract as c
+from client.traffic import RequestGenerator
+from export.config import DEFAULT_CONFIG, ModelConfig
+from export.guards import append_rule, length_rule, limit_rule, naive_rule
+from export.model import build_model
+from export.onnx_export import export_graph
+from export.runtime import session_options
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+GRAPHS = ("user_encoder", "target_fusion", "ranker_naive", "user_encoder_append")
+TOLERANCE = {False: 1e-4, True: 5e-3}  # fp32, fp16 against the CPU EP's scores
+
+
+def session(path: Path, provider: str) -> ort.InferenceSession:
+    """The project's session options on `provider`, falling back as Triton's backend does
+    (TensorRT -> CUDA -> CPU). Errors are this script's to report: ORT's own log stays quiet."""
+    providers = {PROVIDERS[provider]: None, "CUDAExecutionProvider": provider == "tensorrt",
+                 "CPUExecutionProvider": None}
+    options = session_options()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options,
+                                providers=[p for p, use in providers.items() if use is not False])
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+
+
+def gpu_memory_mib() -> float | None:
+    """This process's GPU memory (nvidia-smi), None without one."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                         timeout=30).stdout
+    for line in out.splitlines():
+        pid, used = (x.strip() for x in line.split(","))
+        if pid == str(os.getpid()):
+            return float(used)
+    return 0.0
+
+
+def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str, np.ndarray]]]:
+    """(graph, rule, request) for every guard: each request breaks exactly that rule."""
+    gen = RequestGenerator(seed=9, profile_dim=cfg.profile_dim)
+    ok = gen.request(10, 4).as_inputs()
+    dt = np.float16 if fp16 else np.float32
+    kv = np.zeros((cfg.num_layers, 2, cfg.num_heads, 10, cfg.head_dim), dt)
+    base = {**ok, c.USER_KV: kv, c.LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:],
+            c.CACHED_USER_KV: kv, c.CACHED_LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:]}
+    def candidates(request: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        return {**request, **{k: np.resize(request[k], n) for k in c.CANDIDATE_INPUTS}}
+
+    long = gen.request(min(1000, cfg.max_history), 4).as_inputs()
+    naive_n = cfg.naive_max_work // (min(1000, cfg.max_history) + 1) ** 2 + 1
+    cases = [
+        ("user_encoder", length_rule(list(c.HISTORY_INPUTS), "L"),
+         {**base, c.HISTORY_TIMESTAMPS: ok[c.HISTORY_TIMESTAMPS][:1]}),
+        ("target_fusion", length_rule(list(c.CANDIDATE_INPUTS), "N"),
+         {**base, c.CANDIDATE_CATEGORY_IDS: ok[c.CANDIDATE_CATEGORY_IDS][:1]}),
+        ("target_fusion", limit_rule(cfg.max_candidates),
+         candidates(base, cfg.max_candidates + 1)),
+        ("ranker_naive", naive_rule(cfg.naive_max_work), candidates(long, naive_n)),
+    ]
+    if cfg.mask == "causal":
+        full = np.zeros((*kv.shape[:3], cfg.max_history, cfg.head_dim), dt)
+        cases.append(("user_encoder_append", append_rule(cfg.max_history),
+                      {**base, c.CACHED_USER_KV: full}))
+    return cases
+
+
+def check(args: argparse.Namespace) -> list[dict[str, object]]:
+    cfg = ModelConfig.load(args.config)
+    repo = Path(args.repository) if args.repository else Path(tempfile.mkdtemp("gpu_check"))
+    graphs = [g for g in GRAPHS if cfg.mask == "causal" or g != "user_encoder_append"]
+    if not args.repository:
+        model = build_model(cfg)
+        model = model.half() if args.fp16 else model
+        for g in graphs:
+            print(f"gpu_check: exporting {g} (target gpu{', fp16' if args.fp16 else ''})",
+                  flush=True)
+            export_graph(model, g, repo / g / "1" / "model.onnx", fp16=args.fp16, target="gpu")
+    path = {g: repo / g / "1" / "model.onnx" for g in graphs}
+    reference = {g: session(path[g], "cpu") for g in ("user_encoder", "target_fusion")}
+    rows: list[dict[str, object]] = []
+    gen = RequestGenerator(seed=3, profile_dim=cfg.profile_dim)
+    for provider in args.providers:
+        sessions = {g: session(path[g], provider) for g in graphs}
+        active = sessions["user_encoder"].get_providers()[0]
+        for length in args.lengths:
+            for n in args.candidates:
+                request = gen.request(length, n).as_inputs()
+                scores = {}
+                for name, graphs_of in (("cpu", reference), (provider, sessions)):
+                    user_kv, last = run(graphs_of["user_encoder"], request)
+                    feeds = {**request, c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last}
+                    scores[name] = run(graphs_of["target_fusion"], feeds)[0]
+                timings = {}
+                for g in ("user_encoder", "target_fusion"):  # feeds: the provider's user_kv
+                    times = []
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        run(sessions[g], feeds)
+                        times.append(time.perf_counter() - t0)
+                    timings[g] = float(np.median(times)) * 1e3
+                diff = float(np.abs(scores[provider] - scores["cpu"]).max())
+                rows.append({"provider": provider, "active_provider": active, "check": "scores",
+                             "L": length, "N": n, "fp16": args.fp16, "max_abs_diff": diff,
+                             "ok": diff <= TOLERANCE[args.fp16],
+                             "user_encoder_p50_ms": timings["user_encoder"],
+                             "target_fusion_p50_ms": timings["target_fusion"],
+                             "user_kv_mib": user_kv.nbytes / 2**20,
+                             "gpu_memory_mib": gpu_memory_mib()})
+                print(f"gpu_check: {provider} L={length} N={n}: max |diff| vs CPU {diff:.2e}, "
+                      f"user_encoder {timings['user_encoder']:.2f} ms, target_fusion "
+                      f"{timings['target_fusion']:.2f} ms", flush=True)
+        for graph, rule, bad in bad_requests(cfg, args.fp16):
+            try:
+                run(sessions[graph], bad)
+                refused, text = False, "served"
+            except Exception as e:  # ORT raises its own exception types
+                text = str(e)
+                refused = f"Name:'{rule}'" in text
+            rows.append({"provider": provider, "active_provider": active, "check": "guard",
+                         "graph": graph, "rule": rule, "ok": refused,
+                         "answer": text.splitlines()[0][:200]})
+            print(f"gpu_check: {provider} guard {graph}: {'refused, named' if refused else 'NOT'}"
+                  f" ({rule[:60]})", flush=True)
+    return rows
+
+
+def write(rows: list[dict[str, object]], out: Path, args: argparse.Namespace) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "gpu_check.csv", rows)
+    lines = ["# GPU check", "", f"Config `{args.config}`, fp16={args.fp16}, providers "
+             f"{', '.join(args.providers)}; onnxruntime {ort.__version__}. Machine: "
+             f"{args.machine}.", "",
+             "| provider | L | N | max abs diff vs CPU | user_encoder p50 ms | "
+             "target_fusion p50 ms | user_kv MiB | GPU MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["check"] == "scores"):
+        lines.append(f"| {r['active_provider']} | {r['L']} | {r['N']} | {r['max_abs_diff']:.2e}"
+                     f" | {r['user_encoder_p50_ms']:.2f} | {r['target_fusion_p50_ms']:.2f} | "
+                     f"{r['user_kv_mib']:.1f} | {r['gpu_memory_mib']} |")
+    lines += ["", "| provider | graph | rule | refused, named |", "|---|---|---|---|"]
+    lines += [f"| {r['active_provider']} | {r['graph']} | {r['rule']} | {r['ok']} |"
+              for r in rows if r["check"] == "guard"]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config (%(default)s)")
+    p.add_argument("--repository", help="an exported repository to check instead of exporting")
+    p.add_argument("--fp16", action="store_true", help="export and check fp16 graphs")
+    p.add_argument("--cpu", action="store_true",
+                   help="run on the CPU EP against itself: checks this script, not a GPU")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
+    p.add_argument("--candidates", type=int, nargs="+", default=[50, 1000])
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per graph and point")
+    p.add_argument("--machine", default="(describe the machine: GPU, driver, CUDA)")
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "gpu"))
+    args = p.parse_args(argv)
+    available = ort.get_available_providers()
+    if args.cpu:
+        args.providers = ["cpu"]
+    else:
+        args.providers = [k for k in ("cuda", "tensorrt") if PROVIDERS[k] in available]
+        if "cuda" not in args.providers or not shutil.which("nvidia-smi"):
+            p.error("no CUDA GPU here (onnxruntime offers " + ", ".join(available)
+                    + "; nvidia-smi " + ("found" if shutil.which("nvidia-smi") else "missing")
+                    + "): run on a GPU machine, or --cpu to check the script itself")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = check(args)
+    write(rows, Path(args.out), args)
+    failed = [r for r in rows if not r["ok"]]
+    print(f"gpu_check: {len(rows) - len(failed)}/{len(rows)} checks passed; results in "
+          f"{args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
