@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.contract import SCORES, USER_ID, USER_PROFILE, request_inputs
+from client.contract import SCORES, USER_ID, USER_ID_HEADER, USER_PROFILE, request_inputs
 from client.request import INT64_MAX, INT64_MIN, RankingRequest, RequestError
 from client.validation import validate_request
 
@@ -379,11 +379,15 @@ class RankerClient:
         self, req: RankingRequest, model: str, info: ModelInfo | None,
         user_id: int | None = None,
     ) -> tuple[np.ndarray, float]:
-        """One RPC: (scores [N, T], seconds), the output checked against the request."""
+        """One RPC: (scores [N, T], seconds), the output checked against the request. A user
+        id travels twice: as the `user_id` tensor (the cache's key) and as the USER_ID_HEADER
+        metadata that a balancer in front of several replicas routes on."""
         inputs = []
         tensors = req.as_inputs()
+        headers = None
         if user_id is not None:
             tensors[USER_ID] = np.array([user_id], dtype=np.int64)
+            headers = {USER_ID_HEADER: str(int(user_id))}
         for name, array in tensors.items():
             dtype = "INT64" if name == USER_ID else _TRITON_DTYPES[name]
             infer_input = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -394,7 +398,7 @@ class RankerClient:
         def infer() -> tuple[grpcclient.InferResult, float]:
             start = time.perf_counter()
             result = self._client.infer(
-                model, inputs, outputs=outputs, client_timeout=self.timeout_s
+                model, inputs, outputs=outputs, client_timeout=self.timeout_s, headers=headers
             )
             return result, time.perf_counter() - start
 
