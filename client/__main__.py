@@ -248,14 +248,26 @@ def cmd_health(args: argparse.Namespace) -> int:
         live = client.is_live()
         ready = client.is_ready()
         print(f"server {args.url}: live {_yes(live)}, ready {_yes(ready)}")
-        index = {m["name"]: m for m in client.repository_index()}
-        names = args.model or sorted(index)
+        try:
+            index = {m["name"]: m for m in client.repository_index()}
+        except RankerError as e:
+            # A balancer or the production command keeps the repository API from callers
+            # (PERMISSION_DENIED at nginx, UNAVAILABLE "restricted" at Triton): the models
+            # named with --model can still be checked.
+            hidden = e.code == "PERMISSION_DENIED" or "restricted" in (e.server_message or "")
+            if not args.model or not hidden:
+                raise
+            index = None
+            print("  (the model repository index is not exposed here; checking the named "
+                  "models only)")
+        names = args.model or sorted(index or ())
         all_ready = live and ready
         for name in names:
             model_ready = client.is_ready(name)
             all_ready &= model_ready
-            entry = index.get(name)
-            state = entry["state"] if entry else "not in the model repository"
+            entry = index.get(name) if index is not None else None
+            state = (entry["state"] if entry else "not in the model repository"
+                     if index is not None else "")
             reason = f" ({entry['reason']})" if entry and entry["reason"] else ""
             print(f"  {name:<20} ready {_yes(model_ready):<3} {state}{reason}")
         if not names:

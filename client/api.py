@@ -159,7 +159,8 @@ class RankerClient:
                 return fn()
             except InferenceServerException as e:
                 status = e.status()
-                if retry and status in _RETRYABLE and attempt < self.retries:
+                if retry and status in _RETRYABLE and attempt < self.retries \
+                        and not _restricted(e):
                     time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt))
                     attempt += 1
                     continue
@@ -449,6 +450,12 @@ class RankerClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _restricted(e: InferenceServerException) -> bool:
+    """Triton 2.51 answers a protocol restricted by the production command (deploy.production)
+    with UNAVAILABLE; asking again cannot help."""
+    return "protocol is restricted" in str(e.message() or "")
 
 
 def _check_user_id(user_id: int | None, info: ModelInfo) -> None:
