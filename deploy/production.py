@@ -26,6 +26,7 @@ import shlex
 import sys
 
 IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+BINARY = "tritonserver"
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 MODEL_REPOSITORY = "/models"
 # Triton's CUDA memory pool for user_kv between the two GPU ensemble steps (README, Production).
@@ -75,7 +76,7 @@ def tritonserver_args(admin_key: str, repository: str = MODEL_REPOSITORY) -> lis
     """The production command, `tritonserver` first. `admin_key` is the value as the launcher
     expands it: "$TRITON_ADMIN_KEY" in a shell, "$(TRITON_ADMIN_KEY)" in a Kubernetes spec."""
     return [
-        "tritonserver",
+        BINARY,
         f"--model-repository={repository}",
         "--model-control-mode=none",
         f"--grpc-port={GRPC_PORT}",

@@ -1,18 +1,26 @@
 """The production command from one source (deploy/production.py): the README's docker line is
-its output, and a real tritonserver 2.51 accepts its flags and exposes what it says."""
+its output, a real tritonserver 2.51 accepts its flags and exposes what it says, and the
+Kubernetes manifests (deploy/k8s/, rendered offline by `kubectl kustomize`, validated against
+Kubernetes' schemas) run exactly that command and route on the client's user-id header."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import tritonclient.grpc as grpcclient
+import yaml
 from tritonclient.utils import InferenceServerException
 
+from client.contract import USER_ID_HEADER, nginx_variable
+from deploy import manifests
 from deploy import production as prod
 from local_server.triton import REPO_ROOT, free_port, start_server
 
@@ -84,3 +92,100 @@ def test_tritonserver_takes_the_production_flags(small_repository: Path) -> None
             client.close()
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- deploy/k8s
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl is not installed (scripts/setup.sh installs Debian's "
+                            "kubernetes-client where it is absent)")
+K8S_VERSION = "1.32.0"  # the kubectl on these machines
+
+
+def kustomize(directory: Path) -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(objects: list[dict]) -> dict[str, dict]:
+    kinds = {o["kind"]: o for o in objects}
+    assert len(kinds) == len(objects), "one object per kind"
+    return kinds
+
+
+def test_committed_manifests_equal_the_generator() -> None:
+    assert manifests.main(["--check"]) == 0
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["base", "prometheus-operator", "s3"])
+def test_kustomize_renders_and_objects_validate(overlay: str) -> None:
+    objects = kustomize(manifests.K8S_DIR / overlay)
+    unchecked = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            unchecked.append(obj["kind"])
+    # The Prometheus operator's CRD is not a Kubernetes schema; everything else is validated.
+    assert unchecked == (["ServiceMonitor"] if overlay == "prometheus-operator" else [])
+    kinds = by_kind(objects)
+    assert {"Deployment", "Service", "Ingress", "HorizontalPodAutoscaler"} <= set(kinds)
+    [container] = kinds["Deployment"]["spec"]["template"]["spec"]["containers"]
+    repository = manifests.S3_REPOSITORY if overlay == "s3" else prod.MODEL_REPOSITORY
+    assert [*container["command"], *container["args"]] == prod.tritonserver_args(
+        f"$({prod.ADMIN_KEY_ENV})", repository)
+    assert ("PersistentVolumeClaim" in kinds) == (overlay != "s3")
+
+
+def test_schema_validation_can_fail() -> None:
+    bad = manifests.deployment()
+    bad["spec"]["template"]["spec"]["containers"][0]["argz"] = ["--oops"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    bad = manifests.deployment()
+    bad["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+@needs_kubectl
+def test_rendered_manifests_run_the_production_command_and_route_on_the_client_header() -> None:
+    kinds = by_kind(kustomize(manifests.K8S_DIR / "base"))
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["image"] == prod.IMAGE
+    assert [*container["command"], *container["args"]] == prod.tritonserver_args(
+        f"$({prod.ADMIN_KEY_ENV})")
+    [env] = container["env"]
+    assert env["name"] == prod.ADMIN_KEY_ENV and "secretKeyRef" in env["valueFrom"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": prod.HTTP_PORT, "grpc": prod.GRPC_PORT,
+                     "metrics": prod.METRICS_PORT}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        # the HTTP endpoints the production flags leave open (tested on the binary above)
+        assert get["port"] == "http" and get["path"] in ("/v2/health/ready", "/v2/health/live")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert prod.MODEL_REPOSITORY in mounts and "/dev/shm" in mounts
+    annotations = kinds["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(prod.METRICS_PORT)
+
+    service_ports = {p["name"]: p["port"] for p in kinds["Service"]["spec"]["ports"]}
+    assert service_ports == {"grpc": prod.GRPC_PORT, "metrics": prod.METRICS_PORT}
+
+    ingress = kinds["Ingress"]
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/upstream-hash-by"] == nginx_variable(USER_ID_HEADER)
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    [rule] = ingress["spec"]["rules"]
+    paths = rule["http"]["paths"]
+    assert [p["path"] for p in paths] == prod.edge_paths()
+    assert {p["pathType"] for p in paths} == {"Exact"}
+    assert {p["backend"]["service"]["name"] for p in paths} == {kinds["Service"]["metadata"]
+                                                                ["name"]}
+    hpa = kinds["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
