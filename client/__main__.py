@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="model to call (default ranker, ranker_cached with --user-id)")
     p.add_argument("--user-id", type=int, default=None, metavar="ID",
-                   help="the user's id, for ranker_cached (the key of the user K/V cache)")
+                   help="the user's id, for ranker_cached (the key of the user K/V cache); "
+                        "also sent as gRPC metadata 'user-id', on which a fleet's balancer "
+                        "keeps the user on one replica (scripts/fleet.sh)")
     p.add_argument("--task", default="0",
                    help="task to rank by: name or index (default 0, the first task)")
     p.add_argument("--top", type=int, default=10, metavar="K",
@@ -374,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events added before the second visit (default %(default)s)")
     p.add_argument("--num-candidates", type=int, default=20, metavar="N",
                    help="candidates per visit (default %(default)s)")
-    p.add_argument("--user-id", type=int, default=None, help="user id (default: random)")
+    p.add_argument("--user-id", type=int, default=None,
+                   help="user id (default: random); sent as the user_id tensor and as gRPC "
+                        "metadata 'user-id' for a balancer")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the warm-up (another user sent through the same visits first)")

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -189,3 +190,14 @@ def test_rendered_manifests_run_the_production_command_and_route_on_the_client_h
                                                                 ["name"]}
     hpa = kinds["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+
+
+@pytest.mark.parametrize("command", [
+    ["scripts/fleet.sh"], [sys.executable, "-m", "deploy.production"],
+    [sys.executable, "-m", "deploy.manifests"], [sys.executable, "-m", "benchmarks.fleet"],
+])
+def test_fleet_and_deploy_commands_have_help(command: list[str]) -> None:
+    result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
