@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -123,6 +124,10 @@ def test_only_inference_metadata_and_health_pass(fleet: Fleet) -> None:
             edge.update_trace_settings(settings={"trace_rate": "1"}, headers=fleet.admin_header)
         direct.update_trace_settings(settings={"trace_rate": "1000"}, headers=fleet.admin_header)
         assert edge.is_server_live() and edge.is_model_ready("ranker_cached")
+        with grpc.insecure_channel(fleet.url) as channel:  # the standard gRPC health check
+            check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                        request_serializer=bytes, response_deserializer=bytes)
+            assert check(b"", timeout=10) == b"\x08\x01"  # status: SERVING
     finally:
         edge.close()
         direct.close()
