@@ -144,7 +144,8 @@ class Nginx:
     def pid(self) -> int:
         return self.process.pid
 
-    def _write(self) -> None:
+    def write_config(self) -> None:
+        """Write nginx.conf from balancer_directives and have nginx test it (`nginx -t`)."""
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.workdir / "temp" / kind).mkdir(parents=True, exist_ok=True)
         text = render(balancer_directives(self.listen_port, self.upstreams, self.workdir,
@@ -167,7 +168,7 @@ class Nginx:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for name in ("access.log", "error.log"):
             (self.workdir / name).unlink(missing_ok=True)
-        self._write()
+        self.write_config()
         self.process = subprocess.Popen(self._command(), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -187,7 +188,7 @@ class Nginx:
         workers on the new config; returns once the old workers have exited."""
         old = self.workers()
         self.upstreams, self.balance = list(upstreams), balance or self.balance
-        self._write()
+        self.write_config()
         self.process.send_signal(signal.SIGHUP)
         left = wait_gone(old, timeout_s)
         if left or not self.workers():

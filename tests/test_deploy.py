@@ -23,6 +23,8 @@ from tritonclient.utils import InferenceServerException
 from client.contract import USER_ID_HEADER, nginx_variable
 from deploy import manifests
 from deploy import production as prod
+from local_server import nginx
+from local_server.nginx import Nginx
 from local_server.triton import REPO_ROOT, free_port, start_server
 
 
@@ -201,3 +203,25 @@ def test_fleet_and_deploy_commands_have_help(command: list[str]) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+# --------------------------------------------------------------------------- the local balancer
+@pytest.mark.parametrize("balance", ["hash", "round-robin"])
+def test_nginx_config_comes_from_the_shared_sources(balance: str, tmp_path: Path) -> None:
+    """The local balancer's config: hashing on the client's header (or not), exactly the edge
+    RPCs forwarded, everything else refused; and Debian's nginx accepts it (`nginx -t`)."""
+    upstreams = ["127.0.0.1:1", "127.0.0.1:2"]
+    server = Nginx(tmp_path, free_port(), upstreams, balance)
+    text = nginx.render(nginx.balancer_directives(server.listen_port, upstreams, tmp_path,
+                                                  balance))
+    hashing = f"hash {nginx_variable(USER_ID_HEADER)} consistent;"
+    assert (hashing in text) == (balance == "hash")
+    forwarded = re.findall(r"location = (\S+) \{\n\s+grpc_pass grpc://triton;", text)
+    assert forwarded == prod.edge_paths()
+    assert f"grpc-status {nginx.PERMISSION_DENIED} always" in text
+    server.write_config()  # runs `nginx -t` on the written file; NginxError if refused
+    assert server.conf.read_text().endswith(text)
+    with pytest.raises(ValueError, match="balance"):
+        nginx.balancer_directives(8001, ["127.0.0.1:1"], tmp_path, "random")
+    with pytest.raises(ValueError, match="upstream"):
+        nginx.balancer_directives(8001, [], tmp_path, balance)
