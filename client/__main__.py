@@ -248,14 +248,26 @@ def cmd_health(args: argparse.Namespace) -> int:
         live = client.is_live()
         ready = client.is_ready()
         print(f"server {args.url}: live {_yes(live)}, ready {_yes(ready)}")
-        index = {m["name"]: m for m in client.repository_index()}
-        names = args.model or sorted(index)
+        try:
+            index = {m["name"]: m for m in client.repository_index()}
+        except RankerError as e:
+            # A balancer or the production command keeps the repository API from callers
+            # (PERMISSION_DENIED at nginx, UNAVAILABLE "restricted" at Triton): the models
+            # named with --model can still be checked.
+            hidden = e.code == "PERMISSION_DENIED" or "restricted" in (e.server_message or "")
+            if not args.model or not hidden:
+                raise
+            index = None
+            print("  (the model repository index is not exposed here; checking the named "
+                  "models only)")
+        names = args.model or sorted(index or ())
         all_ready = live and ready
         for name in names:
             model_ready = client.is_ready(name)
             all_ready &= model_ready
-            entry = index.get(name)
-            state = entry["state"] if entry else "not in the model repository"
+            entry = index.get(name) if index is not None else None
+            state = (entry["state"] if entry else "not in the model repository"
+                     if index is not None else "")
             reason = f" ({entry['reason']})" if entry and entry["reason"] else ""
             print(f"  {name:<20} ready {_yes(model_ready):<3} {state}{reason}")
         if not names:
@@ -320,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="model to call (default ranker, ranker_cached with --user-id)")
     p.add_argument("--user-id", type=int, default=None, metavar="ID",
-                   help="the user's id, for ranker_cached (the key of the user K/V cache)")
+                   help="the user's id, for ranker_cached (the key of the user K/V cache); "
+                        "also sent as gRPC metadata 'user-id', on which a fleet's balancer "
+                        "keeps the user on one replica (scripts/fleet.sh)")
     p.add_argument("--task", default="0",
                    help="task to rank by: name or index (default 0, the first task)")
     p.add_argument("--top", type=int, default=10, metavar="K",
@@ -362,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events added before the second visit (default %(default)s)")
     p.add_argument("--num-candidates", type=int, default=20, metavar="N",
                    help="candidates per visit (default %(default)s)")
-    p.add_argument("--user-id", type=int, default=None, help="user id (default: random)")
+    p.add_argument("--user-id", type=int, default=None,
+                   help="user id (default: random); sent as the user_id tensor and as gRPC "
+                        "metadata 'user-id' for a balancer")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the warm-up (another user sent through the same visits first)")

@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.contract import SCORES, USER_ID, USER_PROFILE, request_inputs
+from client.contract import SCORES, USER_ID, USER_ID_HEADER, USER_PROFILE, request_inputs
 from client.request import INT64_MAX, INT64_MIN, RankingRequest, RequestError
 from client.validation import validate_request
 
@@ -159,7 +159,8 @@ class RankerClient:
                 return fn()
             except InferenceServerException as e:
                 status = e.status()
-                if retry and status in _RETRYABLE and attempt < self.retries:
+                if retry and status in _RETRYABLE and attempt < self.retries \
+                        and not _restricted(e):
                     time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt))
                     attempt += 1
                     continue
@@ -379,11 +380,15 @@ class RankerClient:
         self, req: RankingRequest, model: str, info: ModelInfo | None,
         user_id: int | None = None,
     ) -> tuple[np.ndarray, float]:
-        """One RPC: (scores [N, T], seconds), the output checked against the request."""
+        """One RPC: (scores [N, T], seconds), the output checked against the request. A user
+        id travels twice: as the `user_id` tensor (the cache's key) and as the USER_ID_HEADER
+        metadata that a balancer in front of several replicas routes on."""
         inputs = []
         tensors = req.as_inputs()
+        headers = None
         if user_id is not None:
             tensors[USER_ID] = np.array([user_id], dtype=np.int64)
+            headers = {USER_ID_HEADER: str(int(user_id))}
         for name, array in tensors.items():
             dtype = "INT64" if name == USER_ID else _TRITON_DTYPES[name]
             infer_input = grpcclient.InferInput(name, list(array.shape), dtype)
@@ -394,7 +399,7 @@ class RankerClient:
         def infer() -> tuple[grpcclient.InferResult, float]:
             start = time.perf_counter()
             result = self._client.infer(
-                model, inputs, outputs=outputs, client_timeout=self.timeout_s
+                model, inputs, outputs=outputs, client_timeout=self.timeout_s, headers=headers
             )
             return result, time.perf_counter() - start
 
@@ -445,6 +450,12 @@ class RankerClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _restricted(e: InferenceServerException) -> bool:
+    """Triton 2.51 answers a protocol restricted by the production command (deploy.production)
+    with UNAVAILABLE; asking again cannot help."""
+    return "protocol is restricted" in str(e.message() or "")
 
 
 def _check_user_id(user_id: int | None, info: ModelInfo) -> None:

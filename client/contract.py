@@ -43,6 +43,11 @@ LAST_EVENT_TIMESTAMP = "last_event_timestamp"
 # The returning-user path (ranker_cached): who the user is, and what user_encoder_append reads
 # from the cache (the K/V and newest timestamp of the events already encoded).
 USER_ID = "user_id"
+# The gRPC metadata key that carries the same user id on every request that has one, so that a
+# load balancer can keep a user on the replica holding their K/V (nginx `hash $http_user_id
+# consistent`, ingress-nginx `upstream-hash-by`). One constant for the client and every
+# balancer config; HTTP/2 header names are lower case.
+USER_ID_HEADER = "user-id"
 CACHED_USER_KV = "cached_user_kv"
 CACHED_LAST_EVENT_TIMESTAMP = "cached_last_event_timestamp"
 
@@ -97,3 +102,9 @@ def cached_specs(num_layers: int, num_heads: int, head_dim: int,
         TensorSpec(CACHED_LAST_EVENT_TIMESTAMP, "INT64", (1,),
                    "timestamp of the newest cached event (0 when P = 0)"),
     ]
+
+
+def nginx_variable(header: str = USER_ID_HEADER) -> str:
+    """nginx's variable for a request header: `user-id` -> `$http_user_id` (lower case, dashes
+    to underscores), as the balancer configs name it."""
+    return "$http_" + header.lower().replace("-", "_")

@@ -405,3 +405,33 @@ def edge_case_requests(gen: RequestGenerator, max_history: int) -> list[tuple[st
     same = np.full(16, int(base.request_timestamp[0]), dtype=np.int64)
     cases.append(("events_in_request_second", base.replace(history_timestamps=same)))
     return cases
+
+
+def returning_traffic(
+    gen: RequestGenerator, users: int, visits: int, history_lengths: Sequence[int] = (20, 60),
+    num_candidates: int = 5, max_new_events: int = 10,
+) -> list[tuple[int, RankingRequest]]:
+    """Returning-user traffic: `users` users (random int64 ids) with `visits` requests each,
+    interleaved in a seeded random order, as (user id, request). A user's first visit has a
+    fresh history of one of `history_lengths` events; each later visit repeats the history
+    (half the time: a refresh, "load more") or adds 1..max_new_events events (a session goes
+    on), always with new candidates. A user's visits keep their order, so a caller may send
+    each user's requests from one thread."""
+    if users < 0 or visits < 0 or max_new_events < 1:
+        raise ValueError("users and visits must be >= 0, max_new_events >= 1")
+    rng = np.random.default_rng(gen.seed + 17)
+    ids = [gen.user_id() for _ in range(users)]
+    lengths = list(history_lengths)
+    latest: dict[int, RankingRequest] = {}
+    order = np.repeat(np.arange(users), visits)
+    rng.shuffle(order)
+    out = []
+    for u in order.tolist():
+        if u not in latest:
+            req = gen.request(int(lengths[int(rng.integers(len(lengths)))]), num_candidates)
+        else:
+            grow = int(rng.integers(1, max_new_events + 1)) if rng.random() < 0.5 else 0
+            req = gen.returning(latest[u], grow)
+        latest[u] = req
+        out.append((ids[u], req))
+    return out

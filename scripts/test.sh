@@ -13,5 +13,7 @@ echo "test: ruff"
 .venv/bin/ruff check .
 echo "test: committed Triton configs == generator"
 .venv/bin/python -m export.triton_configs --check
+echo "test: committed Kubernetes manifests == generator"
+.venv/bin/python -m deploy.manifests --check
 echo "test: pytest"
 exec .venv/bin/python -m pytest "$@"

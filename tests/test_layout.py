@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("export", "local_server", "client", "benchmarks", "tests")
+PACKAGES = ("export", "local_server", "client", "deploy", "benchmarks", "tests")
 
 
 def _module_name(path: Path) -> str:
