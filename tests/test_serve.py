@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.repositories import copy_repositories
 from local_server.triton import ServerError, free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +128,7 @@ def test_serve_reports_a_taken_port(small_repository: Path) -> None:
 def test_model_that_fails_to_load_shows_the_servers_error(
     small_repository: Path, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "repo"
-    shutil.copytree(small_repository, broken)
+    broken = copy_repositories(small_repository, tmp_path / "repo")
     (broken / "target_fusion" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
     with pytest.raises(ServerError) as info:
         start_server(grpc_port=free_port(), repository=broken, timeout_s=240)
@@ -137,8 +137,7 @@ def test_model_that_fails_to_load_shows_the_servers_error(
 
 
 def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> None:
-    bare = tmp_path / "repo"
-    shutil.copytree(small_repository, bare)
+    bare = copy_repositories(small_repository, tmp_path / "repo")
     (bare / "user_encoder" / "1" / "model.onnx").unlink()
     with pytest.raises(ServerError, match="run `python -m export` first"):
         start_server(grpc_port=free_port(), repository=bare)
@@ -157,3 +156,15 @@ def test_every_command_has_help(command: list[str]) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+def test_serve_needs_the_evaluation_repository_unless_told(tmp_path: Path,
+                                                          small_repository: Path) -> None:
+    """The oracle lives in the evaluation repository beside the serving one: without it the
+    local server says where it looked (serve.sh --no-evaluation serves the serving one only)."""
+    alone = tmp_path / "serving_only"
+    shutil.copytree(small_repository, alone, symlinks=True)
+    with pytest.raises(ServerError, match=r"no evaluation repository at .*serving_only_evaluation"):
+        start_server(grpc_port=free_port(), repository=alone)
+    result = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=60)
+    assert "--no-evaluation" in result.stdout and "--evaluation-repository" in result.stdout
