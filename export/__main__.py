@@ -11,7 +11,12 @@ from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
 from export.native_rules import check_repositories
 from export.onnx_export import export_graph, graphs_for, write_model_card
-from export.repositories import MODEL_REPOSITORY, evaluation_beside, model_dir
+from export.repositories import (
+    EVALUATION_OPTION_HELP,
+    MODEL_REPOSITORY,
+    evaluation_beside,
+    model_dir,
+)
 from export.triton_configs import config_source, write_configs
 
 
@@ -30,9 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=str(MODEL_REPOSITORY),
                    help="serving model repository to write into (default: %(default)s)")
     p.add_argument("--evaluation-output", default=None,
-                   help="evaluation repository for ranker_naive and ranker_base (default: "
-                        "evaluation_repository/ beside model_repository/, else "
-                        "<output>_evaluation)")
+                   help=EVALUATION_OPTION_HELP)
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch state_dict to load (default: seeded random init)")
     p.add_argument("--fp16", action="store_true",

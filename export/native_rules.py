@@ -53,7 +53,12 @@ from pathlib import Path
 import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.repositories import EVALUATION_MODELS, MODEL_REPOSITORY, evaluation_beside
+from export.repositories import (
+    EVALUATION_MODELS,
+    EVALUATION_OPTION_HELP,
+    MODEL_REPOSITORY,
+    evaluation_beside,
+)
 from export.triton_configs import parse
 
 ONNX_FILENAME = "model.onnx"
@@ -351,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", default=str(MODEL_REPOSITORY),
                    help="serving model repository (default: %(default)s)")
     p.add_argument("--evaluation-repository", default=None,
-                   help="evaluation repository (ranker_naive, ranker_base; default: "
-                        "evaluation_repository/ beside model_repository/, else "
-                        "<repository>_evaluation)")
+                   help=EVALUATION_OPTION_HELP)
     args = p.parse_args(argv)
     results = check_repositories(Path(args.repository), args.evaluation_repository)
     if not results:

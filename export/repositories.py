@@ -25,6 +25,12 @@ EVALUATION_REPOSITORY = REPO_ROOT / "evaluation_repository"
 EVALUATION_MODELS = ("ranker_naive", "ranker_base")
 
 
+# The help text of every command's evaluation-repository option.
+EVALUATION_OPTION_HELP = ("evaluation repository of ranker_naive and ranker_base (default: "
+                          "evaluation_repository/ beside model_repository/, else "
+                          "<serving repository>_evaluation beside it)")
+
+
 def evaluation_beside(serving: Path) -> Path:
     """The evaluation repository that goes with `serving`: `evaluation_repository/` beside a
     folder named `model_repository`, else `<serving>_evaluation` beside it."""

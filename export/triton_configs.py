@@ -32,6 +32,7 @@ from client import contract as c
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.repositories import (
     EVALUATION_MODELS,
+    EVALUATION_OPTION_HELP,
     MODEL_REPOSITORY,
     REPO_ROOT,
     evaluation_beside,
@@ -305,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", default=str(MODEL_REPOSITORY),
                    help="serving model repository (default: %(default)s)")
     p.add_argument("--evaluation-repository", default=None,
-                   help="evaluation repository for ranker_naive and ranker_base (default: "
-                        "evaluation_repository/ beside model_repository/, else "
-                        "<repository>_evaluation)")
+                   help=EVALUATION_OPTION_HELP)
     p.add_argument("--fp16", action="store_true", help="user_kv in fp16 (an --fp16 export)")
     p.add_argument("--tensorrt-fp16", action="store_true",
                    help="add the TensorRT execution accelerator with FP16 precision (GPU)")

@@ -21,7 +21,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from export.repositories import MODEL_REPOSITORY, REPO_ROOT, evaluation_beside
+from export.repositories import (
+    EVALUATION_OPTION_HELP,
+    MODEL_REPOSITORY,
+    REPO_ROOT,
+    evaluation_beside,
+)
 from export.triton_configs import parse, to_flavour, to_text
 
 LOCAL_BACKEND_MODEL = Path(__file__).resolve().parent / "python_backend" / "model.py"
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
                    help="serving repository to read (default %(default)s)")
     p.add_argument("--evaluation-repository", type=Path, default=None,
-                   help="evaluation repository to read (default: the one beside --repository)")
+                   help=EVALUATION_OPTION_HELP + ", to read")
     p.add_argument("--evaluation-out", type=Path, default=None,
                    help="where its local flavour goes (default: the folder beside --out, "
                         "<out>_evaluation)")

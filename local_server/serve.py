@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.repositories import EVALUATION_OPTION_HELP
 from local_server.triton import (
     BUILD_DIR,
     MODEL_CONTROL_MODES,
@@ -39,9 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
                    help="serving model repository (default %(default)s)")
     p.add_argument("--evaluation-repository", type=Path, default=None,
-                   help="evaluation repository, served beside it (default: "
-                        "evaluation_repository/ beside model_repository/, else "
-                        "<repository>_evaluation)")
+                   help=EVALUATION_OPTION_HELP + ", served beside it")
     p.add_argument("--no-evaluation", action="store_true",
                    help="serve the serving repository only, as production does (no "
                         "ranker_naive, ranker_base)")
