@@ -170,3 +170,14 @@ def test_serve_needs_the_evaluation_repository_unless_told(tmp_path: Path,
         start_server(grpc_port=free_port(), repository=alone)
     result = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=60)
     assert "--no-evaluation" in result.stdout and "--evaluation-repository" in result.stdout
+
+
+def test_explicit_model_control_turns_the_watchdog_off() -> None:
+    """Under explicit model control a stub exits whenever its model is unloaded or reloaded:
+    serve.sh refuses a watchdog there instead of restarting the server on every reload."""
+    result = subprocess.run([*SERVE, "--model-control", "explicit", "--watchdog-interval", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "--watchdog-interval needs --model-control none" in result.stderr
+    with pytest.raises(ServerError, match="model control must be one of"):
+        start_server(grpc_port=free_port(), model_control="poll")
