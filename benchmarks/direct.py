@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from client import contract as c
+from export.repositories import onnx_path
 from export.runtime import make_session, session_options
 
 MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
@@ -23,7 +24,9 @@ FUSION_REQUEST_INPUTS = (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFIL
 
 
 def model_path(repository: Path, name: str) -> Path:
-    return repository / name / "1" / "model.onnx"
+    """The ONNX file of `name`: the oracle and baseline live in the evaluation repository beside
+    the serving `repository` (export/repositories.py)."""
+    return onnx_path(repository, name)
 
 
 class Sessions:

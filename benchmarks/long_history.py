@@ -36,6 +36,7 @@ from client.traffic import RequestGenerator
 from export.config import CONFIG_DIR, ModelConfig
 from export.model import build_model
 from export.onnx_export import graphs_for
+from export.repositories import MODEL_REPOSITORY, onnx_path
 from export.runtime import make_session
 from export.triton_configs import config_source
 
@@ -90,7 +91,7 @@ def export_all(cfg_path: Path, repository: Path, peers_dir: Path) -> dict[str, o
     model = build_model(cfg)
     for peer in PEERS:
         export_peer(model, peer, peers_dir / peer / "1" / "model.onnx")
-    sizes = {g: (repository / g / "1" / "model.onnx").stat().st_size for g in graphs_for(cfg)}
+    sizes = {g: onnx_path(repository, g).stat().st_size for g in graphs_for(cfg)}
     return {"export_s": round(export_s, 1),
             "model_mib": {g: round(s / 2**20, 1) for g, s in sizes.items()}}
 
@@ -173,7 +174,7 @@ def _row(length: int, n: int, method: str, seconds: float | None, exact: str,
 
 
 def in_process(run: Run, lengths: list[int], ns: list[int], seed: int) -> None:
-    sessions = {g: make_session(run.repository / g / "1" / "model.onnx")
+    sessions = {g: make_session(onnx_path(run.repository, g))
                 for g in ("user_encoder", "target_fusion", "ranker_naive")}
     sessions.update({p: make_session(run.peers_dir / p / "1" / "model.onnx") for p in PEERS})
     gen = RequestGenerator(seed=seed, profile_dim=run.cfg.profile_dim)
@@ -288,10 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"exporting {args.config} (and the peers) into {run.repository}")
     run.facts.update(export_all(args.config, run.repository, run.peers_dir))
     run.facts["config"] = config_source(args.config)
-    default_sizes = {g: round((REPO_ROOT / "model_repository" / g / "1" / "model.onnx")
-                              .stat().st_size / 2**20, 1)
+    default_sizes = {g: round(onnx_path(MODEL_REPOSITORY, g).stat().st_size / 2**20, 1)
                      for g in ("user_encoder", "target_fusion")
-                     if (REPO_ROOT / "model_repository" / g / "1" / "model.onnx").exists()}
+                     if onnx_path(MODEL_REPOSITORY, g).exists()}
     run.facts["default_config_model_mib"] = default_sizes
     from benchmarks.bench import machine_info
 

@@ -28,6 +28,7 @@ import numpy as np
 from client import contract as c
 from client.traffic import RequestGenerator
 from export.config import ModelConfig
+from export.repositories import onnx_path
 from export.runtime import make_session
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="model config the ONNX files were exported from (default: the default)")
     args = p.parse_args(argv)
     cfg = ModelConfig.load(args.config)
-    session = make_session(args.repository / args.model / "1" / "model.onnx")
+    session = make_session(onnx_path(args.repository, args.model))
     inputs = feeds(args.model, args.n, args.length, cfg, args.seed)
     before = maxrss_bytes()
     hwm_ok = reset_peak()

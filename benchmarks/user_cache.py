@@ -41,6 +41,7 @@ from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.repositories import copy_repositories, evaluation_beside
 from export.triton_configs import MODEL_REPOSITORY, write_configs
 from local_server.processes import rss_bytes, stub_pids
 from local_server.triton import BUILD_DIR, free_port, start_server
@@ -248,8 +249,9 @@ def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenera
     """Triton's own response cache on user_encoder, on a second server: an exact repeat of the
     history through `ranker` (the ensemble's user_encoder step hits the cache)."""
     copy = BUILD_DIR / "bench_response_cache_repository"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(repository, copy, symlinks=True)
+    for old in (copy, evaluation_beside(copy)):
+        shutil.rmtree(old, ignore_errors=True)
+    copy_repositories(repository, copy)
     write_configs(cfg, copy, "benchmarks/user_cache.py (response cache)", response_cache=True)
     server = start_server(grpc_port=free_port(), repository=copy, cache_bytes=256 << 20,
                           timeout_s=300)

@@ -10,25 +10,33 @@ from pathlib import Path
 from export.attention import TARGETS
 from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
-from export.native_rules import check_repository
+from export.native_rules import check_repositories
 from export.onnx_export import export_graph, graphs_for, write_model_card
+from export.repositories import (
+    EVALUATION_OPTION_HELP,
+    MODEL_REPOSITORY,
+    evaluation_beside,
+    model_dir,
+)
 from export.triton_configs import config_source, write_configs
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export the ranking transformer as three ONNX models into a Triton model "
-        "repository: user_encoder (history -> user_kv, once per request), target_fusion "
-        "(N candidates + user_kv -> scores) and ranker_naive (the baseline/oracle), plus the "
-        "Triton configs (including the `ranker` ensemble) generated from the same model config.",
+        description="Export the ranking transformer into two Triton model repositories: the "
+        "serving one (user_encoder: history -> user_kv, once per request; target_fusion: N "
+        "candidates + user_kv -> scores; user_encoder_append and user_cache for ranker_cached; "
+        "the `ranker` and `ranker_cached` ensembles) and the evaluation one (ranker_naive, the "
+        "exactness oracle, and ranker_base, the benchmark baseline: never for production "
+        "traffic), with the Triton configs generated from the same model config.",
     )
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="model config JSON (default: %(default)s); see export/configs/")
-    p.add_argument("--output", default=str(REPO_ROOT / "model_repository"),
-                   help="model repository to write into (default: %(default)s)")
+    p.add_argument("--output", default=str(MODEL_REPOSITORY),
+                   help="serving model repository to write into (default: %(default)s)")
+    p.add_argument("--evaluation-output", default=None,
+                   help=EVALUATION_OPTION_HELP)
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch state_dict to load (default: seeded random init)")
     p.add_argument("--fp16", action="store_true",
@@ -60,22 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         model = model.half()
     target = args.target or ("gpu" if args.fp16 else "cpu")
     out = Path(args.output)
+    evaluation = Path(args.evaluation_output or evaluation_beside(out))
     print(f"export: mask={cfg.mask} d_model={cfg.d_model} layers={cfg.num_layers} "
-          f"heads={cfg.num_heads} max_history={cfg.max_history} target={target} -> {out}")
+          f"heads={cfg.num_heads} max_history={cfg.max_history} target={target} -> {out} "
+          f"(serving), {evaluation} (evaluation)")
     for name in graphs:
         t0 = time.perf_counter()
-        path = out / name / "1" / "model.onnx"
+        path = model_dir(out, name, evaluation) / "1" / "model.onnx"
         export_graph(model, name, path, fp16=args.fp16, target=target)
         write_model_card(path.parent / "model_card.json", cfg, model, [name], args.fp16,
                          args.checkpoint, target)
         size_mb = path.stat().st_size / 2**20
         print(f"export: wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
     if not args.naive_only:
-        for path in write_configs(cfg, out, config_source(Path(args.config)), fp16=args.fp16):
+        for path in write_configs(cfg, out, config_source(Path(args.config)), evaluation,
+                                  fp16=args.fp16):
             print(f"export: wrote {path}")
         # The production configs against their graphs, with the native onnxruntime backend's
         # load-time rules: a repository that backend would refuse is never left looking done.
-        violations = [v for found in check_repository(out).values() for v in found]
+        violations = [v for found in check_repositories(out, evaluation).values() for v in found]
         for v in violations:
             print(f"export: error: the onnxruntime backend would refuse this: {v}",
                   file=sys.stderr)

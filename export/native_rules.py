@@ -53,7 +53,13 @@ from pathlib import Path
 import onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.triton_configs import MODEL_REPOSITORY, parse
+from export.repositories import (
+    EVALUATION_MODELS,
+    EVALUATION_OPTION_HELP,
+    MODEL_REPOSITORY,
+    evaluation_beside,
+)
+from export.triton_configs import parse
 
 ONNX_FILENAME = "model.onnx"
 _TENSOR = "tensor_type"
@@ -320,17 +326,39 @@ def check_repository(repository: Path) -> dict[str, list[str]]:
     return results
 
 
+def check_repositories(serving: Path, evaluation: Path | None = None) -> dict[str, list[str]]:
+    """`check_repository` over the serving repository and its evaluation repository (default:
+    the one beside it), plus the layout: an oracle or baseline in the serving repository, or no
+    evaluation repository at all, is a violation."""
+    evaluation = Path(evaluation) if evaluation is not None else evaluation_beside(serving)
+    results = check_repository(serving)
+    for name in EVALUATION_MODELS:
+        if name in results or (Path(serving) / name).exists():
+            results.setdefault(name, []).append(
+                f"model '{name}': in the serving repository {serving}; it belongs in the "
+                f"evaluation repository ({evaluation})")
+    if not evaluation.is_dir():
+        results["(evaluation repository)"] = [
+            f"no evaluation repository at {evaluation} (export it: python -m export)"]
+        return results
+    for name, violations in check_repository(evaluation).items():
+        results.setdefault(name, []).extend(violations)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m export.native_rules",
-        description="Check every onnxruntime model config of a Triton model repository against "
-                    "its ONNX file with the load-time rules of Triton's native onnxruntime "
-                    "backend (r24.10). Exits 1 on any violation.",
+        description="Check every onnxruntime model config of the serving model repository and "
+                    "of its evaluation repository against its ONNX file with the load-time rules "
+                    "of Triton's native onnxruntime backend (r24.10). Exits 1 on any violation.",
     )
     p.add_argument("--repository", default=str(MODEL_REPOSITORY),
-                   help="model repository (default: %(default)s)")
+                   help="serving model repository (default: %(default)s)")
+    p.add_argument("--evaluation-repository", default=None,
+                   help=EVALUATION_OPTION_HELP)
     args = p.parse_args(argv)
-    results = check_repository(Path(args.repository))
+    results = check_repositories(Path(args.repository), args.evaluation_repository)
     if not results:
         print(f"no onnxruntime models in {args.repository}")
         return 1

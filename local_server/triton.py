@@ -3,13 +3,12 @@
 The nvidia-pytriton wheel ships a tritonserver 2.51 binary, its libraries and the python backend,
 but no onnxruntime backend. This module
 1. copies the wheel's server folder once into build/tritonserver and adds the python-backend stub;
-2. builds a runnable copy of model_repository/ in which each ONNX model gets the local flavour of
-   its config (only the backend lines change) and local_server/python_backend/model.py beside a
-   link to the very same model.onnx (and its model card, which user_cache reads to tag its
-   entries with the weights); the ensembles and the python-backend models (user_cache) are
-   copied as they are: they run the same code in production;
-3. starts the server bound to 127.0.0.1 with the model control API off, waits until the server and
-   every model are ready, and stops it by PID.
+2. builds a runnable copy (local_server/repository.py) of model_repository/ and one of
+   evaluation_repository/ (the oracle and the baseline, loaded as a second
+   `--model-repository`), where each ONNX model runs in the python-backend stand-in;
+3. starts the server bound to 127.0.0.1 with the model control API off (or, for Triton's own
+   tools such as Model Analyzer, in explicit mode with every model loaded at start), waits until
+   the server and every model are ready, and stops it by PID.
 Used by local_server/serve.py (the command behind scripts/serve.sh), the tests and the benchmarks.
 """
 
@@ -27,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.triton_configs import CORE_ONNX_MODELS, parse, to_flavour, to_text
+from export.repositories import EVALUATION_MODELS, MODEL_REPOSITORY, evaluation_beside
+from export.triton_configs import TARGET_FUSION, USER_ENCODER
 from local_server.processes import (
     is_running,
     kill_lingering,
@@ -38,15 +38,19 @@ from local_server.processes import (
     stub_pids,
     wait_gone,
 )
+from local_server.repository import (
+    ServerError,
+    build_local_repository,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = REPO_ROOT / "build"
-MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-LOCAL_BACKEND_MODEL = Path(__file__).resolve().parent / "python_backend" / "model.py"
 
 
-class ServerError(RuntimeError):
-    """The local server could not be prepared or started (the message says why)."""
+# "none": the production setting (models fixed at start, no load/unload API); "explicit": the
+# model control API on, every model loaded at start (`--load-model=*`), for tools that load
+# config variants (Model Analyzer's remote mode) or new versions.
+MODEL_CONTROL_MODES = ("none", "explicit")
 
 
 def _site_packages() -> Path:
@@ -77,42 +81,39 @@ def prepare_server(build_dir: Path = BUILD_DIR) -> Path:
     return target
 
 
-def build_local_repository(
-    repository: Path = MODEL_REPOSITORY, target: Path | None = None
-) -> Path:
-    """A runnable copy of `repository` with local-flavour configs for the ONNX models."""
-    target = target or BUILD_DIR / "model_repository_local"
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for model_dir in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").exists()):
-        config = parse((model_dir / "config.pbtxt").read_text())
-        out = target / model_dir.name
-        version = out / "1"
-        version.mkdir(parents=True)
-        if config.platform == "ensemble" or config.backend == "python":
-            shutil.copy2(model_dir / "config.pbtxt", out / "config.pbtxt")
-            for source in sorted((model_dir / "1").glob("*.py")):
-                shutil.copy2(source, version / source.name)
-            if config.backend == "python" and not (version / "model.py").exists():
-                raise ServerError(f"{model_dir}/1/model.py is missing (python-backend model)")
-            continue
-        onnx_file = model_dir / "1" / "model.onnx"
-        if not onnx_file.exists():
-            raise ServerError(
-                f"{onnx_file} is missing: run `python -m export` first to write the ONNX models"
-            )
-        (out / "config.pbtxt").write_text(to_text(to_flavour(config, "local"),
-                                                  f"{model_dir}/config.pbtxt, local flavour"))
-        shutil.copy2(LOCAL_BACKEND_MODEL, version / "model.py")
-        (version / "model.onnx").symlink_to(onnx_file.resolve())
-        card = model_dir / "1" / "model_card.json"
-        if card.exists():
-            (version / "model_card.json").symlink_to(card.resolve())
-    missing = [m for m in CORE_ONNX_MODELS if not (target / m).exists()]
+def _require(local: Path, source: Path, models: tuple[str, ...]) -> None:
+    missing = [m for m in models if not (local / m).exists()]
     if missing:
-        raise ServerError(f"model repository {repository} lacks {missing}")
-    return target
+        raise ServerError(f"model repository {source} lacks {missing}: run `python -m export`")
+
+
+def server_env() -> dict[str, str]:
+    """The environment tritonserver runs in: the wheel's libraries on LD_LIBRARY_PATH, and this
+    venv's python first on PATH, whose packages (numpy, onnxruntime) the python-backend stub
+    imports. No PYTHONPATH: nothing the server runs imports the project by module name (the
+    local stand-in loads its helper by path, local_server/repository.py), so the server works
+    from any working directory, as Triton's tools start it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    libs = _site_packages() / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return env
+
+
+def exec_tritonserver(argv: list[str], build_dir: Path = BUILD_DIR) -> None:
+    """Replace this process by the local tritonserver with `argv` (scripts/tritonserver.sh):
+    its backends and caches folders set, HTTP, gRPC and metrics bound to 127.0.0.1 unless
+    `argv` says otherwise (later flags win), in `server_env()`. For tools that launch
+    tritonserver themselves, such as Model Analyzer's local launch mode."""
+    server_dir = prepare_server(build_dir)
+    binary = str(server_dir / "bin" / "tritonserver")
+    defaults = [f"--backend-directory={server_dir / 'backends'}",
+                f"--cache-directory={server_dir / 'caches'}",
+                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+                "--metrics-address=127.0.0.1"]
+    os.execve(binary, [binary, *defaults, *argv], server_env())
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -151,16 +152,26 @@ class LocalServer:
     log_file: Path
     models: list[str] = field(default_factory=list)
     local_repository: Path | None = None
+    # every runnable copy this server loads (serving first, then evaluation), removed by stop()
+    local_repositories: list[Path] = field(default_factory=list)
     process: subprocess.Popen | None = None
     # python-backend stubs of the running server: pid -> label ("stub:<model>") and its
     # /dev/shm regions, recorded once every model is ready
     stubs: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
     restarts: int = 0
     cleanup: dict[str, object] = field(default_factory=dict)
+    cwd: Path | None = None  # the server's working directory (default: the caller's)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def local_model_dir(self, name: str) -> Path:
+        """Model `name`'s folder in the runnable copy that holds it (serving or evaluation)."""
+        found = [local / name for local in self.local_repositories if (local / name).is_dir()]
+        if not found:
+            raise ServerError(f"no model {name!r} in {self.local_repositories}")
+        return found[0]
 
     @property
     def grpc_url(self) -> str:
@@ -171,7 +182,7 @@ class LocalServer:
             self.log_file.unlink()
         self.process = subprocess.Popen(
             self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent, cwd=self.cwd,
         )
         self.stubs = {}
 
@@ -258,8 +269,8 @@ class LocalServer:
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time; clean up. Returns the exit code."""
         code = self._terminate(timeout_s, signal.SIGTERM)
-        if self.local_repository is not None:
-            shutil.rmtree(self.local_repository, ignore_errors=True)
+        for local in self.local_repositories:
+            shutil.rmtree(local, ignore_errors=True)
         return code
 
 
@@ -268,14 +279,24 @@ def start_server(
     http_port: int | None = None,
     metrics_port: int | None = None,
     repository: Path = MODEL_REPOSITORY,
+    evaluation: Path | None = None,
+    with_evaluation: bool = True,
     build_dir: Path = BUILD_DIR,
     log_file: Path | None = None,
     cache_bytes: int = 0,
     extra_args: list[str] | None = None,
+    model_control: str = "none",
     wait: bool = True,
     timeout_s: float = 180.0,
 ) -> LocalServer:
-    """Start tritonserver on 127.0.0.1. Only gRPC is on unless http/metrics ports are given."""
+    """Start tritonserver on 127.0.0.1 on the serving `repository` and, unless
+    `with_evaluation` is False, its evaluation repository (`evaluation`, default the one beside
+    it: export/repositories.py). Only gRPC is on unless http/metrics ports are given.
+    `model_control` "explicit" opens Triton's model control API (load/unload, still on
+    127.0.0.1 only) and loads every model at start, as Model Analyzer's remote mode needs."""
+    if model_control not in MODEL_CONTROL_MODES:
+        raise ServerError(f"model control must be one of {MODEL_CONTROL_MODES}, "
+                          f"got {model_control!r}")
     for label, port in (("gRPC", grpc_port), ("HTTP", http_port), ("metrics", metrics_port)):
         if port is not None and not port_is_free(port):
             raise ServerError(
@@ -286,14 +307,25 @@ def start_server(
     local_repo = build_local_repository(
         repository, build_dir / f"model_repository_local_{grpc_port}"
     )
+    _require(local_repo, repository, (USER_ENCODER, TARGET_FUSION))
+    local_repos = [local_repo]
+    if with_evaluation:
+        source = Path(evaluation) if evaluation is not None else evaluation_beside(repository)
+        if not source.is_dir():
+            raise ServerError(f"no evaluation repository at {source} (ranker_naive, "
+                              "ranker_base): run `python -m export`, or serve without it")
+        local_repos.append(build_local_repository(
+            source, build_dir / f"evaluation_repository_local_{grpc_port}"))
+        _require(local_repos[-1], source, EVALUATION_MODELS)
     log_file = log_file or build_dir / "logs" / f"tritonserver_{grpc_port}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     args = [
         str(server_dir / "bin" / "tritonserver"),
-        f"--model-repository={local_repo}",
+        *(f"--model-repository={local}" for local in local_repos),
         f"--backend-directory={server_dir / 'backends'}",
         f"--cache-directory={server_dir / 'caches'}",
-        "--model-control-mode=none",
+        f"--model-control-mode={model_control}",
+        *(["--load-model=*"] if model_control == "explicit" else []),
         "--disable-auto-complete-config",
         "--strict-readiness=true",
         "--exit-on-error=true",
@@ -309,20 +341,11 @@ def start_server(
     if cache_bytes:
         args.append(f"--cache-config=local,size={cache_bytes}")
     args += extra_args or []
-    env = dict(os.environ)
-    libs = _site_packages() / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
-    )
-    # The python-backend stub imports numpy/onnxruntime from the first python on PATH, and the
-    # local backend model imports export.runtime from this repository.
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
-    models = sorted(p.name for p in local_repo.iterdir() if (p / "config.pbtxt").exists())
+    env = server_env()
+    models = sorted(p.name for local in local_repos for p in local.iterdir()
+                    if (p / "config.pbtxt").exists())
     server = LocalServer(args, env, grpc_port, http_port, metrics_port, log_file, models,
-                         local_repo)
+                         local_repo, local_repos)
     server.launch()
     if wait:
         server.wait_ready(timeout_s)

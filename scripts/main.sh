@@ -11,7 +11,8 @@ CONFIG=export/configs/ranker_causal.json
 usage() {
   cat <<USAGE
 usage: scripts/main.sh [--grpc-port P] [--metrics-port P] [--count K] [--config FILE]
-  export -> start tritonserver (127.0.0.1:P, default $PORT; metrics on $METRICS_PORT) ->
+  export (model_repository/ + evaluation_repository/) -> start tritonserver on both
+  (127.0.0.1:P, default $PORT; metrics on $METRICS_PORT) ->
   score one request -> validate K (default $COUNT) random requests + edge cases, ranker vs
   ranker_naive -> one returning user through ranker_cached (first visit, append, repeat: path
   and latency, checked against ranker_naive) and the cache's counters -> stop.

@@ -103,14 +103,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple]
 
 @pytest.fixture(scope="session")
 def small_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository exported from the small causal config (all graphs + configs)."""
+    """A serving repository exported from the small causal config (all graphs + configs), with
+    ranker_naive and ranker_base in its evaluation repository beside it, as `python -m export`
+    writes them."""
+    from export.repositories import onnx_path
     from export.triton_configs import write_configs
 
     cfg = small_config("causal")
     model = build_model(cfg)
     repo = tmp_path_factory.mktemp("model_repository")
     for graph in graphs_for(cfg):
-        export_graph(model, graph, repo / graph / "1" / "model.onnx")
+        export_graph(model, graph, onnx_path(repo, graph))
     write_configs(cfg, repo, "tests/conftest.py SMALL")
     return repo
 
@@ -135,14 +138,11 @@ SMALL_CACHE_BYTES = 2 << 20
 
 @pytest.fixture(scope="session")
 def cache_repository(small_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`small_repository` with user_cache bounded at SMALL_CACHE_BYTES (the ONNX files shared)."""
-    import shutil
-
+    """`small_repository` with user_cache bounded at SMALL_CACHE_BYTES."""
+    from export.repositories import copy_repositories
     from export.triton_configs import write_configs
 
-    repo = tmp_path_factory.mktemp("cache_repository")
-    for model_dir in small_repository.iterdir():
-        shutil.copytree(model_dir, repo / model_dir.name, symlinks=True)
+    repo = copy_repositories(small_repository, tmp_path_factory.mktemp("cache_repository"))
     write_configs(small_config("causal"), repo, "tests/conftest.py SMALL",
                   user_cache_bytes=SMALL_CACHE_BYTES)
     return repo

@@ -17,13 +17,15 @@ from client import contract as c
 from export.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model
 from export.onnx_export import OPSET, export_graph
+from export.repositories import EVALUATION_MODELS, EVALUATION_REPOSITORY
 from export.triton_configs import (
-    ALL_MODELS,
     MODEL_REPOSITORY,
+    SERVING_MODELS,
     build_configs,
     config_source,
     stale_configs,
     to_flavour,
+    write_configs,
 )
 from tests.conftest import as_torch, random_request, small_config
 
@@ -159,7 +161,29 @@ def test_committed_triton_configs_match_the_generator() -> None:
     cfg = ModelConfig.load(DEFAULT_CONFIG)
     assert stale_configs(cfg, MODEL_REPOSITORY, config_source(DEFAULT_CONFIG)) == []
     assert sorted(p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")) == sorted(
-        ALL_MODELS)
+        SERVING_MODELS)
+    assert sorted(p.parent.name for p in EVALUATION_REPOSITORY.glob("*/config.pbtxt")) == sorted(
+        EVALUATION_MODELS)
+
+
+def test_serving_repository_holds_no_oracle(tmp_path: Path) -> None:
+    """The production repository holds only what ranker and ranker_cached need: no folder of
+    ranker_naive or ranker_base, committed or generated, and --check refuses one put there."""
+    assert set(EVALUATION_MODELS) == {"ranker_naive", "ranker_base"}
+    for name in EVALUATION_MODELS:
+        assert not (MODEL_REPOSITORY / name).exists(), name
+    for ensemble in ("ranker", "ranker_cached"):
+        steps = build_configs(ModelConfig.load(DEFAULT_CONFIG))[ensemble].ensemble_scheduling.step
+        assert {s.model_name for s in steps} <= set(SERVING_MODELS), ensemble
+    cfg = small_config("causal")
+    written = write_configs(cfg, tmp_path / "serving", "test", tmp_path / "evaluation")
+    assert {p.parent.name for p in written if p.parent.parent == tmp_path / "serving"} == set(
+        SERVING_MODELS)
+    assert sorted(p.name for p in (tmp_path / "evaluation").iterdir()) == sorted(
+        EVALUATION_MODELS)
+    (tmp_path / "evaluation" / "ranker_naive").rename(tmp_path / "serving" / "ranker_naive")
+    stale = stale_configs(cfg, tmp_path / "serving", "test", tmp_path / "evaluation")
+    assert stale == ["ranker_naive", "ranker_naive (in the serving repository)"]
 
 
 def test_local_flavour_differs_only_in_backend_lines() -> None:
@@ -182,10 +206,16 @@ def test_export_cli_writes_models_cards_and_configs(tmp_path: Path) -> None:
     result = run_export("--config", str(config), "--output", str(tmp_path / "repo"))
     assert result.returncode == 0, result.stderr
     for name in ("user_encoder", "target_fusion", "ranker_naive", "ranker_base"):
-        card = json.loads((tmp_path / "repo" / name / "1" / "model_card.json").read_text())
+        repo = tmp_path / ("repo_evaluation" if name in EVALUATION_MODELS else "repo")
+        card = json.loads((repo / name / "1" / "model_card.json").read_text())
         assert card["opset"] == OPSET and card["config"]["mask"] == "bidirectional"
         assert len(card["weight_sha256"]) == 64
+        assert (repo / name / "config.pbtxt").exists()
     assert (tmp_path / "repo" / "ranker" / "config.pbtxt").exists()
+    # the serving repository holds no oracle: the evaluation one has exactly the two
+    assert not any((tmp_path / "repo" / name).exists() for name in EVALUATION_MODELS)
+    assert sorted(p.name for p in (tmp_path / "repo_evaluation").iterdir()) == sorted(
+        EVALUATION_MODELS)
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from benchmarks.load_test import stop_server
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
 from client.traffic import RequestGenerator, edge_case_requests
+from export.repositories import evaluation_beside
 from export.triton_configs import parse
 from local_server.processes import (
     is_running,
@@ -51,9 +52,10 @@ from tests.conftest import SMALL
 
 
 def served_models(repository: Path) -> list[str]:
-    """The models that get a python-backend stub locally: every model but the ensembles."""
-    return [p.parent.name for p in repository.glob("*/config.pbtxt")
-            if parse(p.read_text()).platform != "ensemble"]
+    """The models that get a python-backend stub locally: every model but the ensembles, in the
+    serving repository and the evaluation one beside it."""
+    return [p.parent.name for r in (repository, evaluation_beside(repository))
+            for p in r.glob("*/config.pbtxt") if parse(p.read_text()).platform != "ensemble"]
 
 pytestmark = pytest.mark.server
 

@@ -7,7 +7,6 @@ place a config the production backend would refuse at load shows up before a dep
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -18,8 +17,15 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from client import contract as c
 from export.model import build_model
-from export.native_rules import check_model, check_repository
+from export.native_rules import check_model, check_repositories, check_repository
 from export.onnx_export import GRAPHS, export_graph, graphs_for
+from export.repositories import (
+    EVALUATION_MODELS,
+    copy_repositories,
+    evaluation_beside,
+    model_dir,
+    onnx_path,
+)
 from export.triton_configs import build_configs, parse, to_text
 from tests.conftest import small_config
 
@@ -50,11 +56,11 @@ def exported_variant(
 
 
 def _config(repo: Path, name: str) -> mc.ModelConfig:
-    return parse((repo / name / "config.pbtxt").read_text())
+    return parse((model_dir(repo, name) / "config.pbtxt").read_text())
 
 
 def _onnx(repo: Path, name: str) -> Path:
-    return repo / name / "1" / "model.onnx"
+    return onnx_path(repo, name)
 
 
 def _tensor(ios: Iterable[mc.ModelInput | mc.ModelOutput], name: str) -> mc.ModelInput:
@@ -98,9 +104,27 @@ def test_generated_configs_pass(exported_variant: Callable, mask: str, fp16: boo
     assert violations == {name: [] for name in graphs}
 
 
-def test_check_repository_covers_every_onnx_model(small_repository: Path) -> None:
-    """Ensembles are skipped; every onnxruntime model is checked (pass or fail)."""
-    assert sorted(check_repository(small_repository)) == sorted(GRAPHS)
+def test_check_repositories_covers_every_onnx_model(small_repository: Path) -> None:
+    """Ensembles are skipped; every onnxruntime model of both repositories is checked (pass or
+    fail): the serving models in the serving one, the oracle and baseline in the other."""
+    evaluation = evaluation_beside(small_repository)
+    assert sorted(check_repository(evaluation)) == sorted(EVALUATION_MODELS)
+    assert sorted(check_repository(small_repository)) == sorted(
+        set(GRAPHS) - set(EVALUATION_MODELS))
+    assert check_repositories(small_repository) == {name: [] for name in GRAPHS}
+
+
+def test_check_repositories_refuses_an_oracle_in_the_serving_repository(
+    small_repository: Path, tmp_path: Path
+) -> None:
+    """The layout is a rule too: ranker_naive in the serving repository fails the check."""
+    repo = copy_repositories(small_repository, tmp_path / "repo")
+    (model_dir(repo, "ranker_naive")).rename(repo / "ranker_naive")
+    results = check_repositories(repo)
+    assert any("in the serving repository" in v for v in results["ranker_naive"]), results
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    assert "(evaluation repository)" in check_repositories(alone)
 
 
 # --- honesty: each rule is enforced ------------------------------------------------------------
@@ -259,11 +283,10 @@ def test_cli_exits_0_on_the_exported_repository(small_repository: Path) -> None:
 
 def test_cli_exits_1_on_a_broken_copy(small_repository: Path, tmp_path: Path) -> None:
     """A config the backend would refuse fails the command, naming the model and tensor."""
-    broken = tmp_path / "repository"
-    shutil.copytree(small_repository, broken)
+    broken = copy_repositories(small_repository, tmp_path / "repository")
     config = _config(broken, "ranker_base")
     _tensor(config.input, c.USER_PROFILE).data_type = mc.TYPE_FP16
-    (broken / "ranker_base" / "config.pbtxt").write_text(to_text(config))
+    (model_dir(broken, "ranker_base") / "config.pbtxt").write_text(to_text(config))
     bad = _cli(broken)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "FAIL ranker_base" in bad.stdout and f"'{c.USER_PROFILE}'" in bad.stdout

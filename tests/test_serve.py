@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from export.repositories import copy_repositories
 from local_server.triton import ServerError, free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +128,7 @@ def test_serve_reports_a_taken_port(small_repository: Path) -> None:
 def test_model_that_fails_to_load_shows_the_servers_error(
     small_repository: Path, tmp_path: Path
 ) -> None:
-    broken = tmp_path / "repo"
-    shutil.copytree(small_repository, broken)
+    broken = copy_repositories(small_repository, tmp_path / "repo")
     (broken / "target_fusion" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
     with pytest.raises(ServerError) as info:
         start_server(grpc_port=free_port(), repository=broken, timeout_s=240)
@@ -137,8 +137,7 @@ def test_model_that_fails_to_load_shows_the_servers_error(
 
 
 def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> None:
-    bare = tmp_path / "repo"
-    shutil.copytree(small_repository, bare)
+    bare = copy_repositories(small_repository, tmp_path / "repo")
     (bare / "user_encoder" / "1" / "model.onnx").unlink()
     with pytest.raises(ServerError, match="run `python -m export` first"):
         start_server(grpc_port=free_port(), repository=bare)
@@ -152,9 +151,34 @@ def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> 
     [sys.executable, "-m", "benchmarks.long_history"], [sys.executable, "-m", "benchmarks.threads"],
     [sys.executable, "-m", "benchmarks.user_cache"], [sys.executable, "-m", "benchmarks.memory"],
     ["scripts/gpu_check.sh"],
+    [sys.executable, "-m", "benchmarks.perf_inputs"],
+    [sys.executable, "-m", "local_server.repository"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+def test_serve_needs_the_evaluation_repository_unless_told(tmp_path: Path,
+                                                          small_repository: Path) -> None:
+    """The oracle lives in the evaluation repository beside the serving one: without it the
+    local server says where it looked (serve.sh --no-evaluation serves the serving one only)."""
+    alone = tmp_path / "serving_only"
+    shutil.copytree(small_repository, alone, symlinks=True)
+    with pytest.raises(ServerError, match=r"no evaluation repository at .*serving_only_evaluation"):
+        start_server(grpc_port=free_port(), repository=alone)
+    result = subprocess.run([*SERVE, "--help"], capture_output=True, text=True, timeout=60)
+    assert "--no-evaluation" in result.stdout and "--evaluation-repository" in result.stdout
+
+
+def test_explicit_model_control_turns_the_watchdog_off() -> None:
+    """Under explicit model control a stub exits whenever its model is unloaded or reloaded:
+    serve.sh refuses a watchdog there instead of restarting the server on every reload."""
+    result = subprocess.run([*SERVE, "--model-control", "explicit", "--watchdog-interval", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "--watchdog-interval needs --model-control none" in result.stderr
+    with pytest.raises(ServerError, match="model control must be one of"):
+        start_server(grpc_port=free_port(), model_control="poll")

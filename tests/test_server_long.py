@@ -19,6 +19,7 @@ from client.traffic import RequestGenerator
 from export.attention import PLAIN_CAUSAL_MAX, PLAIN_FUSION_MAX_CELLS
 from export.model import build_model
 from export.onnx_export import export_graph, graphs_for
+from export.repositories import onnx_path
 from export.triton_configs import write_configs
 from tests.conftest import SMALL, small_config
 
@@ -35,7 +36,7 @@ def long_server(tmp_path_factory: pytest.TempPathFactory):
     model = build_model(cfg)
     repo = tmp_path_factory.mktemp("long_repository")
     for graph in graphs_for(cfg):
-        export_graph(model, graph, repo / graph / "1" / "model.onnx")
+        export_graph(model, graph, onnx_path(repo, graph))
     write_configs(cfg, repo, "tests/test_server_long.py")
     srv = start_server(grpc_port=free_port(), repository=Path(repo), timeout_s=240)
     try:

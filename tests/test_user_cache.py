@@ -269,16 +269,16 @@ def test_a_new_model_version_invalidates_cached_entries(small_repository: Path,
     are loaded through the model control API: the next request of a cached user (a repeat,
     which runs no encoder) must miss and be exact against the new ranker_naive, not serve the
     old weights' K/V."""
-    import shutil
     import time
 
     from export.model import build_model
     from export.onnx_export import export_graph, graphs_for, write_model_card
-    from local_server.triton import LOCAL_BACKEND_MODEL, free_port, start_server
+    from local_server.repository import install_local_backend
+    from local_server.triton import free_port, start_server
     from tests.conftest import small_config
 
     srv = start_server(grpc_port=free_port(), repository=small_repository, timeout_s=240,
-                       extra_args=["--model-control-mode=explicit", "--load-model=*"])
+                       model_control="explicit")
     try:
         with RankerClient(srv.grpc_url, timeout_s=120) as cl:
             g = gen(11)
@@ -294,8 +294,8 @@ def test_a_new_model_version_invalidates_cached_entries(small_repository: Path,
                 staging = tmp_path / graph
                 export_graph(model, graph, staging / "model.onnx")
                 write_model_card(staging / "model_card.json", cfg, model, [graph], False, None)
-                shutil.copy2(LOCAL_BACKEND_MODEL, staging / "model.py")
-                staging.rename(srv.local_repository / graph / "2")
+                install_local_backend(staging)
+                staging.rename(srv.local_model_dir(graph) / "2")
             for graph in graphs:
                 cl._client.load_model(graph)
             deadline = time.monotonic() + 180

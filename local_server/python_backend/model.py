@@ -11,10 +11,17 @@ It reads the same ONNX Runtime thread parameters as the native backend (`intra_o
 `inter_op_thread_count`) from the model config. Every failure becomes an error response for that
 request only: the stub must never die, or the model stays broken while the server still reports
 it ready.
+
+
+It imports nothing of the project by module name: export/runtime.py (the session options every
+part of the project shares) is copied beside it as ranker_ort.py (local_server/repository.py)
+and loaded from this file's own folder, so a local repository runs whatever directory
+tritonserver starts in and whatever PYTHONPATH it has (Model Analyzer's local launch mode).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,7 +29,17 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.runtime import THREADS_ENV, make_session
+
+def _load_beside(name: str) -> object:
+    """The module `name`.py from this file's folder, by path."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ort = _load_beside("ranker_ort")
+THREADS_ENV, make_session = _ort.THREADS_ENV, _ort.make_session
 
 
 class TritonPythonModel:

@@ -1,0 +1,143 @@
+"""perf_analyzer `--input-data` JSON for every served model at a chosen (L, N).
+
+Why: perf_analyzer (and Model Analyzer, which drives it) fills a model's inputs with random
+data unless given a file, and random data cannot drive these models: lengths must agree, and
+`target_fusion` needs a real `user_kv` of the same weights. This writes one file per model,
+`<out>/<model>.json`, from the seeded traffic generator (client/traffic.py):
+
+* `ranker`, `ranker_naive`, `ranker_base`: the request contract (L events, N candidates);
+* `ranker_cached`: the contract plus `user_id` (one user per entry: perf_analyzer sends the
+  entries round-robin, so after the first round every request is a cache hit);
+* `user_encoder`: the history; `user_cache`: `user_id` plus the history;
+* `target_fusion`: the candidates, the request timestamp, the profile, and the `user_kv` and
+  `last_event_timestamp` that the served `user_encoder` model.onnx computes for that history;
+* `user_encoder_append`: the cached state of the first L - ΔL events (`cached_user_kv`,
+  `cached_last_event_timestamp`, from user_encoder) plus the ΔL new events as `history_*`.
+
+Each model's inputs are read from its config.pbtxt in the serving and evaluation repositories,
+so a file holds exactly what that model takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.perf_analyzer import write_input_data
+from client import contract as c
+from client.traffic import RequestGenerator
+from export.config import DEFAULT_CONFIG, ModelConfig
+from export.repositories import (
+    EVALUATION_OPTION_HELP,
+    MODEL_REPOSITORY,
+    evaluation_beside,
+    onnx_path,
+)
+from export.runtime import make_session
+from export.triton_configs import USER_ENCODER_APPEND, parse
+
+DEFAULT_NEW_EVENTS = 10
+
+
+def served_models(repositories: list[Path]) -> dict[str, list[str]]:
+    """model name -> its input names, from every config.pbtxt of the repositories."""
+    models = {}
+    for repository in repositories:
+        for path in sorted(repository.glob("*/config.pbtxt")):
+            config = parse(path.read_text())
+            models[config.name or path.parent.name] = [i.name for i in config.input]
+    return models
+
+
+def all_tensors(encoder: object, gen: RequestGenerator, length: int, n: int,
+                new_events: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every tensor any model takes for one request (contract, user_id, user_kv, ...), and the
+    append model's own history (the ΔL new events)."""
+    request = gen.request(length, n).as_inputs()
+    history = {k: request[k] for k in c.HISTORY_INPUTS}
+    user_kv, last_ts = encoder.run(None, history)
+    tensors = {**request, c.USER_ID: np.array([gen.user_id()], dtype=np.int64),
+               c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts}
+    cut = max(length - new_events, 0)
+    cached_kv, cached_ts = encoder.run(None, {k: v[:cut] for k, v in history.items()})
+    if cut == 0:
+        cached_ts = np.zeros(1, dtype=np.int64)  # the contract's "no cached event"
+    tensors.update({c.CACHED_USER_KV: cached_kv, c.CACHED_LAST_EVENT_TIMESTAMP: cached_ts})
+    return tensors, {k: v[cut:] for k, v in history.items()}
+
+
+def write_inputs(out: Path, repositories: list[Path], cfg: ModelConfig, length: int, n: int,
+                 count: int, new_events: int, seed: int,
+                 only: list[str] | None = None) -> dict[str, Path]:
+    """`<out>/<model>.json` for every served model (or those in `only`): `count` entries each."""
+    models = served_models(repositories)
+    unknown = sorted(set(only or []) - set(models))
+    if unknown:
+        raise ValueError(f"no such model in {[str(r) for r in repositories]}: {unknown}")
+    encoder = make_session(onnx_path(repositories[0], "user_encoder"))
+    gen = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim)
+    rows = [all_tensors(encoder, gen, length, n, new_events) for _ in range(count)]
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for model, inputs in models.items():
+        if only and model not in only:
+            continue
+        entries = []
+        for tensors, appended in rows:
+            source = {**tensors, **appended} if model == USER_ENCODER_APPEND else tensors
+            entries.append({name: source[name] for name in inputs})
+        written[model] = out / f"{model}.json"
+        write_input_data(written[model], entries)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.perf_inputs",
+                                description=__doc__.split("\n\n")[0] + " Writes <out>/<model>"
+                                ".json for `perf_analyzer -m MODEL --input-data FILE`.")
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON files")
+    p.add_argument("--length", type=int, default=1000, help="history events L (default 1000)")
+    p.add_argument("--candidates", type=int, default=50, help="candidates N (default 50)")
+    p.add_argument("--new-events", type=int, default=DEFAULT_NEW_EVENTS,
+                   help="ΔL of user_encoder_append's entries (default %(default)s)")
+    p.add_argument("--requests", type=int, default=2,
+                   help="distinct entries per file, sent round-robin (default %(default)s; a "
+                        "user_kv entry is layers x 2 x L x d_model floats of JSON)")
+    p.add_argument("--models", default="",
+                   help="comma-separated models (default: every served model)")
+    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
+                   help="serving repository (its user_encoder computes user_kv; default "
+                        "%(default)s)")
+    p.add_argument("--evaluation-repository", type=Path, default=None,
+                   help=EVALUATION_OPTION_HELP)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="model config the repository was exported from (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.length < 0 or args.candidates < 0 or args.requests < 1 or args.new_events < 1:
+        p.error("--length and --candidates must be >= 0, --requests and --new-events >= 1")
+    repositories = [args.repository,
+                    args.evaluation_repository or evaluation_beside(args.repository)]
+    if not onnx_path(args.repository, "user_encoder").exists():
+        print(f"perf_inputs: error: no {onnx_path(args.repository, 'user_encoder')}: run "
+              "`python -m export` first", file=sys.stderr)
+        return 2
+    repositories = [r for r in repositories if r.is_dir()]
+    try:
+        written = write_inputs(args.out, repositories, ModelConfig.load(args.config),
+                               args.length, args.candidates, args.requests, args.new_events,
+                               args.seed, [m for m in args.models.split(",") if m])
+    except ValueError as e:
+        print(f"perf_inputs: error: {e}", file=sys.stderr)
+        return 2
+    for model, path in written.items():
+        print(f"perf_inputs: {model}: {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+              f"L={args.length} N={args.candidates})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
