@@ -343,9 +343,9 @@ class HSTURanker(nn.Module):
         # One dummy candidate rides in front and is dropped: N = 0 stays a non-empty batch.
         items = torch.cat([torch.zeros(1, dtype=torch.int64), candidate_item_ids])
         x = self._embed_candidates(items)
-        n, length = x.shape[0], user_k.shape[2]
-        q_pos = torch.zeros(n, dtype=torch.int64) + length
-        q_time = torch.zeros(n, dtype=torch.int64) + request_timestamp.reshape(1)
+        length = user_k.shape[2]
+        q_pos = torch.zeros_like(items) + length
+        q_time = torch.zeros_like(items) + request_timestamp.reshape(1)
         for i, layer in enumerate(self.layers):
             u, v, q, k = layer.project(x)
             hist = layer.attend(q, user_k[i], user_v[i], q_pos, q_time, user_timestamps)
