@@ -45,18 +45,26 @@ def position_bucket(rel: Tensor, buckets: int) -> Tensor:
 
 
 def time_bucket(dt: Tensor, buckets: int) -> Tensor:
-    """int64 time differences (seconds) -> [0, buckets): 0 for no gap, then log2-spaced."""
-    d = dt.abs().clamp(0, 2 ** (buckets - 2))
-    lg = torch.floor(torch.log(d.clamp(min=1).double()) * _LOG2_SCALE + _LOG2_EPS)
-    return torch.where(d == 0, 0, lg.long() + 1)
+    """float64 time differences (seconds) -> float64 buckets in [0, buckets): 0 for no gap,
+    then log2-spaced."""
+    d = dt.abs().clamp(max=2 ** (buckets - 2))
+    lg = torch.floor(torch.log(d.clamp(min=1)) * _LOG2_SCALE + _LOG2_EPS)
+    return lg + d.clamp(max=1)  # d = 0: log2(1) + 0 = bucket 0
+
+
+def combined_table(pos_table: Tensor, time_table: Tensor) -> Tensor:
+    """[H, P] and [H, T] -> [H, P*T], entry p*T + t = pos_table[p] + time_table[t]: one Gather
+    per block instead of two (Gather is the attention's costliest op in ONNX Runtime)."""
+    return (pos_table[:, :, None] + time_table[:, None, :]).reshape(pos_table.shape[0], -1)
 
 
 def relative_bias(q_pos: Tensor, q_time: Tensor, k_pos: Tensor, k_time: Tensor,
                   pos_table: Tensor, time_table: Tensor) -> Tensor:
     """Queries [M] x keys [K] -> bias [H, M, K] from the tables [H, P] and [H, T]."""
+    buckets = time_table.shape[1]
     pb = position_bucket(q_pos[:, None] - k_pos[None, :], pos_table.shape[1])
-    tb = time_bucket(q_time[:, None] - k_time[None, :], time_table.shape[1])
-    return pos_table[:, pb] + time_table[:, tb]
+    tb = time_bucket(q_time.double()[:, None] - k_time.double()[None, :], buckets)
+    return combined_table(pos_table, time_table)[:, pb * buckets + tb.long()]
 
 
 def _eager(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_time: Tensor, k_time: Tensor,
@@ -74,7 +82,7 @@ def _eager(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_time: Tensor, k_tim
             pos, q_time[s:e], k_pos, k_time[:lim], pos_table, time_table)
         w = torch.nn.functional.silu(z)
         if causal:
-            w = torch.where(k_pos[None, :] <= pos[:, None], w, 0.0)
+            w = w * (k_pos[None, :] <= pos[:, None]).to(w.dtype)
         out.append((w @ v[:, :lim]) / norm)
     if not out:
         return q.new_zeros((q.shape[0], 0, v.shape[2]))
@@ -103,14 +111,12 @@ def _tables_buckets(table) -> int:
 
 
 def _time_bucket_graph(b, dt, buckets: int):
-    """tb(dt) in ONNX ops, the same arithmetic as `time_bucket`."""
-    c = lambda value, dtype=torch.int64: _onnx_const(b, value, dtype)  # noqa: E731
-    d = b.op("Min", b.op("Max", b.op("Abs", dt), c(0)), c(2 ** (buckets - 2)))
-    x = b.op("Cast", b.op("Max", d, c(1)), to_i=11)  # 11: DOUBLE
-    lg = b.op("Floor", b.op("Add", b.op("Mul", b.op("Log", x), c(_LOG2_SCALE, torch.float64)),
-                            c(_LOG2_EPS, torch.float64)))
-    bucket = b.op("Add", b.op("Cast", lg, to_i=7), c(1))  # 7: INT64
-    return b.op("Where", b.op("Equal", d, c(0)), c(0), bucket)
+    """tb(dt) in ONNX ops on float64, the same arithmetic as `time_bucket`."""
+    c = lambda value: _onnx_const(b, value, torch.float64)  # noqa: E731
+    d = b.op("Min", b.op("Abs", dt), c(2.0 ** (buckets - 2)))
+    lg = b.op("Floor", b.op("Add", b.op("Mul", b.op("Log", b.op("Max", d, c(1.0))),
+                                        c(_LOG2_SCALE)), c(_LOG2_EPS)))
+    return b.op("Add", lg, b.op("Min", d, c(1.0)))
 
 
 def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float, block: int,
@@ -126,9 +132,19 @@ def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float,
     bs = g.op("Max", g.op("Div", g.op("Sub", g.op("Add", m, nb), one), nb), one)
     pad = g.op("Sub", g.op("Mul", nb, bs), m)
     qp = g.op("Pad", q, g.op("Concat", zero, zero, zero, zero, pad, zero, axis_i=0))
-    pos_p = g.op("Pad", q_pos, g.op("Concat", zero, pad, axis_i=0))
-    time_p = g.op("Pad", q_time, g.op("Concat", zero, pad, axis_i=0))
+    pos_p = g.op("Pad", q_pos, g.op("Concat", zero, pad, axis_i=0))  # int64: the key limit
+    # Bucket arithmetic in floating point, where ONNX Runtime's elementwise kernels are
+    # vectorised (its int64 ones are several times slower): positions in float32 (exact below
+    # 2^24), times in float64 (exact for |t| < 2^53; see the module docstring).
+    # (Cast before Pad: ORT's optimiser warns when it cannot reorder a Cast read by the loop.)
+    rows = g.op("Concat", zero, pad, axis_i=0)
+    pos_f = g.op("Pad", g.op("Cast", q_pos, to_i=1), rows)  # 1: FLOAT
+    time_p = g.op("Pad", g.op("Cast", q_time, to_i=11), rows)  # 11: DOUBLE
+    k_time_d = g.op("Cast", k_time, to_i=11)  # 11: DOUBLE
     kt = g.op("Transpose", k, perm_i=[0, 2, 1])  # [H, a, Lk]
+    table = g.op("Reshape", g.op("Add", g.op("Unsqueeze", pos_table, c([2])),
+                                 g.op("Unsqueeze", time_table, c([1]))),
+                 c([0, -1]))  # [H, P*T], as combined_table
     loop = g.op("Loop", g.op("Squeeze", nb, zero), c(True, torch.bool), outputs=1)
     body = loop.node().addBlock()
     b = dataclasses.replace(g, block=body)
@@ -144,20 +160,21 @@ def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float,
         lim = b.op("Min", b.op("Add", b.op("ReduceMax", pos, keepdims_i=1), cb([1])), length)
     else:
         lim = length
-    k_pos = b.op("Range", cb(0), b.op("Squeeze", lim, cb([0])), cb(1))  # [lim]
+    f32 = lambda value: _onnx_const(b, value, torch.float32)  # noqa: E731
+    k_pos = b.op("Range", f32(0.0), b.op("Cast", b.op("Squeeze", lim, cb([0])), to_i=1),
+                 f32(1.0))  # [lim], float32
     z = b.op("MatMul", qb, b.op("Slice", kt, cb([0]), lim, cb([2])))  # [H, bs, lim]
-    rel = b.op("Sub", b.op("Unsqueeze", pos, cb([1])), b.op("Unsqueeze", k_pos, cb([0])))
-    pb = b.op("Min", b.op("Max", rel, cb(0)), cb(pos_buckets - 1))
+    rel = b.op("Sub", b.op("Unsqueeze", b.op("Slice", pos_f, s, e, cb([0])), cb([1])),
+               b.op("Unsqueeze", k_pos, cb([0])))  # [bs, lim]
+    pb = b.op("Min", b.op("Max", rel, f32(0.0)), f32(float(pos_buckets - 1)))
     dt = b.op("Sub", b.op("Unsqueeze", times, cb([1])),
-              b.op("Unsqueeze", b.op("Slice", k_time, cb([0]), lim, cb([0])), cb([0])))
-    tb = _time_bucket_graph(b, dt, time_buckets)
-    z = b.op("Add", b.op("Add", z, b.op("Gather", pos_table, pb, axis_i=1)),
-             b.op("Gather", time_table, tb, axis_i=1))
+              b.op("Unsqueeze", b.op("Slice", k_time_d, cb([0]), lim, cb([0])), cb([0])))
+    tb = b.op("Cast", _time_bucket_graph(b, dt, time_buckets), to_i=1)
+    index = b.op("Cast", b.op("Add", b.op("Mul", pb, f32(float(time_buckets))), tb), to_i=7)
+    z = b.op("Add", z, b.op("Gather", table, index, axis_i=1))
     w = b.op("Mul", z, b.op("Sigmoid", z))  # SiLU (no SiLU op at opset 17)
-    if causal:
-        visible = b.op("LessOrEqual", b.op("Unsqueeze", k_pos, cb([0])),
-                       b.op("Unsqueeze", pos, cb([1])))
-        w = b.op("Where", visible, w, cb(0.0, torch.float32))
+    if causal:  # a 0/1 factor: cheaper than Where in ONNX Runtime, and exact
+        w = b.op("Mul", w, b.op("Cast", b.op("GreaterOrEqual", rel, f32(0.0)), to_i=1))
     vb = b.op("Slice", v, cb([0]), lim, cb([1]))
     ob = b.op("Div", b.op("MatMul", w, vb), cb(float(norm), torch.float32))  # [H, bs, b]
     body.registerOutput(b.op("Identity", cond))
