@@ -93,6 +93,9 @@ class HSTUConfig:
             value = getattr(self, f.name)
             if f.name != "seed" and isinstance(value, int) and value <= 0:
                 raise HSTUConfigError(f"{f.name} must be a positive integer, got {value}")
+        if self.max_history >= 2**24:
+            raise HSTUConfigError(f"max_history must be below 2^24 (positions are exact in "
+                                  f"float32 below it), got {self.max_history}")
         if not 2 <= self.time_buckets <= MAX_TIME_BUCKETS:
             raise HSTUConfigError(f"time_buckets must be in [2, {MAX_TIME_BUCKETS}] (bucket 0 "
                                   f"is 'same second'; the log2 stays exact), got "

@@ -11,13 +11,17 @@ of keys or of query rows simply adds up, and no log-sum-exp merge is needed (the
 model's export/attention.py needs its "sink" for that). `norm` is a length constant
 (max_history), as HSTU divides by its maximum sequence length.
 
-Buckets, exact integers on every runtime (a bucket that flips between torch and ONNX Runtime
+Buckets, the same integers on every runtime (a bucket that flips between torch and ONNX Runtime
 would move a score far past any tolerance):
-* pb(r) = clamp(r, 0, P - 1): the relative position, one learned value per distance up to P-1;
-* tb(dt) = 0 for dt = 0, else 1 + floor(log2(min(|dt|, 2^(T-2)))): log-spaced time buckets. The
-  log runs in float64 on a value clamped to <= 2^29 plus 1e-10: float64's error in
-  log(x)/log(2) is ~1e-14, while log2 of an integer below 2^29 that is not a power of two lies at
-  least 2.7e-9 below the next integer, so the floor is the integer floor(log2) on any libm.
+* pb(r) = clamp(r, 0, P - 1): the relative position, one learned value per distance up to P-1
+  (computed in float32 in the graph: exact for positions below 2^24);
+* tb(dt) = 0 for dt = 0, else 1 + floor(log2(min(|dt|, 2^(T-2)))): log-spaced time buckets,
+  dt = float64(t_i) - float64(t_j) (exact for |t| < 2^53, so for any unix-seconds timestamp;
+  beyond, the rounding is IEEE's and identical everywhere). The value reaching the log is an
+  integer in [1, 2^29]; float64's error in log(x)/log(2) is ~1e-14, while log2 of an integer
+  below 2^29 that is not a power of two lies at least 2.7e-9 below the next integer, so
+  floor(... + 1e-10) is the integer floor(log2) on any libm.
+The two tables are added into one [H, P*T] table and read with one Gather per block.
 
 Memory: queries run in blocks of at most `block` rows (balanced, at least one block: the rows
 padded, the padding dropped), each over the keys it may see: O(block x L) per head, never
