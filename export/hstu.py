@@ -24,15 +24,15 @@ N candidates, H heads, a = attention_dim (Q, K per head), b = hidden_dim (U, V p
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from export.family_io import JsonConfig, load_checkpoint
 from export.hstu_attention import (
     MAX_TIME_BUCKETS,
     pointwise_attention,
@@ -65,7 +65,7 @@ class HSTUConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class HSTUConfig:
+class HSTUConfig(JsonConfig):
     """Hyper-parameters. Table sizes are hash buckets (ids map by floor modulo, so any int64
     id, negative or extreme, is valid). `attention_block` is the query rows per attention block:
     memory O(attention_block x L), never [L, L]."""
@@ -87,6 +87,8 @@ class HSTUConfig:
     max_candidates: int = 20_000
     naive_max_work: int = 2**24
     seed: int = 0
+    error: ClassVar[type[ValueError]] = HSTUConfigError
+    kind: ClassVar[str] = "HSTU"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -103,31 +105,6 @@ class HSTUConfig:
         if len(self.task_names) != self.num_tasks:
             raise HSTUConfigError(f"task_names has {len(self.task_names)} names but num_tasks "
                                   f"is {self.num_tasks}")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "task_names": list(self.task_names)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> HSTUConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise HSTUConfigError(f"unknown HSTU config keys: {unknown}; known: {sorted(known)}")
-        data = dict(data)
-        if "task_names" in data:
-            data["task_names"] = tuple(data["task_names"])
-        elif "num_tasks" in data:
-            data["task_names"] = tuple(f"task{i}" for i in range(data["num_tasks"]))
-        return cls(**data)
-
-    @classmethod
-    def load(cls, path: str | Path) -> HSTUConfig:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise HSTUConfigError(f"HSTU config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise HSTUConfigError(f"HSTU config {path} is not valid JSON: {e}") from None
 
 
 def hstu_contract(cfg: HSTUConfig) -> SplitContract:
@@ -361,11 +338,5 @@ def build_hstu(cfg: HSTUConfig, checkpoint: str | None = None) -> HSTURanker:
     torch.manual_seed(cfg.seed)
     model = HSTURanker(cfg)
     if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {checkpoint} does not match the HSTU config: missing "
-                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+        load_checkpoint(model, checkpoint)
     return model.eval()

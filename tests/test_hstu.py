@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.config import ModelConfig
+from export.config import CONFIG_DIR, ModelConfig
 from export.guards import append_rule, length_rule
 from export.hstu import HSTUConfig, HSTUConfigError, build_hstu, hstu_contract
 from export.hstu_attention import time_bucket
@@ -324,6 +324,22 @@ def test_bad_hstu_configs_are_refused(tmp_path: Path) -> None:
                              "--output", str(tmp_path / "out")], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "num_heads must be a positive integer" in result.stderr
+
+
+def test_shipped_config_and_checkpoints(tmp_path: Path) -> None:
+    """The example config loads; a checkpoint round-trips; another family's is refused."""
+    cfg = HSTUConfig.load(CONFIG_DIR / "hstu_causal.json")
+    assert cfg.max_history >= 1024 and cfg.d_model >= 128 and cfg.num_heads >= 4
+    model = build_hstu(CFG)
+    path = tmp_path / "hstu.pt"
+    torch.save(model.state_dict(), path)
+    loaded = build_hstu(dataclasses.replace(CFG, seed=CFG.seed + 1), str(path))
+    request = as_torch(random_request(np.random.default_rng(4), 30, 4))
+    with torch.no_grad():
+        assert torch.equal(naive_scores(model, request), naive_scores(loaded, request))
+    torch.save(build_model(ModelConfig(**{**SMALL, "mask": "causal"})).state_dict(), path)
+    with pytest.raises(ValueError, match="does not match"):
+        build_hstu(CFG, str(path))
 
 
 # ----------------------------------------------------------------------------- memory
