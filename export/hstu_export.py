@@ -21,7 +21,9 @@ from pathlib import Path
 import onnx
 import torch
 from torch import Tensor, nn
+from tritonclient.grpc import model_config_pb2 as mc
 
+from client.contract import TensorSpec
 from export.guards import (
     _attach,
     _Builder,
@@ -34,6 +36,7 @@ from export.guards import (
 from export.hstu import HSTUConfig, HSTURanker, build_hstu
 from export.onnx_export import OPSET
 from export.split_contract import SplitContract
+from export.triton_configs import _inputs, _outputs, _set_backend
 
 GRAPHS = ("user_encoder", "target_fusion", "ranker_naive", "user_encoder_append")
 # Names of the dynamic axes in the graphs: the request's L and N, the kept history of a state
@@ -78,6 +81,34 @@ def tensor_dims(contract: SplitContract, graph: str) -> dict[str, list[int | str
         dims[s.name] = ["L_kept" if d == "L" else d for d in s.dims]
         dims[s.cached_name] = ["P" if d == "L" else d for d in s.dims]
     return dims
+
+
+def graph_specs(contract: SplitContract, graph: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's inputs and outputs as the request contract's TensorSpecs (-1: variable)."""
+    dims = tensor_dims(contract, graph)
+    dtypes = {f.name: f.dtype for f in contract.features}
+    dtypes.update({o.name: o.dtype for o in contract.outputs})
+    for s in contract.state:
+        dtypes[s.name] = dtypes[s.cached_name] = s.dtype
+    docs = {t.name: t.doc for t in (*contract.features, *contract.state, *contract.outputs)}
+    docs.update({s.cached_name: f"cached {s.name}" for s in contract.state})
+
+    def spec(name: str) -> TensorSpec:
+        return TensorSpec(name, dtypes[name], tuple(-1 if isinstance(d, str) else d
+                                                    for d in dims[name]), docs[name])
+
+    inputs, outputs = graph_io(contract, graph)
+    return [spec(n) for n in inputs], [spec(n) for n in outputs]
+
+
+def native_model_config(contract: SplitContract, graph: str) -> mc.ModelConfig:
+    """The graph's Triton config for the native onnxruntime backend (GPU instance, no batch
+    axis), derived from the declaration: what export/native_rules.py holds against the graph."""
+    inputs, outputs = graph_specs(contract, graph)
+    config = mc.ModelConfig(name=graph, max_batch_size=0, input=_inputs(inputs),
+                            output=_outputs(outputs))
+    _set_backend(config, "production", tensorrt_fp16=False)
+    return config
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:

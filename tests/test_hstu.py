@@ -18,8 +18,9 @@ from export.config import CONFIG_DIR, ModelConfig
 from export.guards import append_rule, length_rule
 from export.hstu import HSTUConfig, HSTUConfigError, build_hstu, hstu_contract
 from export.hstu_attention import time_bucket
-from export.hstu_export import GRAPHS, export_all, export_graph, graph_io
+from export.hstu_export import GRAPHS, export_all, export_graph, graph_io, native_model_config
 from export.model import build_model
+from export.native_rules import check_model
 from export.runtime import make_session
 from export.split_contract import (
     CANDIDATES,
@@ -79,6 +80,7 @@ class Graphs:
 
     def __init__(self, model, directory: Path) -> None:
         self.contract = model.contract()
+        self.directory = directory
         self.sessions = {g: make_session(directory / g / "1" / "model.onnx") for g in GRAPHS}
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -178,6 +180,15 @@ def test_time_buckets_agree_at_powers_of_two(hstu) -> None:
         torch_state = model.encode_user(*(as_torch(request)[h] for h in history))
     for onnx_t, torch_t in zip(graphs.run("user_encoder", request), torch_state, strict=True):
         assert max_diff(onnx_t, torch_t.numpy()) <= TOLERANCE
+
+
+def test_graphs_meet_the_native_backend_rules(hstu) -> None:
+    """Configs derived from the declaration load on Triton's native onnxruntime backend: its
+    config-vs-graph rules (export/native_rules.py) hold for all four graphs."""
+    model, graphs = hstu
+    for graph in GRAPHS:
+        config = native_model_config(model.contract(), graph)
+        assert check_model(config, graphs.directory / graph / "1" / "model.onnx") == [], graph
 
 
 # ----------------------------------------------------------------------------- semantics
