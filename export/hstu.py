@@ -141,8 +141,8 @@ def hstu_contract(cfg: HSTUConfig) -> SplitContract:
 
 
 def _heads(x: Tensor, h: int, e: int) -> Tensor:
-    """[T, H*e] -> [H, T, e] (the last dims constants: no -1 for T = 0)."""
-    return x.reshape(x.shape[0], h, e).transpose(0, 1)
+    """[..., T, H*e] -> [..., H, T, e] (the new dims constants: no -1, which T = 0 breaks)."""
+    return x.reshape(*x.shape[:-1], h, e).transpose(-3, -2)
 
 
 class HSTULayer(nn.Module):
@@ -163,14 +163,15 @@ class HSTULayer(nn.Module):
         self.time_bias = nn.Parameter(torch.randn(h, cfg.time_buckets) * 0.5)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x [T, d] -> U [T, H*b], V [H, T, b], Q (scaled) [H, T, a], K [H, T, a]."""
+        """x [..., T, d] -> U [..., T, H*b], V [..., H, T, b], Q (scaled) [..., H, T, a],
+        K [..., H, T, a]."""
         h, a, b = self.h, self.a, self.b
         u, v, q, k = F.silu(self.uvqk(self.in_norm(x))).split([h * b, h * b, h * a, h * a], -1)
         return u, _heads(v, h, b), _heads(q * self.scale, h, a), _heads(k, h, a)
 
     def finish(self, x: Tensor, attn: Tensor, u: Tensor) -> Tensor:
-        """Residual output: x + Linear(LayerNorm(attn) * U), attn [H, T, b]."""
-        merged = attn.transpose(0, 1).reshape(x.shape[0], self.h * self.b)
+        """Residual output: x + Linear(LayerNorm(attn) * U), attn [..., H, T, b]."""
+        merged = attn.transpose(-3, -2).reshape(*x.shape[:-1], self.h * self.b)
         return x + self.out(self.out_norm(merged) * u)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_time: Tensor,
@@ -214,12 +215,17 @@ class HSTURanker(nn.Module):
         return hstu_contract(self.cfg)
 
     # ---------------------------------------------------------------- features
-    def _kept_events(self, items: Tensor, actions: Tensor, timestamps: Tensor,
-                     dwell: Tensor) -> tuple[Tensor, Tensor]:
-        """The newest max_history events: ids [L', 3] (item, action, timestamp), dwell [L'].
-        Stacking makes unequal lengths an error (torch and ONNX) instead of a broadcast."""
+    @staticmethod
+    def _events(items: Tensor, actions: Tensor, timestamps: Tensor,
+                dwell: Tensor) -> tuple[Tensor, Tensor]:
+        """History features -> ids [L, 3] (item, action, timestamp) and dwell [L]. Stacking
+        makes unequal lengths an error (torch and ONNX) instead of a silent broadcast."""
         events = torch.stack([items, actions, timestamps], dim=1)
-        dwell = torch.stack([dwell, items.to(dwell.dtype)], dim=1)[:, 0]
+        return events, torch.stack([dwell, items.to(dwell.dtype)], dim=1)[:, 0]
+
+    def _kept_events(self, *history: Tensor) -> tuple[Tensor, Tensor]:
+        """The newest max_history events (see _events)."""
+        events, dwell = self._events(*history)
         keep = self.cfg.max_history
         return events[-keep:], dwell[-keep:]
 
@@ -255,17 +261,10 @@ class HSTURanker(nn.Module):
         times = torch.cat([events[:, 2], request_timestamp.reshape(1)])
         visible = pos[None, :] <= pos[:, None]
         for layer in self.layers:
-            h, a, b = layer.h, layer.a, layer.b
             bias = relative_bias(pos, times, pos, times, layer.pos_bias, layer.time_bias)
-            u, v, q, k = F.silu(layer.uvqk(layer.in_norm(x))).split(
-                [h * b, h * b, h * a, h * a], -1)
-            q, k, v = (t.reshape(n, length + 1, h, e).transpose(1, 2)
-                       for t, e in ((q, a), (k, a), (v, b)))  # [N, H, T, e]
-            z = (q * layer.scale) @ k.transpose(-1, -2) + bias
-            w = torch.where(visible, F.silu(z), 0.0)
-            attn = (w @ v) / layer.norm  # [N, H, T, b]
-            merged = attn.transpose(1, 2).reshape(n, length + 1, h * b)
-            x = x + layer.out(layer.out_norm(merged) * u)
+            u, v, q, k = layer.project(x)  # [N, H, T, e]: N copies of the history
+            w = torch.where(visible, F.silu(q @ k.transpose(-1, -2) + bias), 0.0)
+            x = layer.finish(x, (w @ v) / layer.norm, u)
         return self._head(x[1:, -1])
 
     def encode_user(self, history_item_ids: Tensor, history_action_ids: Tensor,
@@ -308,9 +307,8 @@ class HSTURanker(nn.Module):
         if not torch.jit.is_tracing() and prefix + new > self.cfg.max_history:
             raise ValueError(f"append: {prefix} cached + {new} new events exceed max_history="
                              f"{self.cfg.max_history}: re-encode with encode_user")
-        events = torch.stack([history_item_ids, history_action_ids, history_timestamps], dim=1)
-        dwell = torch.stack([history_dwell_seconds,
-                             history_item_ids.to(history_dwell_seconds.dtype)], dim=1)[:, 0]
+        events, dwell = self._events(history_item_ids, history_action_ids, history_timestamps,
+                                     history_dwell_seconds)
         x = self._embed_events(events, dwell)
         times = torch.cat([cached_user_timestamps, events[:, 2]])
         q_pos = torch.arange(x.shape[0]) + prefix
