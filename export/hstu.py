@@ -175,10 +175,12 @@ class HSTULayer(nn.Module):
         return x + self.out(self.out_norm(merged) * u)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_time: Tensor,
-               k_time: Tensor) -> Tensor:
-        """Blocked causal pointwise attention over history keys (linear memory)."""
+               k_time: Tensor, shared: bool = False) -> Tensor:
+        """Blocked causal pointwise attention over history keys (linear memory); `shared`:
+        all queries at one position and time (the candidates)."""
         return pointwise_attention(q, k, v, q_pos, q_time, k_time, self.pos_bias,
-                                   self.time_bias, self.norm, self.block, causal=True)
+                                   self.time_bias, self.norm, self.block, causal=True,
+                                   shared=shared)
 
     def self_term(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Each candidate's attention to its own key: same position, same time (buckets 0)."""
@@ -326,7 +328,8 @@ class HSTURanker(nn.Module):
         q_time = torch.zeros_like(items) + request_timestamp.reshape(1)
         for i, layer in enumerate(self.layers):
             u, v, q, k = layer.project(x)
-            hist = layer.attend(q, user_k[i], user_v[i], q_pos, q_time, user_timestamps)
+            hist = layer.attend(q, user_k[i], user_v[i], q_pos, q_time, user_timestamps,
+                                shared=True)
             x = layer.finish(x, hist + layer.self_term(q, k, v), u)
         return self._head(x)[1:]
 

@@ -73,17 +73,18 @@ def relative_bias(q_pos: Tensor, q_time: Tensor, k_pos: Tensor, k_time: Tensor,
 
 def _eager(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_time: Tensor, k_time: Tensor,
            pos_table: Tensor, time_table: Tensor, norm: float, block: int,
-           causal: bool) -> Tensor:
+           causal: bool, shared: bool) -> Tensor:
     """The blocked computation in torch: [H, M, a] queries -> [H, M, b]."""
     m, length = q.shape[1], k.shape[1]
     out = []
     for s in range(0, m, block):
         e = min(s + block, m)
-        pos = q_pos[s:e]
+        rows = slice(s, s + 1) if shared else slice(s, e)  # shared: one bias row for all
+        pos = q_pos[rows]
         lim = min(length, int(pos.max()) + 1) if causal else length
         k_pos = torch.arange(lim)
         z = q[:, s:e] @ k[:, :lim].transpose(1, 2) + relative_bias(
-            pos, q_time[s:e], k_pos, k_time[:lim], pos_table, time_table)
+            pos, q_time[rows], k_pos, k_time[:lim], pos_table, time_table)
         w = torch.nn.functional.silu(z)
         if causal:
             w = w * (k_pos[None, :] <= pos[:, None]).to(w.dtype)
@@ -99,14 +100,15 @@ class _PointwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float,
-                block: int, causal: bool):
-        return _eager(q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm, block, causal)
+                block: int, causal: bool, shared: bool):
+        return _eager(q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm, block, causal,
+                      shared)
 
     @staticmethod
     def symbolic(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm, block,
-                 causal):
+                 causal, shared):
         return _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm, block,
-                     causal)
+                     causal, shared)
 
 
 def _tables_buckets(table) -> int:
@@ -124,9 +126,10 @@ def _time_bucket_graph(b, dt, buckets: int):
 
 
 def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float, block: int,
-          causal: bool):
+          causal: bool, shared: bool):
     """[H, M, a] -> [H, M, b] as an ONNX Loop over nb = max(1, ceil(M / block)) blocks of
-    bs = ceil(M / nb) rows; padded rows (position 0, time 0) are computed and dropped."""
+    bs = ceil(M / nb) rows; padded rows (position 0, time 0) are computed and dropped. With
+    `shared` the bias and mask come from each block's first row (a real one whenever M > 0)."""
     c = lambda value, dtype=torch.int64: _onnx_const(g, value, dtype)  # noqa: E731
     pos_buckets, time_buckets = _tables_buckets(pos_table), _tables_buckets(time_table)
     zero, one = c([0]), c([1])
@@ -158,8 +161,9 @@ def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float,
     s = b.op("Mul", b.op("Unsqueeze", it, cb([0])), bs)
     e = b.op("Add", s, bs)
     qb = b.op("Slice", qp, s, e, cb([1]))  # [H, bs, a]
-    pos = b.op("Slice", pos_p, s, e, cb([0]))  # [bs]
-    times = b.op("Slice", time_p, s, e, cb([0]))
+    e_bias = b.op("Add", s, cb([1])) if shared else e  # the rows the bias is computed for
+    pos = b.op("Slice", pos_p, s, e_bias, cb([0]))  # [bs] (shared: [1])
+    times = b.op("Slice", time_p, s, e_bias, cb([0]))
     if causal:  # keys up to the block's last visible one
         lim = b.op("Min", b.op("Add", b.op("ReduceMax", pos, keepdims_i=1), cb([1])), length)
     else:
@@ -168,7 +172,7 @@ def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float,
     k_pos = b.op("Range", f32(0.0), b.op("Cast", b.op("Squeeze", lim, cb([0])), to_i=1),
                  f32(1.0))  # [lim], float32
     z = b.op("MatMul", qb, b.op("Slice", kt, cb([0]), lim, cb([2])))  # [H, bs, lim]
-    rel = b.op("Sub", b.op("Unsqueeze", b.op("Slice", pos_f, s, e, cb([0])), cb([1])),
+    rel = b.op("Sub", b.op("Unsqueeze", b.op("Slice", pos_f, s, e_bias, cb([0])), cb([1])),
                b.op("Unsqueeze", k_pos, cb([0])))  # [bs, lim]
     pb = b.op("Min", b.op("Max", rel, f32(0.0)), f32(float(pos_buckets - 1)))
     dt = b.op("Sub", b.op("Unsqueeze", times, cb([1])),
@@ -192,12 +196,13 @@ def _loop(g, q, k, v, q_pos, q_time, k_time, pos_table, time_table, norm: float,
 
 def pointwise_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, q_time: Tensor,
                         k_time: Tensor, pos_table: Tensor, time_table: Tensor, norm: float,
-                        block: int, causal: bool) -> Tensor:
+                        block: int, causal: bool, shared: bool = False) -> Tensor:
     """Queries q [H, M, a] (scaled) at positions q_pos [M] (non-decreasing) and times q_time [M]
     against keys k [H, Lk, a], values v [H, Lk, b] of events 0..Lk-1 at times k_time [Lk]
     -> [H, M, b]. pos_table [H, P], time_table [H, T] (T <= MAX_TIME_BUCKETS). Exact, memory
-    O(block x Lk) (module docstring)."""
+    O(block x Lk) (module docstring). `shared`: every query has the same position and time
+    (M-FALCON candidates), so one bias row serves them all."""
     if time_table.shape[1] > MAX_TIME_BUCKETS:
         raise ValueError(f"at most {MAX_TIME_BUCKETS} time buckets (exact float64 log2)")
     return _PointwiseAttention.apply(q, k, v, q_pos, q_time, k_time, pos_table, time_table,
-                                     float(norm), int(block), bool(causal))
+                                     float(norm), int(block), bool(causal), bool(shared))
