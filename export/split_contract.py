@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 # Triton dtype names, as client/contract.TensorSpec uses them.
 DTYPES = ("INT64", "INT32", "FP32", "FP16", "BOOL")
@@ -318,11 +318,13 @@ def reference_contract(cfg) -> SplitContract:
     )
 
 
-class ReferenceSplitModel:
+class ReferenceSplitModel(nn.Module):
     """`RankingTransformer` seen through the SplitModel protocol, its code unchanged: its
-    forwards already take the protocol's argument orders; this adds `contract()`."""
+    forwards already take the protocol's argument orders; this adds `contract()`. A module
+    itself, so that an export traces its weights as weights."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         self.model = model
 
     def contract(self) -> SplitContract:

@@ -18,7 +18,7 @@ from export.config import CONFIG_DIR, ModelConfig
 from export.guards import append_rule, length_rule
 from export.hstu import HSTUConfig, HSTUConfigError, build_hstu, hstu_contract
 from export.hstu_attention import time_bucket
-from export.hstu_export import GRAPHS, export_all, export_graph, graph_io, native_model_config
+from export.hstu_export import export_hstu
 from export.model import build_model
 from export.native_rules import check_model
 from export.runtime import make_session
@@ -36,6 +36,13 @@ from export.split_contract import (
     naive_scores,
     reference_contract,
     split_scores,
+)
+from export.split_export import (
+    GRAPHS,
+    export_all,
+    graph_io,
+    graph_specs,
+    native_model_config,
 )
 from tests.conftest import INT64_MAX, INT64_MIN, SMALL
 
@@ -102,7 +109,7 @@ class Graphs:
 def hstu(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     model = build_hstu(CFG)
     directory = tmp_path_factory.mktemp("hstu")
-    export_all(model, directory)
+    export_hstu(model, directory)
     return model, Graphs(model, directory)
 
 
@@ -261,6 +268,26 @@ def test_both_families_declare_a_valid_contract() -> None:
         check_contract(reference_contract(ModelConfig(**{**SMALL, "mask": "full"})))
 
 
+@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
+def test_reference_declaration_names_its_graphs_io(mask: str) -> None:
+    """The reference declaration, read generically, gives the reference export's own graph
+    inputs and outputs (export/onnx_export.GRAPHS) and its Triton tensor shapes."""
+    from export.onnx_export import GRAPHS as REFERENCE_GRAPHS
+    from export.onnx_export import contract_specs, graphs_for
+
+    cfg = ModelConfig(**{**SMALL, "mask": mask})
+    contract = reference_contract(cfg)
+    specs = contract_specs(cfg)
+    for graph in graphs_for(cfg):
+        if graph == "ranker_base":  # a benchmark reference, not part of the split
+            continue
+        inputs, outputs = graph_specs(contract, graph)
+        assert [t.name for t in inputs] == REFERENCE_GRAPHS[graph].inputs, graph
+        assert [t.name for t in outputs] == REFERENCE_GRAPHS[graph].outputs, graph
+        for t in (*inputs, *outputs):
+            assert (t.dtype, t.dims) == (specs[t.name].dtype, specs[t.name].dims), t.name
+
+
 def test_reference_model_through_the_protocol() -> None:
     """The unchanged reference model, seen through SplitModel: the generic split equals its
     naive oracle, and its declared names are its forwards' argument orders."""
@@ -272,6 +299,46 @@ def test_reference_model_through_the_protocol() -> None:
         split = split_scores(model, as_torch(request)).numpy()
         naive = naive_scores(model, as_torch(request)).numpy()
     assert max_diff(split, naive) <= TOLERANCE
+
+
+def test_reference_model_exports_through_its_declaration(tmp_path: Path) -> None:
+    """The generic export (export/split_export.py) takes the unchanged reference model through
+    its declaration: split == naive in ONNX Runtime, append == full encode; a full-mask
+    reference is refused before anything is written."""
+    model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
+    contract = model.contract()
+    paths = export_all(model, tmp_path, max_candidates=50, naive_max_work=2**24)
+    assert [p.parent.parent.name for p in paths] == list(GRAPHS)
+    sessions = {p.parent.parent.name: make_session(p) for p in paths}
+
+    def run(graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return sessions[graph].run(None, {n: feeds[n] for n in graph_io(contract, graph)[0]})
+
+    from tests.conftest import random_request as reference_request
+
+    for length, n in ((0, 3), (41, 7), (SMALL["max_history"] + 20, 17)):
+        request = reference_request(np.random.default_rng(length), model.model.cfg, length, n)
+        state = dict(zip((s.name for s in contract.state), run("user_encoder", request),
+                         strict=True))
+        with torch.no_grad():
+            oracle = naive_scores(model, as_torch(request)).numpy()
+        assert max_diff(run("target_fusion", {**request, **state})[0], oracle) <= TOLERANCE
+        assert max_diff(run("ranker_naive", request)[0], oracle) <= TOLERANCE
+    history = [f.name for f in contract.history_features]
+    prefix = run("user_encoder", {h: request[h][:10] for h in history})
+    appended = run("user_encoder_append", {
+        **{s.cached_name: t for s, t in zip(contract.state, prefix, strict=True)},
+        **{h: request[h][10:40] for h in history}})
+    full = run("user_encoder", {h: request[h][:40] for h in history})
+    assert all(max_diff(a, b) <= TOLERANCE for a, b in zip(appended, full, strict=True))
+    too_many = {**request, "candidate_item_ids": np.zeros(51, np.int64),
+                "candidate_category_ids": np.zeros(51, np.int64)}
+    with pytest.raises(Exception, match="max_candidates=50"):
+        run("target_fusion", {**too_many, **state})
+    full_mask = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "full"})))
+    with pytest.raises(ContractError, match="depends on which candidate"):
+        export_all(full_mask, tmp_path / "full", max_candidates=50, naive_max_work=2**24)
+    assert not (tmp_path / "full").exists()
 
 
 def _bad(**changes) -> object:
@@ -380,8 +447,8 @@ def test_user_encoder_memory_is_linear_in_history(tmp_path: Path) -> None:
     before the run, as benchmarks/memory.py does): far below one [H, L, L] fp32 score block."""
     length = 8192
     cfg = dataclasses.replace(CFG, num_layers=2, max_history=length)
-    path = tmp_path / "user_encoder.onnx"
-    export_graph(build_hstu(cfg), "user_encoder", path)
+    export_hstu(build_hstu(cfg), tmp_path, ("user_encoder",))
+    path = tmp_path / "user_encoder" / "1" / "model.onnx"
     result = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(length)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
