@@ -1,5 +1,5 @@
 """report.md of a benchmark run: the prose sections (method, headline, where the time goes,
-memory, the notes' formulas) around the numbers of benchmarks/summary.py."""
+memory, the cost-model formulas) around the numbers of benchmarks/summary.py."""
 
 from __future__ import annotations
 
@@ -208,18 +208,18 @@ def _headline(st: State, summary: list[Row]) -> str:
 
 def _seeds_section(st: State, summary: list[Row]) -> str:
     out = [
-        "## In the design notes' form",
+        "## In LONGER's form (throughput drop)",
         "",
         "Throughput drop from adding the long-sequence module: drop = 1 - thr(model) / "
         "thr(ranker_base), at concurrency 1 (throughput = perf_analyzer infer/s). Our base is "
         "tiny (the head alone, well under a millisecond of model time), so both drops are large "
-        "here; the notes' production base was heavy enough that the naive module cost 40 %. "
+        "here; LONGER's production base was heavy enough that the naive module cost 40 %. "
         "The column *shared, seeds-scaled* answers: with a base like theirs, what would our "
         "shared-K/V drop be? With per-request costs 1/thr, the measured sequence-cost ratio is "
         "r = (1/thr_ranker - 1/thr_base) / (1/thr_naive - 1/thr_base); a base whose naive drop is "
         f"D = {SEEDS_NAIVE_DROP:.0%} spends s = 1/(1-D) - 1 = {1 / (1 - SEEDS_NAIVE_DROP) - 1:.3f} "
         "base-costs on the naive sequence module, so the shared module costs r s and "
-        "drop_shared = 1 - 1/(1 + r s). (The notes' 6.8 % corresponds to r = "
+        "drop_shared = 1 - 1/(1 + r s). (LONGER's 6.8 % corresponds to r = "
         f"{_seeds_r():.3f}, a {1 / _seeds_r():.1f}x cheaper sequence module.)",
         "",
     ]
@@ -228,14 +228,15 @@ def _seeds_section(st: State, summary: list[Row]) -> str:
         out.append(f"L = {length}:")
         out.append("")
         out.append(table(
-            ["N", "speedup (measured)", "notes' model N/(0.85+0.15N)", "drop naive",
+            ["N", "speedup (measured)", "fixed-ratio model N/(0.85+0.15N)", "drop naive",
              "drop shared", "r = seq. cost shared / naive", "shared, seeds-scaled (naive 40 %)"],
             [[str(r["n"]), f(r["speedup_p50"], 2),
               f(seeds_model_speedup(float(r["n"])), 2),  # type: ignore[arg-type]
               pct(r["drop_naive"]), pct(r["drop_shared"]), f(r["seq_cost_ratio"], 4),
               pct(r["drop_shared_seeds_scaled"])] for r in rows]))
         out.append("")
-    out.append(f"The notes reported {SEEDS_NAIVE_DROP:.0%} -> {SEEDS_SHARED_DROP:.1%}.")
+    out.append(f"LONGER (ByteDance, RecSys 2025) reported {SEEDS_NAIVE_DROP:.0%} -> "
+               f"{SEEDS_SHARED_DROP:.1%}.")
     return "\n".join(out)
 
 

@@ -170,7 +170,7 @@ def plot(st: State, summary: list[Row], path: Path) -> None:
             ax.plot([r["n"] for r in dr], [r["direct_speedup"] for r in dr], "x", color=colour,
                     ms=7, label=f"in-process ORT, L={length}")
     ax.plot(grid, [seeds_model_speedup(float(n)) for n in grid], "--", color="black",
-            label="design notes' model N/(0.85+0.15N)")
+            label="fixed-ratio model N/(0.85+0.15N)")
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_yscale("log")
