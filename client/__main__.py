@@ -216,9 +216,7 @@ def cmd_returning_user(args: argparse.Namespace) -> int:
               f"{'max|diff|':>10}")
         worst = 0.0
         for label, req in visits:
-            before = client.cache_counts()
-            scores, latency = client.score_with_latency(req, args.model, user_id)
-            path = client.cache_path(before)
+            scores, path, latency = client.score_cached(req, user_id, args.model)
             _, plain = client.score_with_latency(req, "ranker")
             expected = client.score(req, args.oracle)
             diff = float(np.max(np.abs(scores - expected))) if scores.size else 0.0
