@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One user three times through ranker_cached: the first visit "
                                    "(miss), a few new events (append on a causal model), the "
                                    "same history again with new candidates (hit). Prints the "
-                                   "path user_cache took (from Triton's inference statistics), "
+                                   "path user_cache took (its cache_path output), "
                                    "the latency next to ranker's, and the difference to the "
                                    "naive oracle; exits 1 above the tolerance.")
     p.add_argument("--history-length", type=int, default=300, metavar="L",

@@ -148,6 +148,13 @@ def test_max_history_truncation() -> None:
     assert cc2.plan(1, events_of(MAX_HISTORY + 1), V1).path == "miss"  # crosses it
 
 
+def test_a_miss_leaves_room_for_the_next_append() -> None:
+    cc = kv.UserKvCache(capacity_bytes=1 << 30, max_history=16384, max_append=256)
+    assert cc.headroom(0) == 16 and cc.headroom(800) == 116  # L / 8 + 16
+    assert cc.headroom(4000) == 256  # at most max_append
+    assert cc.headroom(16384 - 5) == 5 and cc.headroom(16384) == 0  # never past max_history
+
+
 def test_mixed_weights_are_refused() -> None:
     cc = cache()
     stored(cc, 1, events_of(30))
@@ -206,9 +213,10 @@ class RealEncoders:
             user_kv, last = self.v2.encode_user(*(torch.from_numpy(v) for v in history.values()))
         return user_kv.numpy(), last.numpy()
 
-    async def encode(self, weights: kv.Weights, events: np.ndarray):
+    async def encode(self, weights: kv.Weights, events: np.ndarray, capacity: int):
         await self._enter("encode", weights)
-        return self.full(weights, events)
+        user_kv, last = self.full(weights, events)
+        return kv.in_buffer(user_kv, capacity), last
 
     async def append(self, weights: kv.Weights, cached_kv: np.ndarray, cached_last: np.ndarray,
                      new_events: np.ndarray):
@@ -243,11 +251,16 @@ def test_every_path_equals_a_full_encode(encoders: RealEncoders) -> None:
         for length, expected in ((120, "miss"), (120, "hit"), (121, "append"), (160, "append"),
                                  (160, "hit"), (200, "append")):
             answer = await cc.serve(7, full[:length], encoders.interface())
+            if length == 121:  # the first append wrote into the miss's headroom, in place
+                assert cc.store.get(7).capacity == 120 + cc.headroom(120)
             want_kv, want_last = encoders.full(V1, full[:length])
             assert answer.path == expected, (length, answer.path)
             assert answer.user_kv.shape == want_kv.shape
             assert float(np.abs(answer.user_kv - want_kv).max()) <= 1e-5
             assert answer.last_ts.tolist() == want_last.tolist()
+
+        entry = cc.store.get(7)
+        assert entry.capacity == 237  # 120 + 31 of headroom, grown by 1.25x twice: 189, 237
 
     asyncio.run(story())
     assert cc.counts == {"hit": 2, "append": 3, "miss": 1}

@@ -151,6 +151,7 @@ def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> 
     [sys.executable, "-m", "export.native_rules"], ["scripts/load_test.sh"],
     [sys.executable, "-m", "benchmarks.long_history"], [sys.executable, "-m", "benchmarks.threads"],
     [sys.executable, "-m", "benchmarks.user_cache"], [sys.executable, "-m", "benchmarks.memory"],
+    [sys.executable, "-m", "benchmarks.cache_load"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,

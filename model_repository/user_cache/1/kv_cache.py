@@ -18,8 +18,9 @@ extend an entry with K/V of other weights (`MixedWeightsError`): the caller answ
 as a full miss on the new weights.
 
 Memory: each user's K/V lives in a buffer that grows along the history axis, so an append writes
-only the new events' K/V (O(ΔL)); the LRU is bounded by the bytes the buffers hold (capacity, not
-length), so growth can evict other users.
+only the new events' K/V (O(ΔL)); a miss leaves room for the next append (`headroom`), so the
+first append after it writes in place too. The LRU is bounded by the bytes the buffers hold
+(capacity, not length), so growth can evict other users.
 
 Concurrency: the orchestration (`UserKvCache.serve`) is a coroutine. Requests of different users
 run concurrently (one user's miss never holds another's hit); requests of one user run one after
@@ -73,13 +74,20 @@ class Entry:
     timestamp; `weights` the tag of the weights that produced the K/V."""
 
     def __init__(self, events: np.ndarray, kv: np.ndarray, last_ts: np.ndarray, weights: str,
-                 capacity: int | None = None) -> None:
+                 capacity: int | None = None, adopt: bool = False) -> None:
+        """Copy `events` [L, 3] and `kv` [..., L, dh] into buffers of `capacity` (>= L); with
+        `adopt`, `kv` is already such a buffer ([..., capacity, dh], its first L positions
+        valid) and is kept as it is, without a copy."""
         length = events.shape[0]
-        capacity = max(length, capacity or length)
+        if adopt:
+            capacity = kv.shape[3]
+            assert capacity >= length
+            self.kv = kv
+        else:
+            capacity = max(length, capacity or length)
+            self.kv = in_buffer(kv[:, :, :, :length], capacity)
         self.events = np.empty((capacity, EVENT_COLUMNS), np.int64)
-        self.kv = np.empty((*kv.shape[:3], capacity, kv.shape[4]), kv.dtype)
         self.events[:length] = events
-        self.kv[:, :, :, :length] = kv
         self.last_ts = np.array(last_ts, np.int64).reshape(1)
         self.length = length
         self.weights = weights
@@ -114,6 +122,13 @@ class Entry:
         self.kv[:, :, :, start:stop] = new_kv
         self.last_ts = np.array(last_ts, np.int64).reshape(1)
         self.length = stop
+
+
+def in_buffer(kv: np.ndarray, capacity: int) -> np.ndarray:
+    """A new buffer [layers, 2, H, capacity, dh] whose first kv.shape[3] positions hold `kv`."""
+    buffer = np.empty((*kv.shape[:3], capacity, kv.shape[4]), kv.dtype)
+    buffer[:, :, :, :kv.shape[3]] = kv
+    return buffer
 
 
 class LruStore:
@@ -178,14 +193,16 @@ def stack_events(item_ids: np.ndarray, action_ids: np.ndarray,
 class Encoders:
     """What the cache needs from the serving side, as coroutines:
     `resolve()` -> the Weights served now (raises when no encoder version is ready);
-    `encode(weights, events [L, 3])` -> (user_kv [layers, 2, H, L', dh], last_ts [1]);
+    `encode(weights, events [L, 3], capacity)` -> (user_kv of the L' kept events in a buffer
+    [layers, 2, H, capacity, dh] (`in_buffer`), last_ts [1]): the encoder's output is copied
+    once, straight into the entry's buffer;
     `append(weights, cached_kv, cached_last_ts, new_events [ΔL, 3])` -> (K/V of the new events
     only [layers, 2, H, ΔL, dh], last_ts [1]).
     Each call runs at the version of `weights` and raises WeightsChangedError when that version
     is no longer served."""
 
     resolve: Callable[[], Awaitable[Weights]]
-    encode: Callable[[Weights, np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]]
+    encode: Callable[[Weights, np.ndarray, int], Awaitable[tuple[np.ndarray, np.ndarray]]]
     append: Callable[[Weights, np.ndarray, np.ndarray, np.ndarray],
                      Awaitable[tuple[np.ndarray, np.ndarray]]]
 
@@ -218,6 +235,12 @@ class UserKvCache:
         self.retries = 0  # requests re-planned because the weights changed under them
 
     # ------------------------------------------------------------------ decisions
+    def headroom(self, length: int) -> int:
+        """Room a miss leaves after its L events, so that the next append (most returning users
+        come back with a few new events) writes in place instead of growing the buffer: an
+        eighth of L plus 16 events, at most max_append and never past max_history."""
+        return max(0, min(self.max_append, 16 + length // 8, self.max_history - length))
+
     def plan(self, user_id: int, events: np.ndarray, weights: Weights) -> Plan:
         """Which path serves `events` [L, 3] for `user_id` under `weights` (no side effect but
         the LRU's recency)."""
@@ -237,7 +260,9 @@ class UserKvCache:
 
     def commit_miss(self, user_id: int, kept: np.ndarray, user_kv: np.ndarray,
                     last_ts: np.ndarray, weights: Weights) -> Entry:
-        entry = Entry(kept, user_kv, last_ts, weights.tag)
+        """Store a miss: `user_kv` is the encoder's output in its buffer ([..., capacity, dh],
+        the first len(kept) positions valid), adopted without a copy."""
+        entry = Entry(kept, user_kv, last_ts, weights.tag, adopt=True)
         self.store.put(user_id, entry)
         return entry
 
@@ -297,9 +322,10 @@ class UserKvCache:
                                                     plan.new_events)
             entry = self.commit_append(user_id, plan, new_kv, last_ts, weights)
             return Answer(entry.user_kv(), entry.last_ts, "append", entry.weights)
-        user_kv, last_ts = await encoders.encode(weights, events)
-        self.commit_miss(user_id, plan.kept, user_kv, last_ts, weights)
-        return Answer(user_kv, last_ts, "miss", weights.tag)
+        capacity = len(plan.kept) + self.headroom(len(plan.kept))
+        user_kv, last_ts = await encoders.encode(weights, events, capacity)
+        entry = self.commit_miss(user_id, plan.kept, user_kv, last_ts, weights)
+        return Answer(entry.user_kv(), entry.last_ts, "miss", weights.tag)
 
 
 def resolve_version(is_ready: Callable[[int], bool], pinned: int | None,

@@ -37,6 +37,7 @@ from kv_cache import (
     UserKvCache,
     Weights,
     WeightsChangedError,
+    in_buffer,
     resolve_version,
     stack_events,
 )
@@ -103,11 +104,12 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ encoders (BLS)
     async def _bls(self, model: str, version: int, inputs: dict[str, np.ndarray],
-                   kv_name: str = USER_KV) -> tuple[np.ndarray, np.ndarray]:
-        """Run `model` at `version` on `inputs`: (its K/V output `kv_name`,
-        last_event_timestamp), owned copies (the response's shared memory is released after
-        this call). A failure because the version is no longer served is WeightsChangedError;
-        any other is the request's."""
+                   kv_name: str = USER_KV,
+                   capacity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Run `model` at `version` on `inputs`: (its K/V output `kv_name`, copied into a buffer
+        of `capacity` along the history axis when given, last_event_timestamp), owned copies
+        (the response's shared memory is released after this call). A failure because the
+        version is no longer served is WeightsChangedError; any other is the request's."""
         response = await pb_utils.InferenceRequest(
             model_name=model, model_version=version,
             inputs=[pb_utils.Tensor(n, v) for n, v in inputs.items()],
@@ -121,16 +123,19 @@ class TritonPythonModel:
             code = error.code() if hasattr(error, "code") else pb_utils.TritonError.INTERNAL
             raise RequestRefusedError(f"{model}: {error.message()}", code)
         out = {t.name(): t for t in response.output_tensors()}
-        return (np.array(out[kv_name].as_numpy(), dtype=self.kv_dtype),
-                np.array(out[LAST_EVENT_TIMESTAMP].as_numpy(), dtype=np.int64))
+        kv = out[kv_name].as_numpy()
+        kv = (in_buffer(kv, max(capacity, kv.shape[3])) if capacity is not None
+              else np.array(kv, dtype=self.kv_dtype))
+        return kv, np.array(out[LAST_EVENT_TIMESTAMP].as_numpy(), dtype=np.int64)
 
     @staticmethod
     def _columns(events: np.ndarray) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(events[:, i]) for i, name in enumerate(HISTORY)}
 
-    async def _encode(self, weights: Weights,
-                      events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return await self._bls(self.encoder, weights.encoder_version, self._columns(events))
+    async def _encode(self, weights: Weights, events: np.ndarray,
+                      capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        return await self._bls(self.encoder, weights.encoder_version, self._columns(events),
+                               capacity=capacity)
 
     async def _append(self, weights: Weights, cached_kv: np.ndarray, cached_last_ts: np.ndarray,
                       new_events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +237,10 @@ class TritonPythonModel:
             response = pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"{self.name}: internal error: {type(e).__name__}: {e}",
                 pb_utils.TritonError.INTERNAL))
-        sender.send(response, flags=FINAL)
+        try:
+            sender.send(response, flags=FINAL)
+        except Exception as e:  # e.g. the request was cancelled: nothing left to answer
+            pb_utils.Logger.log_warn(f"{self.name}: could not send a response: {e}")
 
     def execute(self, requests: list) -> None:
         """Start each request on the event loop and return: the python backend then hands this
