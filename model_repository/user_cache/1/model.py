@@ -15,8 +15,8 @@ user_encoder plus `cache_path` (hit / append / miss), the path this request took
   response sender (allowed in the default, non-decoupled mode: one final response per request).
   So Triton hands the instance new requests while earlier ones await their encoder
   (`async_exec`): one user's miss never holds another user's hit. A decoupled model would do the
-  same, but it makes the ensemble decoupled too, which unary gRPC clients cannot call. Requests
-  of one user are serialised.
+  same, but Triton refuses it as a step of this ensemble, and a decoupled ensemble is one that
+  unary gRPC clients cannot call (README "ranker_cached"). Requests of one user are serialised.
 * Every failure becomes an error response for that request only: the stub must never die, or
   the model stays broken while the server still reports it ready.
 """
@@ -233,6 +233,9 @@ class TritonPythonModel:
             response = await self._answer(request)
         except RequestRefusedError as e:
             response = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), e.code))
+        except WeightsChangedError as e:  # versions changed twice under one request: retryable
+            response = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"{self.name}: {e}", pb_utils.TritonError.UNAVAILABLE))
         except Exception as e:  # never let the stub die on one request
             response = pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"{self.name}: internal error: {type(e).__name__}: {e}",
