@@ -7,7 +7,9 @@ Paths: hit (the kept history equals the cached events: no encoder runs), append 
 events are a strict prefix and the total fits max_history: user_encoder_append on the new events
 only), miss (anything else: user_encoder). The small causal model has max_history 300 and the
 server's cache is bounded at SMALL_CACHE_BYTES (about 13 users at full history), so the eviction
-test can fill it. The restart test runs last: it kills and restarts the module's server.
+test can fill it. The restart test kills and restarts the module's server; the version tests
+(staging a folder, a rollout under explicit model control) come after it, the rollout on a
+server of its own.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def rewrite_middle(request: RankingRequest, at: int) -> RankingRequest:
     return request.replace(history_item_ids=items)
 
 
-def test_every_path_equals_naive_and_the_statistics_prove_it(client) -> None:
+def test_every_path_equals_naive_and_reports_its_path(client) -> None:
     g = gen(1)
     user = g.user_id()
     first = g.request(120, 10)
