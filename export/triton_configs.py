@@ -140,6 +140,7 @@ def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpe
 
 
 MAX_APPEND_EVENTS = 256
+VERSION_WINDOW = 16
 
 
 def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.TensorSpec,
@@ -160,6 +161,9 @@ def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.Tensor
         # user_encoder_append attends [ΔL, P + ΔL] in plain ops: more new events than this
         # re-encode instead (user_encoder's memory is linear in L), so no append is quadratic
         "max_append_events": str(MAX_APPEND_EVENTS),
+        # the encoder version is asked of Triton (pb_utils.is_model_ready); when the pinned one
+        # is gone, the newest ready version within this many numbers of it is pinned
+        "version_window": str(VERSION_WINDOW),
     }
     return mc.ModelConfig(
         name=USER_CACHE, backend="python", max_batch_size=0,
