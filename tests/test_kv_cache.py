@@ -316,6 +316,34 @@ def test_one_users_miss_does_not_hold_another_users_hit(encoders: RealEncoders) 
     asyncio.run(story())
 
 
+def test_never_two_requests_of_one_user_at_once(encoders: RealEncoders) -> None:
+    """Requests of one user arrive while others of that user hold or await its lock (new
+    arrivals land exactly when a holder releases it): at most one is ever past the lock."""
+    cc = cache()
+    inside, most = [0], [0]
+    base = history(7, 30)
+
+    async def crowd(kind: str) -> None:
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        inside[0] -= 1
+
+    async def arrive(delay: int, length: int) -> None:
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        await cc.serve(5, base[:length], encoders.interface())
+
+    async def story() -> None:
+        encoders.before_call = crowd
+        await asyncio.gather(*(arrive(d, 10 + d % 20) for d in range(40)))
+
+    asyncio.run(story())
+    assert most[0] == 1, most[0]
+    assert not cc._locks
+
+
 def test_one_users_requests_are_serialised_and_each_gets_its_own_history(
         encoders: RealEncoders) -> None:
     cc = cache()

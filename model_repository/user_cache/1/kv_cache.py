@@ -231,7 +231,7 @@ class UserKvCache:
     def __post_init__(self) -> None:
         self.store = LruStore(self.capacity_bytes)
         self.counts = dict.fromkeys(PATHS, 0)
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._locks: dict[int, list] = {}  # user_id -> [lock, requests holding or awaiting it]
         self.retries = 0  # requests re-planned because the weights changed under them
 
     # ------------------------------------------------------------------ decisions
@@ -287,12 +287,16 @@ class UserKvCache:
         """Answer one request: plan, call the encoder the path needs, store. Requests of one user
         are serialised; a change of weights under a call re-plans it once on the new weights
         (an append then becomes a full miss: its entry is of the old weights)."""
-        lock = self._locks.setdefault(user_id, asyncio.Lock())
+        # the lock lives while requests of this user hold or await it (a released lock is
+        # briefly unlocked before its next waiter runs, so `locked()` cannot tell)
+        held = self._locks.setdefault(user_id, [asyncio.Lock(), 0])
+        held[1] += 1
         try:
-            async with lock:
+            async with held[0]:
                 return await self._serve(user_id, events, encoders)
         finally:
-            if not lock.locked() and self._locks.get(user_id) is lock:
+            held[1] -= 1
+            if not held[1]:
                 del self._locks[user_id]
 
     async def _serve(self, user_id: int, events: np.ndarray, encoders: Encoders) -> Answer:
