@@ -9,8 +9,8 @@ the script times, through a real tritonserver over gRPC, on the same requests:
 * the references: target_fusion alone (the floor of a hit) and user_encoder alone;
 * optionally Triton's own response cache on user_encoder (the zero-code option) on a repeat.
 
-Every timed ranker_cached request is checked: its path (from Triton's inference statistics:
-which encoder ran) and its scores against ranker's (exact to 1e-5; ranker equals ranker_naive,
+Every timed ranker_cached request is checked: its path (the response's own `cache_path`
+output) and its scores against ranker's (exact to 1e-5; ranker equals ranker_naive,
 tests/test_server.py). Memory per cached user comes from user_cache's own metrics (bytes held
 per user) and from the user_cache stub's RSS growth. One more line simulates two replicas with
 and without user affinity (the replica is a namespace of user ids on one server, so both see
@@ -116,9 +116,7 @@ def row(length: int, n: int, path: str, delta: int | str, t: Timings, note: str 
 
 def timed_pair(client: RankerClient, user: int, req: RankingRequest, t: Timings) -> None:
     """One ranker_cached request (timed, path recorded) then ranker on the same request."""
-    before = client.cache_counts()
-    scores, seconds = client.score_with_latency(req, "ranker_cached", user)
-    path = client.cache_path(before)
+    scores, path, seconds = client.score_cached(req, user)
     t.paths[path] = t.paths.get(path, 0) + 1
     t.cached.append(seconds)
     expected, seconds = client.score_with_latency(req, "ranker")

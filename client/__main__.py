@@ -216,9 +216,7 @@ def cmd_returning_user(args: argparse.Namespace) -> int:
               f"{'max|diff|':>10}")
         worst = 0.0
         for label, req in visits:
-            before = client.cache_counts()
-            scores, latency = client.score_with_latency(req, args.model, user_id)
-            path = client.cache_path(before)
+            scores, path, latency = client.score_cached(req, user_id, args.model)
             _, plain = client.score_with_latency(req, "ranker")
             expected = client.score(req, args.oracle)
             diff = float(np.max(np.abs(scores - expected))) if scores.size else 0.0
@@ -367,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One user three times through ranker_cached: the first visit "
                                    "(miss), a few new events (append on a causal model), the "
                                    "same history again with new candidates (hit). Prints the "
-                                   "path user_cache took (from Triton's inference statistics), "
+                                   "path user_cache took (its cache_path output), "
                                    "the latency next to ranker's, and the difference to the "
                                    "naive oracle; exits 1 above the tolerance.")
     p.add_argument("--history-length", type=int, default=300, metavar="L",

@@ -17,7 +17,14 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.contract import SCORES, USER_ID, USER_ID_HEADER, USER_PROFILE, request_inputs
+from client.contract import (
+    CACHE_PATH,
+    SCORES,
+    USER_ID,
+    USER_ID_HEADER,
+    USER_PROFILE,
+    request_inputs,
+)
 from client.request import INT64_MAX, INT64_MIN, RankingRequest, RequestError
 from client.validation import validate_request
 
@@ -33,8 +40,7 @@ TASK_NAMES_PARAMETER = "task_names"
 MAX_CANDIDATES_PARAMETER = "max_candidates"
 NAIVE_MAX_WORK_PARAMETER = "naive_max_work"
 MAX_HISTORY_PARAMETER = "max_history"
-USER_CACHE = "user_cache"
-CACHE_MODELS = (USER_CACHE, "user_encoder", "user_encoder_append")
+CACHED_MODEL = "ranker_cached"
 
 
 class RankerError(RuntimeError):
@@ -316,38 +322,19 @@ class RankerClient:
         rows = [s for s in stats.model_stats if s.name == model]
         return sum(s.inference_count for s in rows), sum(s.execution_count for s in rows)
 
-    def cache_counts(self) -> dict[str, int]:
-        """Execution counts of user_cache and of the encoders it calls, for those the server
-        has (a bidirectional repository has no user_encoder_append). Take them before a
-        ranker_cached request and give them to `cache_path` after it."""
-        served = {m["name"] for m in self.repository_index()}
-        return {m: self.inference_count(m)[1] for m in CACHE_MODELS if m in served}
-
-    def cache_path(self, before: dict[str, int], timeout_s: float = 5.0) -> str:
-        """Which path user_cache took for the one ranker_cached request sent since `before`,
-        from Triton's own inference statistics: user_encoder ran (miss), user_encoder_append
-        ran (append), neither (hit). Triton records statistics just after it responds, so this
-        polls until user_cache's execution shows up."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            after = self.cache_counts()
-            if after.get(USER_CACHE, 0) > before.get(USER_CACHE, 0) \
-                    or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        time.sleep(0.02)  # the encoders' statistics land before user_cache's; one more look
-        after = self.cache_counts()
-        ran = {m for m in after if m != USER_CACHE and after[m] > before.get(m, 0)}
-        if "user_encoder" in ran:
-            return "miss"
-        return "append" if "user_encoder_append" in ran else "hit"
-
     # ------------------------------------------------------------------ scoring
     def score(self, req: RankingRequest, model: str | None = None,
               user_id: int | None = None) -> np.ndarray:
         """Scores float32 [N, T] of the request's candidates (rows in candidate order).
         `user_id` is for models that take one (ranker_cached: the key of the user K/V cache)."""
         return self.score_with_latency(req, model, user_id)[0]
+
+    def score_cached(self, req: RankingRequest, user_id: int, model: str = CACHED_MODEL
+                     ) -> tuple[np.ndarray, str, float]:
+        """(scores [N, T], the path user_cache took: "hit" / "append" / "miss", seconds) of one
+        ranker_cached request: the path is the model's own per-request output `cache_path`."""
+        scores, latency, path = self._scored(req, model, user_id, with_path=True)
+        return scores, path, latency
 
     def score_with_latency(
         self, req: RankingRequest, model: str | None = None, user_id: int | None = None
@@ -358,6 +345,11 @@ class RankerClient:
         A model that declares a memory bound (`naive_max_work`, ranker_naive) gets the request
         in candidate slices that fit it, one call each (candidates never see each other, so the
         scores are the same); the latency is then the sum of the calls."""
+        scores, latency, _ = self._scored(req, model, user_id)
+        return scores, latency
+
+    def _scored(self, req: RankingRequest, model: str | None, user_id: int | None,
+                with_path: bool = False) -> tuple[np.ndarray, float, str | None]:
         model = model or self.model
         info: ModelInfo | None = None
         if self.validate:
@@ -368,21 +360,23 @@ class RankerClient:
         per_call = self.model_info(model).candidates_per_call(req.history_length)
         n = req.num_candidates
         if per_call is None or n <= per_call:
-            return self._infer(req, model, info, user_id)
+            return self._infer(req, model, info, user_id, with_path)
         parts = []
         for s in range(0, n, per_call):
             part = req.replace(candidate_item_ids=req.candidate_item_ids[s:s + per_call],
                                candidate_category_ids=req.candidate_category_ids[s:s + per_call])
-            parts.append(self._infer(part, model, info, user_id))
-        return np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts)
+            parts.append(self._infer(part, model, info, user_id, with_path))
+        return (np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts),
+                parts[-1][2])
 
     def _infer(
         self, req: RankingRequest, model: str, info: ModelInfo | None,
-        user_id: int | None = None,
-    ) -> tuple[np.ndarray, float]:
-        """One RPC: (scores [N, T], seconds), the output checked against the request. A user
-        id travels twice: as the `user_id` tensor (the cache's key) and as the USER_ID_HEADER
-        metadata that a balancer in front of several replicas routes on."""
+        user_id: int | None = None, with_path: bool = False,
+    ) -> tuple[np.ndarray, float, str | None]:
+        """One RPC: (scores [N, T], seconds, cache_path when `with_path`), the output checked
+        against the request. A user id travels twice: as the `user_id` tensor (the cache's key)
+        and as the USER_ID_HEADER metadata that a balancer in front of several replicas routes
+        on."""
         inputs = []
         tensors = req.as_inputs()
         headers = None
@@ -394,7 +388,8 @@ class RankerClient:
             infer_input = grpcclient.InferInput(name, list(array.shape), dtype)
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
-        outputs = [grpcclient.InferRequestedOutput(SCORES)]
+        outputs = [grpcclient.InferRequestedOutput(name)
+                   for name in (SCORES, *((CACHE_PATH,) if with_path else ()))]
 
         def infer() -> tuple[grpcclient.InferResult, float]:
             start = time.perf_counter()
@@ -420,7 +415,12 @@ class RankerClient:
                 f"model {model!r} returned {SCORES} {scores.dtype} {list(scores.shape)}, "
                 f"expected float32 [{n}, T]", model=model,
             )
-        return scores, latency
+        if not with_path:
+            return scores, latency, None
+        path = result.as_numpy(CACHE_PATH)
+        if path is None or path.size != 1:
+            raise RankerError(f"model {model!r} returned no {CACHE_PATH!r} output", model=model)
+        return scores, latency, path.reshape(-1)[0].decode()
 
     def rank(
         self, req: RankingRequest, task: str | int = 0, model: str | None = None

@@ -17,13 +17,14 @@ class TensorSpec:
     """One named tensor of the contract. A dim of -1 is variable (L or N)."""
 
     name: str
-    dtype: str  # Triton dtype name: "INT64" or "FP32"
+    dtype: str  # Triton dtype name: "INT64", "FP32", "FP16" or "BYTES"
     dims: tuple[int, ...]
     doc: str
 
     @property
     def np_dtype(self) -> type:
-        return {"INT64": np.int64, "FP32": np.float32, "FP16": np.float16}[self.dtype]
+        return {"INT64": np.int64, "FP32": np.float32, "FP16": np.float16,
+                "BYTES": np.object_}[self.dtype]
 
 
 HISTORY_ITEM_IDS = "history_item_ids"
@@ -48,8 +49,11 @@ USER_ID = "user_id"
 # consistent`, ingress-nginx `upstream-hash-by`). One constant for the client and every
 # balancer config; HTTP/2 header names are lower case.
 USER_ID_HEADER = "user-id"
+# ranker_cached's optional second output: which path served the request (hit, append, miss)
+CACHE_PATH = "cache_path"
 CACHED_USER_KV = "cached_user_kv"
 CACHED_LAST_EVENT_TIMESTAMP = "cached_last_event_timestamp"
+NEW_USER_KV = "new_user_kv"  # user_encoder_append's output: the K/V of the new events only
 
 HISTORY_INPUTS = (HISTORY_ITEM_IDS, HISTORY_ACTION_IDS, HISTORY_TIMESTAMPS)
 CANDIDATE_INPUTS = (CANDIDATE_ITEM_IDS, CANDIDATE_CATEGORY_IDS)
@@ -92,13 +96,26 @@ def user_id_spec() -> TensorSpec:
                       "the user's id: the key of the user K/V cache (ranker_cached) [1]")
 
 
+def new_user_kv_spec(num_layers: int, num_heads: int, head_dim: int,
+                     dtype: str = "FP32") -> TensorSpec:
+    """user_encoder_append's output: [layers, 2, H, ΔL, head_dim], the new events' K/V only."""
+    return TensorSpec(NEW_USER_KV, dtype, (num_layers, 2, num_heads, -1, head_dim),
+                      "K/V of the appended events only, to follow the cached ones")
+
+
+def cache_path_spec() -> TensorSpec:
+    return TensorSpec(CACHE_PATH, "BYTES", (1,),
+                      "the path user_cache took for this request: hit, append or miss [1]")
+
+
 def cached_specs(num_layers: int, num_heads: int, head_dim: int,
                  dtype: str = "FP32") -> list[TensorSpec]:
-    """user_encoder_append's cached inputs: user_kv of the P events already encoded, and the
-    newest of them's timestamp (0 when P = 0)."""
-    kv = user_kv_spec(num_layers, num_heads, head_dim, dtype)
+    """user_encoder_append's cached inputs: the K/V of the P events already encoded in every
+    layer but the last (the only ones later events attend to), and the newest of them's
+    timestamp (0 when P = 0)."""
     return [
-        TensorSpec(CACHED_USER_KV, dtype, kv.dims, "cached K/V of the first P events"),
+        TensorSpec(CACHED_USER_KV, dtype, (num_layers - 1, 2, num_heads, -1, head_dim),
+                   "cached K/V of the first P events, every layer but the last"),
         TensorSpec(CACHED_LAST_EVENT_TIMESTAMP, "INT64", (1,),
                    "timestamp of the newest cached event (0 when P = 0)"),
     ]

@@ -65,6 +65,13 @@ class ModelConfig:
             )
 
     @property
+    def appends(self) -> bool:
+        """Whether a returning user's K/V can be extended (user_encoder_append): only under the
+        causal mask, and only with two layers or more (the append reads the cached K/V of every
+        layer but the last)."""
+        return self.mask == "causal" and self.num_layers >= 2
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 

@@ -318,13 +318,16 @@ class RankingTransformer(nn.Module):
         return torch.stack(layers), last_ts
 
     def encode_append(
-        self, user_kv: Tensor, last_event_timestamp: Tensor, item_ids: Tensor,
+        self, prefix_kv: Tensor, last_event_timestamp: Tensor, item_ids: Tensor,
         action_ids: Tensor, timestamps: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """The cached forward of a returning user (causal masks only): `user_kv` [layers, 2, H,
-        P, dh] of the first P events and the newest of them's timestamp, plus ΔL new events
-        [ΔL] -> (user_kv of all P + ΔL events, their newest timestamp [1]), equal to
-        `encode_user` on the whole history. Costs O(ΔL) tokens instead of O(P + ΔL).
+        """The cached forward of a returning user (causal masks only): the K/V of the first P
+        events in every layer but the last (`prefix_kv` [layers - 1, 2, H, P, dh]: the last
+        layer's K/V are never attended to by later events of the user encoder) and the newest
+        of them's timestamp, plus ΔL new events [ΔL] -> (the K/V of the new events only
+        [layers, 2, H, ΔL, dh], the newest timestamp [1]). Concatenated after the first P
+        events' user_kv along the history axis, they equal `encode_user` on the whole history.
+        Costs O(ΔL) tokens instead of O(P + ΔL), and returns O(ΔL) bytes.
 
         Exact only while P + ΔL <= max_history (beyond it the oldest events drop out and every
         position shifts): the caller must re-encode then. With a bidirectional mask every K/V
@@ -340,7 +343,7 @@ class RankingTransformer(nn.Module):
         # real event sees it; its position is clamped into the table.
         dummy = torch.cat([torch.zeros(2, dtype=torch.int64), last]).reshape(1, 3)
         events = torch.cat([events, dummy])
-        prefix = user_kv.shape[3]
+        prefix = prefix_kv.shape[3]
         x = self._embed_events(events, prefix, last_event_timestamp,
                                max_position=self.cfg.max_history - 1)
         tokens = events.shape[0]
@@ -349,14 +352,12 @@ class RankingTransformer(nn.Module):
         bias = torch.where(key_pos[None, :] <= query_pos[:, None], 0.0, float("-inf"))
         layers = []
         for i, block in enumerate(self.blocks):
-            k_prefix, v_prefix = user_kv[i, 0], user_kv[i, 1]
             if i < len(self.blocks) - 1:
+                k_prefix, v_prefix = prefix_kv[i, 0], prefix_kv[i, 1]
                 x, k, v = block.forward_after_prefix(x, k_prefix, v_prefix, bias)
             else:
                 k, v = block.kv(x)
-            k, v = k[:, :-1].to(user_kv.dtype), v[:, :-1].to(user_kv.dtype)
-            layers.append(torch.stack([torch.cat([k_prefix, k], dim=1),
-                                       torch.cat([v_prefix, v], dim=1)]))
+            layers.append(torch.stack([k[:, :-1], v[:, :-1]]).to(prefix_kv.dtype))
         return torch.stack(layers), last
 
     def score_candidates(

@@ -47,12 +47,14 @@ class UserEncoder(_Graph):
 
 
 class UserEncoderAppend(_Graph):
-    """Cached user_kv of P events + ΔL new events -> user_kv of all P + ΔL (causal only)."""
+    """Cached K/V of P events (every layer but the last) + ΔL new events -> the K/V of the ΔL
+    new events only (causal only): an append moves O(ΔL) bytes out, and the last layer's O(P)
+    K/V, which nothing attends to here, never comes in."""
 
-    def forward(self, user_kv: Tensor, last_ts: Tensor, items: Tensor, actions: Tensor,
+    def forward(self, prefix_kv: Tensor, last_ts: Tensor, items: Tensor, actions: Tensor,
                 timestamps: Tensor) -> tuple[Tensor, Tensor]:
-        full, last = self.model.encode_append(user_kv, last_ts, items, actions, timestamps)
-        return full.to(self.model.item_emb.weight.dtype), last
+        new, last = self.model.encode_append(prefix_kv, last_ts, items, actions, timestamps)
+        return new.to(self.model.item_emb.weight.dtype), last
 
 
 class TargetFusion(_Graph):
@@ -105,7 +107,7 @@ GRAPHS = {
     "user_encoder_append": GraphSpec(
         "user_encoder_append", UserEncoderAppend,
         [c.CACHED_USER_KV, c.CACHED_LAST_EVENT_TIMESTAMP, *c.HISTORY_INPUTS],
-        [c.USER_KV, c.LAST_EVENT_TIMESTAMP],
+        [c.NEW_USER_KV, c.LAST_EVENT_TIMESTAMP],
     ),
     "ranker_base": GraphSpec("ranker_base", BaseRanker, REQUEST_NAMES, [c.SCORES]),
 }
@@ -116,10 +118,10 @@ CAUSAL_ONLY_GRAPHS = ("user_encoder_append",)
 
 def graphs_for(cfg: ModelConfig, naive_only: bool = False) -> list[str]:
     """The graphs a model of this config exports: no split for the `full` mask (or with
-    naive_only), no append graph unless the mask is causal."""
+    naive_only), no append graph unless the model can append (`ModelConfig.appends`)."""
     return [g for g in GRAPHS
             if not ((naive_only or cfg.mask == "full") and g in SPLIT_GRAPHS)
-            and not (cfg.mask != "causal" and g in CAUSAL_ONLY_GRAPHS)]
+            and not (not cfg.appends and g in CAUSAL_ONLY_GRAPHS)]
 
 # Which axis of each tensor is dynamic, and its name in the ONNX graph. user_kv holds the kept
 # history (at most max_history events), not the L events sent.
@@ -128,6 +130,7 @@ DYNAMIC_AXES = {
     **{n: {0: "N"} for n in c.CANDIDATE_INPUTS},
     c.USER_KV: {3: "L_kept"},
     c.CACHED_USER_KV: {3: "P"},
+    c.NEW_USER_KV: {3: "new_L"},
     c.SCORES: {0: "N"},
 }
 
@@ -139,7 +142,9 @@ def contract_specs(cfg: ModelConfig, fp16: bool = False) -> dict[str, c.TensorSp
                             "FP16" if fp16 else "FP32"),
              c.last_event_timestamp_spec(),
              *c.cached_specs(cfg.num_layers, cfg.num_heads, cfg.head_dim,
-                             "FP16" if fp16 else "FP32")]
+                             "FP16" if fp16 else "FP32"),
+             c.new_user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim,
+                                "FP16" if fp16 else "FP32")]
     return {s.name: s for s in specs}
 
 
@@ -174,7 +179,8 @@ def example_inputs(cfg: ModelConfig, length: int = 5, n: int = 3) -> dict[str, T
         c.USER_PROFILE: torch.randn(cfg.profile_dim, generator=g),
         c.USER_KV: torch.randn(cfg.num_layers, 2, cfg.num_heads, length, cfg.head_dim),
         c.LAST_EVENT_TIMESTAMP: torch.tensor([1_700_000_000 + 60 * (length - 1)]),
-        c.CACHED_USER_KV: torch.randn(cfg.num_layers, 2, cfg.num_heads, 2 * length, cfg.head_dim),
+        c.CACHED_USER_KV: torch.randn(cfg.num_layers - 1, 2, cfg.num_heads, 2 * length,
+                                      cfg.head_dim),
         c.CACHED_LAST_EVENT_TIMESTAMP: torch.tensor([1_699_999_000]),
     }
 

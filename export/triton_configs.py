@@ -63,7 +63,8 @@ assert set(EVALUATION_MODELS) == {NAIVE, BASE}
 DEFAULT_USER_CACHE_BYTES = 1 << 30
 
 _GPU, _CPU = mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU
-_DTYPES = {"INT64": mc.TYPE_INT64, "FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16}
+_DTYPES = {"INT64": mc.TYPE_INT64, "FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16,
+           "BYTES": mc.TYPE_STRING}
 
 
 def _tensor(spec: c.TensorSpec, kind: type) -> object:
@@ -148,28 +149,35 @@ def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpe
 
 
 MAX_APPEND_EVENTS = 256
+VERSION_WINDOW = 16
 
 
 def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.TensorSpec,
                 last_ts: c.TensorSpec, cache_bytes: int) -> mc.ModelConfig:
-    """user_id + history -> user_kv, last_event_timestamp: the same outputs as user_encoder,
+    """user_id + history -> user_kv, last_event_timestamp (user_encoder's outputs) and cache_path,
     served from a per-user LRU (model_repository/user_cache/1/model.py) that calls user_encoder
     or user_encoder_append through BLS. One CPU instance: the cache lives in that instance's
-    process, so a second instance would hold a second, colder cache. It runs the same code in
-    both flavours (the python backend ships in the NGC container)."""
+    process, so a second instance would hold a second, colder cache; its execute hands each
+    request to the instance's own event loop and returns, so that one instance has many
+    requests in flight (no head-of-line blocking).
+    It runs the same code in both flavours (the python backend ships in the NGC container)."""
     params = {
         "cache_bytes": str(cache_bytes),
         "max_history": str(cfg.max_history),
         "encoder": USER_ENCODER,
         # append only where it is exact (causal); a bidirectional history re-encodes on change
-        "append_model": USER_ENCODER_APPEND if cfg.mask == "causal" else "",
+        "append_model": USER_ENCODER_APPEND if cfg.appends else "",
         # user_encoder_append attends [ΔL, P + ΔL] in plain ops: more new events than this
         # re-encode instead (user_encoder's memory is linear in L), so no append is quadratic
         "max_append_events": str(MAX_APPEND_EVENTS),
+        # the encoder version is asked of Triton (pb_utils.is_model_ready); when the pinned one
+        # is gone, the newest ready version within this many numbers of it is pinned
+        "version_window": str(VERSION_WINDOW),
     }
     return mc.ModelConfig(
         name=USER_CACHE, backend="python", max_batch_size=0,
-        input=_inputs([c.user_id_spec(), *history]), output=_outputs([user_kv, last_ts]),
+        input=_inputs([c.user_id_spec(), *history]),
+        output=_outputs([user_kv, last_ts, c.cache_path_spec()]),
         instance_group=[mc.ModelInstanceGroup(count=1, kind=_CPU)],
         parameters={k: mc.ModelParameter(string_value=v) for k, v in params.items()},
     )
@@ -186,10 +194,10 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
     step = mc.ModelEnsembling.Step
     cached = name == CACHED_ENSEMBLE
     encode_inputs = (c.USER_ID, *c.HISTORY_INPUTS) if cached else c.HISTORY_INPUTS
+    encode_outputs = (c.USER_KV, c.LAST_EVENT_TIMESTAMP, *((c.CACHE_PATH,) if cached else ()))
     encode = step(
         model_name=USER_CACHE if cached else USER_ENCODER, model_version=-1,
-        input_map={n: n for n in encode_inputs},
-        output_map={c.USER_KV: c.USER_KV, c.LAST_EVENT_TIMESTAMP: c.LAST_EVENT_TIMESTAMP},
+        input_map={n: n for n in encode_inputs}, output_map={n: n for n in encode_outputs},
     )
     fuse_inputs = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
                    c.LAST_EVENT_TIMESTAMP]
@@ -200,7 +208,8 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
     inputs = [c.user_id_spec(), *request] if cached else request
     return mc.ModelConfig(
         name=name, platform="ensemble", max_batch_size=0,
-        input=_inputs(inputs), output=_outputs([scores]),
+        input=_inputs(inputs),
+        output=_outputs([scores, *([c.cache_path_spec()] if cached else [])]),
         ensemble_scheduling=mc.ModelEnsembling(step=[encode, fuse]),
         parameters={**_task_names(cfg),
                     "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates))},
@@ -231,11 +240,12 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
         NAIVE: _onnx_model(NAIVE, request, [scores], cfg, flavour, tensorrt_fp16),
         BASE: _onnx_model(BASE, request, [scores], cfg, flavour, tensorrt_fp16),
     }
-    if cfg.mask == "causal":
+    if cfg.appends:
         cached = c.cached_specs(cfg.num_layers, cfg.num_heads, cfg.head_dim, user_kv.dtype)
+        new_kv = c.new_user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, user_kv.dtype)
         configs[USER_ENCODER_APPEND] = _onnx_model(
             USER_ENCODER_APPEND, [*cached, *history],
-            [user_kv, last_ts], cfg, flavour, tensorrt_fp16)
+            [new_kv, last_ts], cfg, flavour, tensorrt_fp16)
     return configs
 
 
@@ -248,16 +258,17 @@ def parse(text: str) -> mc.ModelConfig:
 
 
 def install_python_models(repository: Path) -> list[Path]:
-    """Copy the python-backend models' code (committed under model_repository/) into another
-    repository, so that an export elsewhere is servable as it is."""
+    """Copy the python-backend models' code (committed under model_repository/<name>/1/*.py:
+    model.py and the modules beside it) into another repository, so that an export elsewhere is
+    servable as it is."""
     copied = []
     for name in PYTHON_MODELS:
-        source = MODEL_REPOSITORY / name / "1" / "model.py"
-        target = repository / name / "1" / "model.py"
-        if target.resolve() != source.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-            copied.append(target)
+        for source in sorted((MODEL_REPOSITORY / name / "1").glob("*.py")):
+            target = repository / name / "1" / source.name
+            if target.resolve() != source.resolve():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+                copied.append(target)
     return copied
 
 

@@ -1,6 +1,8 @@
-"""user_encoder_append, the cached forward of a returning user: the K/V of P cached events plus
-ΔL new ones equals user_encoder on the whole history (torch and ONNX Runtime), ΔL = 0 and P = 0
-included; it refuses what it cannot do exactly (past max_history, a bidirectional mask)."""
+"""user_encoder_append, the cached forward of a returning user: from the K/V of P cached events
+(every layer but the last) and ΔL new events it returns the new events' K/V only, and the P
+cached K/V followed by them equal user_encoder on the whole history (torch and ONNX Runtime),
+ΔL = 0 and P = 0 included; it refuses what it cannot do exactly (past max_history, a
+bidirectional mask)."""
 
 from __future__ import annotations
 
@@ -28,17 +30,25 @@ def test_append_equals_full_encode(exported, cached: int, new: int) -> None:
                              cached + new, 1)
     full_kv, full_last = onnx_models.run("user_encoder", history(request, 0, cached + new))
     prefix_kv, prefix_last = onnx_models.run("user_encoder", history(request, 0, cached))
-    kv, last = onnx_models.run("user_encoder_append", {
-        c.CACHED_USER_KV: prefix_kv, c.CACHED_LAST_EVENT_TIMESTAMP: prefix_last,
+    new_kv, last = onnx_models.run("user_encoder_append", {
+        c.CACHED_USER_KV: prefix_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: prefix_last,
         **history(request, cached, cached + new)})
-    assert kv.shape == full_kv.shape and last.tolist() == full_last.tolist()
+    assert new_kv.shape[3] == new and last.tolist() == full_last.tolist()
+    kv = np.concatenate([prefix_kv, new_kv], axis=3)
+    assert kv.shape == full_kv.shape
     assert float(np.abs(kv - full_kv).max(initial=0.0)) <= 1e-5
     with torch.no_grad():
         t = {k: torch.from_numpy(v) for k, v in request.items()}
         names = c.HISTORY_INPUTS
-        prefix = model.encode_user(*(t[n][:cached] for n in names))
-        torch_kv, _ = model.encode_append(*prefix, *(t[n][cached:] for n in names))
-    diff = (torch_kv - torch.from_numpy(full_kv)).abs()
+        prefix, prefix_ts = model.encode_user(*(t[n][:cached] for n in names))
+        torch_new, _ = model.encode_append(prefix[:-1], prefix_ts,
+                                           *(t[n][cached:] for n in names))
+        # the cached forward against the full forward, in torch alone
+        torch_full, _ = model.encode_user(*(t[n][:cached + new] for n in names))
+    assert torch_new.shape[3] == new
+    diff = (torch.cat([prefix, torch_new], dim=3) - torch_full).abs()
+    assert (float(diff.max()) if diff.numel() else 0.0) <= 1e-5
+    diff = (torch_new - torch.from_numpy(full_kv[:, :, :, cached:])).abs()
     assert (float(diff.max()) if diff.numel() else 0.0) <= 1e-5
 
 
@@ -48,7 +58,7 @@ def test_append_past_max_history_is_refused(exported) -> None:
     prefix_kv, prefix_last = onnx_models.run("user_encoder", history(request, 0, 290))
     with pytest.raises(Exception, match="running Reshape node") as info:
         onnx_models.run("user_encoder_append", {
-            c.CACHED_USER_KV: prefix_kv, c.CACHED_LAST_EVENT_TIMESTAMP: prefix_last,
+            c.CACHED_USER_KV: prefix_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: prefix_last,
             **history(request, 290, 310)})
     assert append_rule(model.cfg.max_history) in str(info.value)
 
@@ -61,11 +71,13 @@ def test_append_mismatched_lengths_are_refused(exported) -> None:
     new[c.HISTORY_ACTION_IDS] = new[c.HISTORY_ACTION_IDS][:1]
     with pytest.raises(Exception, match="must have the same length"):
         onnx_models.run("user_encoder_append", {
-            c.CACHED_USER_KV: prefix_kv, c.CACHED_LAST_EVENT_TIMESTAMP: prefix_last, **new})
+            c.CACHED_USER_KV: prefix_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: prefix_last,
+            **new})
 
 
 def test_bidirectional_cannot_append() -> None:
     model = build_model(small_config("bidirectional"))
     kv, last = model.encode_user(*(torch.zeros(3, dtype=torch.int64) for _ in range(3)))
     with pytest.raises(SplitNotExactError, match="causal"):
-        model.encode_append(kv, last, *(torch.zeros(2, dtype=torch.int64) for _ in range(3)))
+        model.encode_append(kv[:-1], last,
+                            *(torch.zeros(2, dtype=torch.int64) for _ in range(3)))

@@ -1,12 +1,15 @@
 """ranker_cached through a real tritonserver: the user K/V cache (user_cache, a python-backend
 model calling user_encoder / user_encoder_append through BLS) answers every path exactly like
-ranker_naive, and Triton's own inference statistics prove which path ran.
+ranker_naive; each response says which path served it (the `cache_path` output), and Triton's
+own inference statistics agree.
 
 Paths: hit (the kept history equals the cached events: no encoder runs), append (the cached
 events are a strict prefix and the total fits max_history: user_encoder_append on the new events
 only), miss (anything else: user_encoder). The small causal model has max_history 300 and the
 server's cache is bounded at SMALL_CACHE_BYTES (about 13 users at full history), so the eviction
-test can fill it. The restart test runs last: it kills and restarts the module's server.
+test can fill it. The restart test kills and restarts the module's server; the version tests
+(staging a folder, a rollout under explicit model control) come after it, the rollout on a
+server of its own.
 """
 
 from __future__ import annotations
@@ -47,9 +50,7 @@ def gen(seed: int) -> RequestGenerator:
 
 def visit(client: RankerClient, user_id: int, request: RankingRequest) -> tuple[str, float]:
     """One ranker_cached request: (the path user_cache took, max |scores - ranker_naive|)."""
-    before = client.cache_counts()
-    scores = client.score(request, "ranker_cached", user_id)
-    path = client.cache_path(before)
+    scores, path, _ = client.score_cached(request, user_id)
     naive = client.score(request, "ranker_naive")
     assert scores.shape == naive.shape == (request.num_candidates, SMALL["num_tasks"])
     assert np.isfinite(scores).all()
@@ -62,7 +63,7 @@ def rewrite_middle(request: RankingRequest, at: int) -> RankingRequest:
     return request.replace(history_item_ids=items)
 
 
-def test_every_path_equals_naive_and_the_statistics_prove_it(client) -> None:
+def test_every_path_equals_naive_and_reports_its_path(client) -> None:
     g = gen(1)
     user = g.user_id()
     first = g.request(120, 10)
@@ -93,24 +94,22 @@ def test_every_path_equals_naive_and_the_statistics_prove_it(client) -> None:
         assert path == expected, f"{name}: path {path}, expected {expected}"
 
 
-def test_a_repeat_runs_no_encoder_and_an_append_runs_only_append(client) -> None:
-    """The raw statistics behind `cache_path`, for one repeat and one append."""
+def test_the_statistics_agree_with_the_reported_path(client) -> None:
+    """A hit runs no encoder, an append only user_encoder_append (Triton's own statistics: an
+    encoder's response lands before user_cache answers, so no waiting is needed)."""
     g = gen(2)
     user = g.user_id()
     first = g.request(80, 5)
     client.score(first, "ranker_cached", user)
-    counts = client.cache_counts()
-    client.score(g.returning(first, 0), "ranker_cached", user)
-    client.cache_path(counts)  # waits until user_cache's statistics show the request
-    after = client.cache_counts()
-    assert after["user_cache"] == counts["user_cache"] + 1
-    assert after["user_encoder"] == counts["user_encoder"]
-    assert after["user_encoder_append"] == counts["user_encoder_append"]
-    client.score(g.returning(first, 4), "ranker_cached", user)
-    client.cache_path(after)
-    last = client.cache_counts()
-    assert last["user_encoder"] == after["user_encoder"]
-    assert last["user_encoder_append"] == after["user_encoder_append"] + 1
+
+    def executions() -> dict[str, int]:
+        return {m: client.inference_count(m)[1] for m in ("user_encoder", "user_encoder_append")}
+
+    counts = executions()
+    assert client.score_cached(g.returning(first, 0), user)[1] == "hit"
+    assert executions() == counts
+    assert client.score_cached(g.returning(first, 4), user)[1] == "append"
+    assert executions() == {**counts, "user_encoder_append": counts["user_encoder_append"] + 1}
 
 
 def test_empty_history_and_append_from_nothing(client) -> None:
@@ -263,51 +262,120 @@ def test_restart_gives_a_cold_cache_and_stays_exact(client, cache_server) -> Non
     assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
 
 
-def test_a_new_model_version_invalidates_cached_entries(small_repository: Path,
-                                                        tmp_path: Path) -> None:
-    """Under explicit model control, new weights arrive as version 2 of every ONNX model and
-    are loaded through the model control API: the next request of a cached user (a repeat,
-    which runs no encoder) must miss and be exact against the new ranker_naive, not serve the
-    old weights' K/V."""
-    import time
+def stage_version(srv, version: str, weights_seed: int | None, tmp_path: Path) -> list[str]:
+    """Write version `version` of every ONNX model into the served repositories (serving and
+    evaluation), as an operator or a sync job would: new weights when `weights_seed` is given
+    (written aside, then moved in whole), else a copy of version 1. Nothing is loaded. Returns
+    the models staged."""
+    import shutil
 
     from export.model import build_model
     from export.onnx_export import export_graph, graphs_for, write_model_card
     from local_server.repository import install_local_backend
-    from local_server.triton import free_port, start_server
     from tests.conftest import small_config
+
+    cfg = small_config("causal", seed=weights_seed if weights_seed is not None else SMALL["seed"])
+    graphs = graphs_for(cfg)
+    model = build_model(cfg) if weights_seed is not None else None
+    for graph in graphs:
+        staging = tmp_path / f"{graph}_{version}"
+        if model is None:
+            shutil.copytree(srv.local_model_dir(graph) / "1", staging, symlinks=True)
+        else:
+            export_graph(model, graph, staging / "model.onnx")
+            write_model_card(staging / "model_card.json", cfg, model, [graph], False, None)
+            install_local_backend(staging)
+        staging.rename(srv.local_model_dir(graph) / version)
+    return graphs
+
+
+def test_staging_a_version_folder_that_is_not_loaded_changes_nothing(client, cache_server,
+                                                                     tmp_path: Path) -> None:
+    """Model control none: a version 2 folder appears next to version 1 (what an operator does
+    before a restart). Triton never loads it, so the cache must not look at it: hits stay hits
+    and appends appends, all exact."""
+    import shutil
+
+    g = gen(12)
+    user, request = g.user_id(), g.request(70, 5)
+    visit(client, user, request)
+    graphs = stage_version(cache_server, "2", None, tmp_path)
+    try:
+        assert visit(client, user, g.returning(request, 0))[0] == "hit"
+        grown = g.returning(request, 3)
+        path, diff = visit(client, user, grown)
+        assert (path, diff <= TOLERANCE) == ("append", True), (path, diff)
+        path, diff = visit(client, user, g.returning(grown, 0))
+        assert (path, diff <= TOLERANCE) == ("hit", True), (path, diff)
+    finally:
+        for graph in graphs:
+            shutil.rmtree(cache_server.local_model_dir(graph) / "2")
+
+
+def test_a_rollout_under_explicit_model_control(small_repository: Path, tmp_path: Path) -> None:
+    """New weights arrive as version 2 of every ONNX model: first staged (nothing changes),
+    then loaded through the model control API while clients keep sending repeats and appends.
+    No request fails during the switch; afterwards every user cached before it misses once and
+    is exact against the new ranker_naive, and no user ever gets K/V that mixes the weights (an
+    append across the switch would otherwise extend v1 K/V with v2 events)."""
+    import threading
+    import time
+
+    from local_server.triton import free_port, start_server
 
     srv = start_server(grpc_port=free_port(), repository=small_repository, timeout_s=240,
                        model_control="explicit")
     try:
         with RankerClient(srv.grpc_url, timeout_s=120) as cl:
             g = gen(11)
-            user, request = g.user_id(), g.request(60, 5)
-            old = cl.score(request, "ranker_cached", user)
-            before = cl.cache_counts()
-            cl.score(request, "ranker_cached", user)
-            assert cl.cache_path(before) == "hit"
-            cfg = small_config("causal", seed=SMALL["seed"] + 1)
-            model = build_model(cfg)
-            graphs = graphs_for(cfg)
-            for graph in graphs:  # written aside, then moved in whole
-                staging = tmp_path / graph
-                export_graph(model, graph, staging / "model.onnx")
-                write_model_card(staging / "model_card.json", cfg, model, [graph], False, None)
-                install_local_backend(staging)
-                staging.rename(srv.local_model_dir(graph) / "2")
-            for graph in graphs:
-                cl._client.load_model(graph)
-            deadline = time.monotonic() + 180
-            while any(cl._client.get_model_metadata(m).versions != ["2"] for m in graphs):
-                assert time.monotonic() < deadline, "version 2 never replaced version 1"
-                time.sleep(1)
-            before = cl.cache_counts()
-            new = cl.score(request, "ranker_cached", user)
-            assert cl.cache_path(before) == "miss"
-            naive = cl.score(request, "ranker_naive")
-            assert float(np.abs(new - naive).max()) <= TOLERANCE
-            assert float(np.abs(new - old).max()) > 1e-3  # the weights really changed
+            idle = {g.user_id(): g.request(60, 5) for _ in range(3)}  # untouched until the end
+            busy = {g.user_id(): g.request(40, 5) for _ in range(3)}  # appending throughout
+            old = {u: cl.score(r, "ranker_cached", u) for u, r in {**idle, **busy}.items()}
+            graphs = stage_version(srv, "2", SMALL["seed"] + 1, tmp_path)
+            for user, request in idle.items():  # staged, not loaded: still hits on v1
+                assert cl.score_cached(g.returning(request, 0), user)[1] == "hit"
+
+            errors: list[str] = []
+            stop = threading.Event()
+
+            def keep_appending(user: int) -> None:
+                own_gen = gen(user % 1000)  # generators are not shared between threads
+                with RankerClient(srv.grpc_url, timeout_s=120) as own:
+                    while not stop.is_set():
+                        grown = busy[user].history_length < MAX_HISTORY - 50
+                        busy[user] = (own_gen.returning(busy[user], 2) if grown
+                                      else own_gen.request(40, 5))
+                        try:
+                            own.score(busy[user], "ranker_cached", user)
+                        except Exception as e:  # every failure is the finding
+                            errors.append(f"{type(e).__name__}: {e}")
+
+            threads = [threading.Thread(target=keep_appending, args=(u,)) for u in busy]
+            for thread in threads:
+                thread.start()
+            try:
+                for graph in graphs:
+                    cl._client.load_model(graph)
+                deadline = time.monotonic() + 180
+                while any(cl._client.get_model_metadata(m).versions != ["2"] for m in graphs):
+                    assert time.monotonic() < deadline, "version 2 never replaced version 1"
+                    time.sleep(0.5)
+                time.sleep(1.0)  # a few more appends on the new weights
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(timeout=120)
+            assert not errors, errors[:3]
+            for user, request in idle.items():
+                repeat = g.returning(request, 0)
+                path, diff = visit(cl, user, repeat)
+                assert (path, diff <= TOLERANCE) == ("miss", True), (path, diff)
+                assert float(np.abs(cl.score(repeat, "ranker_naive") - old[user]).max()) > 1e-3
+            for user, request in busy.items():  # the entry after the switch: pure v2
+                path, diff = visit(cl, user, g.returning(request, 0))
+                assert (path, diff <= TOLERANCE) == ("hit", True), (user, path, diff)
+                path, diff = visit(cl, user, g.returning(request, 2))
+                assert (path, diff <= TOLERANCE) == ("append", True), (user, path, diff)
     finally:
         srv.stop()
 
