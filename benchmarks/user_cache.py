@@ -367,7 +367,7 @@ def targets(rows: list[dict]) -> list[str]:
                        f"repeat p50) = {share:.1%} | {verdict} |")
     if not out:
         return []
-    return ["## Targets (issue 11)", "", "| L | target | measured | verdict |",
+    return ["## Targets", "", "| L | target | measured | verdict |",
             "|---|---|---|---|", *out, ""]
 
 
