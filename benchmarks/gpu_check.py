@@ -84,7 +84,7 @@ def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str,
     dt = np.float16 if fp16 else np.float32
     kv = np.zeros((cfg.num_layers, 2, cfg.num_heads, 10, cfg.head_dim), dt)
     base = {**ok, c.USER_KV: kv, c.LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:],
-            c.CACHED_USER_KV: kv, c.CACHED_LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:]}
+            c.CACHED_LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:]}
     def candidates(request: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         return {**request, **{k: np.resize(request[k], n) for k in c.CANDIDATE_INPUTS}}
 
@@ -100,7 +100,8 @@ def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str,
         ("ranker_naive", naive_rule(cfg.naive_max_work), candidates(long, naive_n)),
     ]
     if cfg.mask == "causal":
-        full = np.zeros((*kv.shape[:3], cfg.max_history, cfg.head_dim), dt)
+        # the append graph reads the cached K/V of every layer but the last (client/contract.py)
+        full = np.zeros((cfg.num_layers - 1, *kv.shape[1:3], cfg.max_history, cfg.head_dim), dt)
         cases.append(("user_encoder_append", append_rule(cfg.max_history),
                       {**base, c.CACHED_USER_KV: full}))
     return cases

@@ -312,7 +312,10 @@ def reference_contract(cfg) -> SplitContract:
                StateTensor(last.name, last.dtype, tuple(last.dims), last.doc)),
         outputs=(Output(scores.name, scores.dtype, ("N", *scores.dims[1:]), scores.doc),),
         history_mask=cfg.mask,
-        appendable=cfg.mask == "causal",
+        # Its append graph (user_encoder_append) reads the cached K/V of every layer but the last
+        # and returns only the new events' K/V, so the cache moves O(ΔL) bytes back: a form this
+        # declaration (whole state in, whole state out) does not express yet.
+        appendable=False,
         max_history=cfg.max_history,
         doc="target-item + history ranking transformer with softmax attention (export/model.py)",
     )
@@ -340,4 +343,6 @@ class ReferenceSplitModel(nn.Module):
         return self.model.score_candidates(*inputs)
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        return self.model.encode_append(*inputs)
+        raise NotImplementedError(
+            "the reference model's append returns only the new events' K/V "
+            "(RankingTransformer.encode_append); its declaration says appendable=False")

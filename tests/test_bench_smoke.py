@@ -62,7 +62,7 @@ def test_bench_smoke_writes_numbers(tmp_path: Path, small_repository: Path) -> N
 
     report = (out / "report.md").read_text()
     for heading in ("## Machine and versions", "## Targets", "## FLOP model (formulas)",
-                    "## In the design notes' form", "## Memory", "## Where the time goes"):
+                    "## In LONGER's form (throughput drop)", "## Memory", "## Where the time goes"):
         assert heading in report
     png = (out / "speedup.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -43,7 +43,7 @@ def test_user_kv_bytes() -> None:
 def test_seeds_formulas() -> None:
     assert seeds_model_speedup(50) == pytest.approx(50 / (0.85 + 0.15 * 50))
     assert seeds_model_speedup(1) == pytest.approx(1.0)
-    # the notes' 40 % -> 6.8 % is a sequence module ~9x cheaper
+    # LONGER's 40 % -> 6.8 % is a sequence module ~9x cheaper
     assert seeds_scaled_drop(0.1095) == pytest.approx(0.068, abs=1e-3)
     assert seeds_scaled_drop(1.0) == pytest.approx(0.40)
     # costs 1/thr: base 1 ms, naive 11 ms, shared 2 ms -> r = 1/10

@@ -261,7 +261,7 @@ def test_both_families_declare_a_valid_contract() -> None:
     assert hstu_c.appendable and {f.name for f in hstu_c.event_features} == {
         f.name for f in hstu_c.history_features}
     ref = check_contract(reference_contract(ModelConfig(**{**SMALL, "mask": "causal"})))
-    assert ref.appendable and [s.name for s in ref.state] == ["user_kv", "last_event_timestamp"]
+    assert not ref.appendable and [s.name for s in ref.state] == ["user_kv", "last_event_timestamp"]
     assert not check_contract(reference_contract(
         ModelConfig(**{**SMALL, "mask": "bidirectional"}))).appendable
     with pytest.raises(ContractError, match="depends on which candidate"):
@@ -279,7 +279,9 @@ def test_reference_declaration_names_its_graphs_io(mask: str) -> None:
     contract = reference_contract(cfg)
     specs = contract_specs(cfg)
     for graph in graphs_for(cfg):
-        if graph == "ranker_base":  # a benchmark reference, not part of the split
+        if graph in ("ranker_base", "user_encoder_append"):
+            # ranker_base: a benchmark reference, not part of the split; the reference's append
+            # returns only the new K/V, a form the declaration does not express yet
             continue
         inputs, outputs = graph_specs(contract, graph)
         assert [t.name for t in inputs] == REFERENCE_GRAPHS[graph].inputs, graph
@@ -303,12 +305,13 @@ def test_reference_model_through_the_protocol() -> None:
 
 def test_reference_model_exports_through_its_declaration(tmp_path: Path) -> None:
     """The generic export (export/split_export.py) takes the unchanged reference model through
-    its declaration: split == naive in ONNX Runtime, append == full encode; a full-mask
+    its declaration: split == naive in ONNX Runtime; a full-mask
     reference is refused before anything is written."""
     model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
     contract = model.contract()
     paths = export_all(model, tmp_path, max_candidates=50, naive_max_work=2**24)
-    assert [p.parent.parent.name for p in paths] == list(GRAPHS)
+    assert [p.parent.parent.name for p in paths] == [
+        g for g in GRAPHS if g != "user_encoder_append"]
     sessions = {p.parent.parent.name: make_session(p) for p in paths}
 
     def run(graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -324,13 +327,6 @@ def test_reference_model_exports_through_its_declaration(tmp_path: Path) -> None
             oracle = naive_scores(model, as_torch(request)).numpy()
         assert max_diff(run("target_fusion", {**request, **state})[0], oracle) <= TOLERANCE
         assert max_diff(run("ranker_naive", request)[0], oracle) <= TOLERANCE
-    history = [f.name for f in contract.history_features]
-    prefix = run("user_encoder", {h: request[h][:10] for h in history})
-    appended = run("user_encoder_append", {
-        **{s.cached_name: t for s, t in zip(contract.state, prefix, strict=True)},
-        **{h: request[h][10:40] for h in history}})
-    full = run("user_encoder", {h: request[h][:40] for h in history})
-    assert all(max_diff(a, b) <= TOLERANCE for a, b in zip(appended, full, strict=True))
     too_many = {**request, "candidate_item_ids": np.zeros(51, np.int64),
                 "candidate_category_ids": np.zeros(51, np.int64)}
     with pytest.raises(Exception, match="max_candidates=50"):
