@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from client.contract import USER_ID_HEADER, nginx_variable
 from client.metrics import CacheStats, fetch_cache_stats
 from deploy.production import ADMIN_KEY_ENV, grpc_admin_header, grpc_restriction
 from local_server.nginx import BALANCES, Nginx, NginxError, find_nginx
+from local_server.processes import stop_on_signals
 from local_server.triton import (
     BUILD_DIR,
     MODEL_REPOSITORY,
@@ -178,14 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals()
     admin_key = os.environ.get(ADMIN_KEY_ENV)
     print(f"fleet: starting {args.replicas} tritonservers and nginx on "
           f"127.0.0.1:{args.grpc_port}", flush=True)
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
           f"only directly on a replica with header {grpc_admin_header()} ({key})", flush=True)
     reported: set[int] = set()
     code = 0
-    while not stopping:
+    while not stop.is_set():
         time.sleep(0.2)
         if fleet.nginx.process.poll() is not None:
             print(f"fleet: error: nginx exited with code {fleet.nginx.process.returncode}:\n"

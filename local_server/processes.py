@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,3 +148,16 @@ def remove_shm_regions(names: Iterable[str]) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(name)
     return removed
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set: the foreground commands (serve, fleet) poll it,
+    then stop what they started, by PID."""
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop

@@ -8,12 +8,12 @@ SIGINT/SIGTERM. Run it through scripts/serve.sh.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 from export.repositories import EVALUATION_OPTION_HELP
+from local_server.processes import stop_on_signals
 from local_server.triton import (
     BUILD_DIR,
     MODEL_CONTROL_MODES,
@@ -82,14 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stopping = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals()
     print(f"serve: starting tritonserver on 127.0.0.1:{args.grpc_port} (gRPC)", flush=True)
     try:
         server = start_server(
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serve: ready: grpc {server.grpc_url}, models {', '.join(server.models)}{control}; "
           f"tritonserver pid {server.pid}; log {server.log_file}", flush=True)
     next_check = time.monotonic() + args.watchdog_interval
-    while not stopping:
+    while not stop.is_set():
         time.sleep(0.2)
         if server.process.poll() is not None:
             problem = f"tritonserver exited with code {server.process.returncode}"
@@ -118,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             problem = f"python-backend stub died: {', '.join(dead)}" if dead else ""
         else:
             continue
-        if not problem or stopping:
+        if not problem or stop.is_set():
             continue
         if not args.watchdog_interval or server.restarts >= args.max_restarts:
             print(f"serve: error: {problem}; log tail:\n{server.log_tail()}", file=sys.stderr)
