@@ -10,13 +10,16 @@ it with its 3 replicas, except the last, which kills one.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,8 +217,18 @@ def test_added_replica_moves_only_its_share_of_users(fleet: Fleet) -> None:
         moved = {u for u in probe if before[u] != after[u]}
         share = len(moved) / len(probe)
         print(f"3 -> 4 replicas: {share:.1%} of 1000 users moved")
-        assert share <= 1 / 4 + 0.05, share
         assert {after[u] for u in moved} == {new.grpc_url}
+        # nginx's ring, rebuilt from its algorithm, predicts every route exactly: the routing is
+        # consistent hashing (only the new replica's arc moves), whatever the ports drawn.
+        ring = [ketama_ring([s.grpc_url for s in fleet.replicas[:n]]) for n in (3, 4)]
+        assert before == {u: ketama_route(ring[0], u) for u in probe}
+        assert after == {u: ketama_route(ring[1], u) for u in probe}
+        # The share that moves is the new replica's arc: 1/4 on average, wider or narrower by
+        # the 160 points per server that nginx draws from the addresses. The bound holds for
+        # this fleet's addresses, or else for 95 % of address draws (a 4-replica ring with random
+        # ports exceeds 1/4 + 5 points about 1 % of the time: then this fleet drew such ports).
+        within = share <= 1 / 4 + 0.05 or ketama_bound_rate(probe) >= 0.95
+        assert within, share
         stats = fleet.cache_stats()
         send(fleet.url, [(u, gen.returning(r, 0)) for u, r in real.items()])
         paths = [paths_of_one(b, a) for b, a in zip(stats, fleet.cache_stats(), strict=True)]
@@ -225,6 +238,38 @@ def test_added_replica_moves_only_its_share_of_users(fleet: Fleet) -> None:
     finally:
         fleet.remove_replica(len(fleet.replicas) - 1)
     assert len(fleet.replicas) == 3
+
+
+def ketama_ring(upstreams: list[str]) -> list[tuple[int, str]]:
+    """nginx's `hash ... consistent` ring (ngx_http_upstream_init_chash): 160 points per server
+    of weight 1, point j = crc32(host, NUL, port, point j-1 as 4 little-endian bytes)."""
+    points = []
+    for address in upstreams:
+        host, port = address.rsplit(":", 1)
+        previous = 0
+        for _ in range(160):
+            previous = zlib.crc32(host.encode() + b"\0" + port.encode()
+                                  + struct.pack("<I", previous))
+            points.append((previous, address))
+    return sorted(points)
+
+
+def ketama_route(ring: list[tuple[int, str]], key: str) -> str:
+    """The server of the first point at or after crc32(key), wrapping around."""
+    i = bisect.bisect_left(ring, (zlib.crc32(key.encode()), ""))
+    return ring[i % len(ring)][1]
+
+
+def ketama_bound_rate(keys: list[str], draws: int = 400) -> float:
+    """Share of random 4-replica address draws where adding the 4th moves <= 1/4 + 5 points."""
+    rng = np.random.default_rng(0)
+    ok = 0
+    for _ in range(draws):
+        ports = rng.choice(np.arange(20000, 60000), 4, replace=False)
+        three, four = (ketama_ring([f"127.0.0.1:{p}" for p in ports[:n]]) for n in (3, 4))
+        moved = sum(ketama_route(three, k) != ketama_route(four, k) for k in keys)
+        ok += moved / len(keys) <= 1 / 4 + 0.05
+    return ok / draws
 
 
 def paths_of_one(before: CacheStats, after: CacheStats) -> Counter:
