@@ -58,7 +58,8 @@ def test_no_torch_in_the_client() -> None:
     code = ("import sys, client.api, client.request, client.traffic, client.validation, "
             "client.__main__; sys.exit('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          timeout=60).returncode == 0
 
 
 def test_score_retries_unavailable_then_raises_ranker_error() -> None:

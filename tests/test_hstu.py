@@ -396,7 +396,7 @@ def test_bad_hstu_configs_are_refused(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"num_heads": 0}))
     result = subprocess.run([sys.executable, "-m", "export.hstu_export", "--config", str(bad),
                              "--output", str(tmp_path / "out")], cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "num_heads must be a positive integer" in result.stderr
 
 
