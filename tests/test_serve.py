@@ -16,20 +16,12 @@ import numpy as np
 import pytest
 
 from export.repositories import copy_repositories
+from local_server.processes import is_running
 from local_server.triton import ServerError, free_port, start_server
 from tests.conftest import Output
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE = [str(REPO_ROOT / "scripts" / "serve.sh")]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
-        f"/proc/{pid}/status").read_text().lower()
 
 
 @pytest.mark.server
@@ -47,12 +39,12 @@ def test_serve_foreground_ready_and_sigterm(small_repository: Path) -> None:
         assert "serve: ready" in ready, "".join(output.seen)
         assert f"127.0.0.1:{port}" in ready and "ranker_naive" in ready
         server_pid = int(ready.split("tritonserver pid ")[1].split(";")[0])
-        assert pid_alive(server_pid)
+        assert is_running(server_pid)
         proc.send_signal(signal.SIGTERM)
         out = output.rest(60)
         assert proc.returncode == 0, out
         assert "stopped tritonserver" in out
-        assert not pid_alive(server_pid)
+        assert not is_running(server_pid)
     finally:
         if proc.poll() is None:
             proc.kill()
