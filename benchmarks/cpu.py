@@ -1,9 +1,10 @@
 """How much CPU others used while the benchmark measured (a shared, noisy machine).
 
-External CPU = CPU time the whole machine spent (/proc/stat) minus the CPU time of the benchmark's
-own process tree (this process, tritonserver and its stubs, perf_analyzer, counted with
-utime + stime + cutime + cstime of every member so exited children stay counted), over the
-wall-clock time of the measurement, in cores. Hypervisor steal is reported on its own.
+External CPU = CPU time the whole machine spent (/proc/stat, read by psutil) minus the CPU time
+of the benchmark's own process tree (this process, tritonserver and its stubs, perf_analyzer,
+counted with user + system + children_user + children_system of every member so exited children
+stay counted), over the wall-clock time of the measurement, in cores. Hypervisor steal is
+reported on its own.
 """
 
 from __future__ import annotations
@@ -11,38 +12,32 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
+import psutil
+
 CONTENDED_CORES = 0.3  # others' CPU use (cores) above which a measurement counts as contended
 
 
 def _machine_busy_and_steal() -> tuple[float, float]:
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq) / TICK, steal / TICK
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq, t.steal
 
 
 def _tree_cpu(root: int) -> float:
-    """CPU seconds of `root` and all its descendants (alive ones, plus reaped ones via cutime)."""
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    """CPU seconds of `root` and all its descendants (alive ones, plus reaped ones via the
+    children_user / children_system times of their parents)."""
+    try:
+        tree = [psutil.Process(root)]
+        tree += tree[0].children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in tree:
         try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
+            t = proc.cpu_times()
+        except psutil.Error:  # exited meanwhile: its parent's children times hold it once reaped
             continue
-        rest = text[text.rindex(")") + 2:].split()  # fields after "(comm)"
-        pid, ppid = int(entry.name), int(rest[1])
-        children.setdefault(ppid, []).append(pid)
-        times[pid] = sum(int(x) for x in rest[11:15]) / TICK  # utime stime cutime cstime
-    total, stack = 0.0, [root]
-    while stack:
-        pid = stack.pop()
-        total += times.get(pid, 0.0)
-        stack.extend(children.get(pid, []))
+        total += t.user + t.system + t.children_user + t.children_system
     return total
 
 
@@ -58,7 +53,7 @@ def snapshot() -> Snapshot | None:
     try:
         busy, steal = _machine_busy_and_steal()
         return Snapshot(time.monotonic(), busy, steal, _tree_cpu(os.getpid()))
-    except (OSError, ValueError, IndexError):
+    except (OSError, psutil.Error):
         return None
 
 

@@ -10,8 +10,8 @@ its own seeded RequestGenerator. Every --check-every-th request is also scored b
 own, beside the clients, and the clients keep the ensemble under a constant load; the throughput
 is the clients' (first request to last answer), with the checks running alongside.
 
-Memory: the resident set (VmRSS) of tritonserver plus all its descendants (the python-backend
-stubs that run the models), read from /proc, summed. It is sampled once after a warm-up phase
+Memory: the resident set (RSS) of tritonserver plus all its descendants (the python-backend
+stubs that run the models), read with psutil, summed. It is sampled once after a warm-up phase
 (which sends the largest request shape to the ensemble from every client and to the oracle once,
 so that the ONNX Runtime arenas have reached their working size), every second during the
 measured phase (for the maximum) and once at the end with the server idle again. The growth is
@@ -39,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
-from local_server.processes import cmdline, process_label, process_tree, rss_bytes
+from local_server.processes import process_label, process_tree, rss_bytes
 from local_server.triton import (
     MODEL_REPOSITORY,
     REPO_ROOT,
@@ -86,12 +87,10 @@ def find_server_pid(url: str) -> int | None:
     host, _, port = url.rpartition(":")
     if host not in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0") or not port.isdigit():
         return None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        argv = cmdline(int(entry)) or []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
         if argv and Path(argv[0]).name == "tritonserver" and f"--grpc-port={port}" in argv:
-            return int(entry)
+            return proc.pid
     return None
 
 

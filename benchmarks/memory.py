@@ -7,10 +7,11 @@ run's own peak working set (ORT arena, activations, outputs): peak RSS during th
 before it.
 
 The peak comes from the kernel's high-water mark, reset right before the run (writing 5 to
-/proc/self/clear_refs, then VmHWM from /proc/self/status). resource.getrusage's ru_maxrss alone
-is not usable here: it keeps the model-loading peak, and after fork/vfork + exec it even starts
-at the *parent's* high-water mark (the benchmark process has run the naive model). ru_maxrss
-before/after is reported too; it is the fallback (flagged) where clear_refs is not writable.
+/proc/self/clear_refs, then VmHWM from /proc/self/status; the RSS before the run from psutil).
+resource.getrusage's ru_maxrss alone is not usable here: it keeps the model-loading peak, and
+after fork/vfork + exec it even starts at the *parent's* high-water mark (the benchmark process
+has run the naive model). ru_maxrss before/after is reported too; it is the fallback (flagged)
+where clear_refs is not writable.
 The benchmark runs this once per model in its own subprocess.
 """
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from client import contract as c
 from client.traffic import RequestGenerator
@@ -40,11 +42,12 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def status_bytes(field: str) -> int | None:
-    """VmRSS / VmHWM of this process from /proc/self/status (None where unavailable)."""
+def peak_rss_bytes() -> int | None:
+    """VmHWM of this process from /proc/self/status (None where unavailable). Read by hand:
+    psutil (7.2) gives the current RSS but not the kernel's peak-RSS mark."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -52,7 +55,8 @@ def status_bytes(field: str) -> int | None:
 
 
 def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0; psutil has no
+    equivalent)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -94,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     inputs = feeds(args.model, args.n, args.length, cfg, args.seed)
     before = maxrss_bytes()
     hwm_ok = reset_peak()
-    rss_before = status_bytes("VmRSS")
+    rss_before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     session.run(None, inputs)
     seconds = time.perf_counter() - t0
-    peak = status_bytes("VmHWM")
+    peak = peak_rss_bytes()
     after = maxrss_bytes()
-    if hwm_ok and peak is not None and rss_before is not None:
+    if hwm_ok and peak is not None:
         method, delta = "VmHWM reset", peak - rss_before
     else:  # masked by the load peak (and the parent's) where the run's peak is smaller
         method, delta = "ru_maxrss (may be masked)", after - before

@@ -3,18 +3,16 @@
 user_cache (model_repository/user_cache/1/model.py) publishes them as python-backend custom
 metrics: `user_cache_requests_total{path="hit"|"append"|"miss"}`, `user_cache_evictions_total`,
 `user_cache_bytes`, `user_cache_users`, `user_cache_capacity_bytes`. This is where an operator's
-Prometheus scrapes them too, so the CLI reads the same numbers instead of a side channel.
-Pure Python (urllib), no Prometheus client needed.
+Prometheus scrapes them too, so the CLI reads the same numbers instead of a side channel. The page
+is fetched with urllib and parsed with prometheus_client's text-format parser.
 """
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from dataclasses import dataclass
 
-_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+from prometheus_client.parser import text_string_to_metric_families
 
 
 class MetricsError(RuntimeError):
@@ -43,13 +41,11 @@ class CacheStats:
 
 def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     """(name, labels, value) of every sample in Prometheus text format."""
-    samples = []
-    for line in text.splitlines():
-        match = _LINE.match(line)
-        if match and not line.startswith("#"):
-            labels = dict(_LABEL.findall(match.group("labels") or ""))
-            samples.append((match.group("name"), labels, float(match.group("value"))))
-    return samples
+    try:
+        return [(sample.name, sample.labels, sample.value)
+                for family in text_string_to_metric_families(text) for sample in family.samples]
+    except ValueError as e:
+        raise MetricsError(f"not a Prometheus text page: {e}") from None
 
 
 def cache_stats(text: str, model: str = "user_cache") -> CacheStats:

@@ -1,4 +1,4 @@
-"""Processes of a local tritonserver, read from /proc: its python-backend stubs, their shared
+"""Processes of a local tritonserver, read with psutil: its python-backend stubs, their shared
 memory, their resident memory; and the clean-up a crash needs.
 
 A stub blocked in its IPC with a tritonserver that died never exits by itself, and a stub killed
@@ -8,75 +8,55 @@ nothing outlives a server, and its watchdog uses them to notice a dead stub.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
+
 STUB_MARKER = "triton_python_backend_stub"
 MAX_TREE = 4096  # processes followed under the server, at most
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def cmdline(pid: int) -> list[str] | None:
     """argv of `pid` (None if it does not exist; [] for a zombie or a kernel thread)."""
-    raw = _read(f"/proc/{pid}/cmdline")
-    return None if raw is None else [a for a in raw.split("\0") if a]
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.ZombieProcess:
+        return []
+    except psutil.Error:  # gone, or not ours to read
+        return None
 
 
 def is_running(pid: int) -> bool:
     """The process exists and is not a zombie."""
-    status = _read(f"/proc/{pid}/status")
-    if status is None:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.ZombieProcess:
         return False
-    for line in status.splitlines():
-        if line.startswith("State:"):
-            return "zombie" not in line and "\tZ" not in line
-    return True
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
 
 
 def rss_bytes(pid: int) -> int:
-    """VmRSS of one process in bytes; 0 if it is gone or a zombie."""
-    status = _read(f"/proc/{pid}/status") or ""
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of `pid`, over all its threads (/proc/<pid>/task/*/children)."""
-    out: list[int] = []
+    """Resident set of one process in bytes; 0 if it is gone or a zombie."""
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        text = _read(f"/proc/{pid}/task/{tid}/children") or ""
-        out.extend(int(c) for c in text.split())
-    return out
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (breadth first; at most MAX_TREE)."""
-    seen: list[int] = []
-    queue = [pid]
-    while queue and len(seen) < MAX_TREE:
-        current = queue.pop(0)
-        if current in seen:
-            continue
-        seen.append(current)
-        queue.extend(children(current))
-    return seen
+    """`pid` and all its descendants (at most MAX_TREE)."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    return [pid, *(c.pid for c in descendants)][:MAX_TREE]
 
 
 def process_label(pid: int) -> str:
@@ -120,9 +100,9 @@ def kill_lingering(pids: Iterable[int], marker: str = STUB_MARKER) -> list[int]:
         argv = cmdline(pid)
         if argv and any(marker in a for a in argv) and is_running(pid):
             try:
-                os.kill(pid, signal.SIGKILL)
+                psutil.Process(pid).kill()
                 killed.append(pid)
-            except ProcessLookupError:
+            except psutil.NoSuchProcess:
                 pass
     return killed
 

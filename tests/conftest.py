@@ -1,7 +1,11 @@
-"""Shared fixtures: small model configs, exported ONNX models, random requests."""
+"""Shared fixtures: small model configs, exported ONNX models, random requests; a time-bounded
+reader of a child process's output."""
 
 from __future__ import annotations
 
+import queue
+import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +18,42 @@ from export.config import ModelConfig
 from export.model import RankingTransformer, build_model
 from export.onnx_export import export_graph, graphs_for
 from export.runtime import make_session, run_in_chunks
+
+
+class Output:
+    """A child's stdout read in a thread, so that every read in a test has a time bound: a hung
+    server fails its test with the output so far instead of blocking on a pipe."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc, self.seen = proc, []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # end of output
+
+    def readline(self, timeout_s: float) -> str:
+        """The next line ("" at the end of the output); fails after `timeout_s` without one."""
+        try:
+            line = self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            pytest.fail(f"no output line within {timeout_s:g} s; so far:\n{''.join(self.seen)}")
+        self.seen.append(line)
+        return line
+
+    def rest(self, timeout_s: float) -> str:
+        """Wait (at most `timeout_s`) for the process to exit; the output not yet read."""
+        self.proc.wait(timeout=timeout_s)
+        self._thread.join(timeout=10)
+        lines = []
+        while not self._lines.empty():
+            lines.append(self._lines.get_nowait())
+        return "".join(lines)
+
 
 INT64_MIN, INT64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
 

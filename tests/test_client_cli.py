@@ -58,7 +58,8 @@ def test_no_torch_in_the_client() -> None:
     code = ("import sys, client.api, client.request, client.traffic, client.validation, "
             "client.__main__; sys.exit('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          timeout=60).returncode == 0
 
 
 def test_score_retries_unavailable_then_raises_ranker_error() -> None:
@@ -101,3 +102,42 @@ def test_closed_client_refuses_calls() -> None:
     client.close()
     with pytest.raises(RankerError, match="closed"):
         client.is_live()
+
+
+# A metrics page as Triton serves it: HELP/TYPE lines, Triton's own families, the cache's custom
+# ones for two models (only `user_cache` is summed, over both versions), an escaped label value.
+_METRICS_PAGE = """\
+# HELP nv_inference_count Number of inferences performed
+# TYPE nv_inference_count counter
+nv_inference_count{model="user_cache",version="1"} 99
+# HELP user_cache_requests_total Requests by path
+# TYPE user_cache_requests_total counter
+user_cache_requests_total{model="user_cache",path="hit",version="1"} 7
+user_cache_requests_total{model="user_cache",path="hit",version="2"} 1
+user_cache_requests_total{model="user_cache",path="append",version="1"} 3
+user_cache_requests_total{model="user_cache",path="miss",version="1"} 2
+user_cache_requests_total{model="other \\"cache\\"",path="miss",version="1"} 50
+# HELP user_cache_evictions_total Users evicted
+# TYPE user_cache_evictions_total counter
+user_cache_evictions_total{model="user_cache",version="1"} 4
+# TYPE user_cache_bytes gauge
+user_cache_bytes{model="user_cache",version="1"} 1.048576e+06
+# TYPE user_cache_users gauge
+user_cache_users{model="user_cache",version="1"} 5
+# TYPE user_cache_capacity_bytes gauge
+user_cache_capacity_bytes{model="user_cache",version="1"} 4194304
+"""
+
+
+def test_cache_stats_from_a_metrics_page() -> None:
+    from client.metrics import CacheStats, MetricsError, cache_stats
+
+    stats = cache_stats(_METRICS_PAGE)
+    assert stats == CacheStats(hits=8, appends=3, misses=2, evictions=4, bytes_held=1048576,
+                               users=5, capacity_bytes=4194304)
+    assert stats.reuse_rate == 11 / 13
+    assert cache_stats(_METRICS_PAGE, model='other "cache"').misses == 50
+    with pytest.raises(MetricsError, match="no user_cache metrics"):
+        cache_stats(_METRICS_PAGE, model="absent")
+    with pytest.raises(MetricsError, match="not a Prometheus text page"):
+        cache_stats("user_cache_users{model=\"user_cache\" 5\n")

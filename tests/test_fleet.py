@@ -39,7 +39,7 @@ from client.traffic import RequestGenerator, returning_traffic
 from deploy.production import grpc_restriction
 from local_server.fleet import Fleet, FleetError, start_fleet
 from local_server.triton import REPO_ROOT, free_port
-from tests.conftest import SMALL
+from tests.conftest import SMALL, Output
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -388,16 +388,12 @@ def test_fleet_sh_serves_until_stopped(small_repository: Path) -> None:
         ["bash", str(REPO_ROOT / "scripts" / "fleet.sh"), "--replicas", "1", "--grpc-port",
          str(port), "--repository", str(small_repository)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Output(proc)
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "fleet.sh exited: " + "".join(lines)
-            lines.append(line)
-            if line.startswith("fleet: ready"):
-                break
-        ready = lines[-1]
+        ready = ""
+        while not ready.startswith("fleet: ready"):
+            ready = output.readline(240)
+            assert ready, "fleet.sh exited: " + "".join(output.seen)
         assert f"grpc 127.0.0.1:{port}" in ready and "hash $http_user_id consistent" in ready
         pids = [int(p) for p in re.findall(r"pid (\d+)", ready)]
         gen = RequestGenerator(seed=81, profile_dim=P)
@@ -406,7 +402,7 @@ def test_fleet_sh_serves_until_stopped(small_repository: Path) -> None:
             check_against_naive(client, req, client.score(req, "ranker_cached", 7))
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = output.rest(60)
     assert proc.returncode == 0, out
     assert "stopped nginx and every replica" in out
     assert len(pids) >= 2 and not [p for p in pids if Path(f"/proc/{p}").exists()], pids

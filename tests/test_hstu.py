@@ -396,7 +396,7 @@ def test_bad_hstu_configs_are_refused(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"num_heads": 0}))
     result = subprocess.run([sys.executable, "-m", "export.hstu_export", "--config", str(bad),
                              "--output", str(tmp_path / "out")], cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "num_heads must be a positive integer" in result.stderr
 
 
@@ -420,7 +420,8 @@ def test_shipped_config_and_checkpoints(tmp_path: Path) -> None:
 _MEASURE = r"""
 import json, sys
 import numpy as np
-from benchmarks.memory import reset_peak, status_bytes
+import psutil
+from benchmarks.memory import peak_rss_bytes, reset_peak
 from export.runtime import make_session
 session = make_session(sys.argv[1], threads=1)
 length = int(sys.argv[2])
@@ -432,9 +433,9 @@ feeds = {"history_item_ids": rng.integers(0, 10**9, length),
 session.run(None, {k: v[:10] for k, v in feeds.items()})  # warm: the arena's first growth
 if not reset_peak():
     sys.exit("cannot reset the peak RSS mark (/proc/self/clear_refs)")
-before = status_bytes("VmRSS")
+before = psutil.Process().memory_info().rss
 session.run(None, feeds)
-print(json.dumps({"length": length, "peak_delta": status_bytes("VmHWM") - before}))
+print(json.dumps({"length": length, "peak_delta": peak_rss_bytes() - before}))
 """
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks import load_test as lt
 from local_server import processes
-from tests.conftest import SMALL
+from tests.conftest import SMALL, Output
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_process_tree_memory_of_own_children() -> None:
               "print(c.pid, flush=True); time.sleep(30)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        grandchild = int(parent.stdout.readline())
+        grandchild = int(Output(parent).readline(30))
         deadline = time.monotonic() + 10  # until the grandchild has exec'd `sleep`
         while processes.cmdline(grandchild) != ["sleep", "30"] and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -101,7 +101,7 @@ def test_process_tree_memory_of_own_children() -> None:
         assert lt.sample_memory(parent.pid).by_process.get("sleep", 0) == 0
     finally:
         parent.send_signal(signal.SIGKILL)
-        parent.wait(10)
+        parent.wait(timeout=10)
 
 
 def test_verdict_and_figures() -> None:

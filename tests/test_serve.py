@@ -16,19 +16,12 @@ import numpy as np
 import pytest
 
 from export.repositories import copy_repositories
+from local_server.processes import is_running
 from local_server.triton import ServerError, free_port, start_server
+from tests.conftest import Output
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE = [str(REPO_ROOT / "scripts" / "serve.sh")]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
-        f"/proc/{pid}/status").read_text().lower()
 
 
 @pytest.mark.server
@@ -38,28 +31,24 @@ def test_serve_foreground_ready_and_sigterm(small_repository: Path) -> None:
         [*SERVE, "--grpc-port", str(port), "--repository", str(small_repository)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    output = Output(proc)
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "serve: ready" in line or not line:
-                break
-        ready = lines[-1]
-        assert "serve: ready" in ready, "".join(lines)
+        ready = output.readline(240)
+        while ready and "serve: ready" not in ready:
+            ready = output.readline(240)
+        assert "serve: ready" in ready, "".join(output.seen)
         assert f"127.0.0.1:{port}" in ready and "ranker_naive" in ready
         server_pid = int(ready.split("tritonserver pid ")[1].split(";")[0])
-        assert pid_alive(server_pid)
+        assert is_running(server_pid)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = output.rest(60)
         assert proc.returncode == 0, out
         assert "stopped tritonserver" in out
-        assert not pid_alive(server_pid)
+        assert not is_running(server_pid)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
 
 
 @pytest.mark.server
@@ -77,10 +66,11 @@ def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> No
          "--watchdog-interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    output = Output(proc)
     try:
         ready = ""
         while "serve: ready" not in ready:
-            ready = proc.stdout.readline()
+            ready = output.readline(240)
             assert ready, "serve.sh exited before it was ready"
         server_pid = int(ready.split("tritonserver pid ")[1].split(";")[0])
         request = RequestGenerator(seed=4, profile_dim=SMALL["profile_dim"]).request(60, 12)
@@ -89,9 +79,9 @@ def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> No
             (victim,) = stub_pids(server_pid, "target_fusion")
             os.kill(victim, signal.SIGKILL)
             assert wait_gone([victim], 5.0) == []
-            line = proc.stdout.readline()
+            line = output.readline(60)
             assert "stub died: stub:target_fusion; restarting" in line, line
-            line = proc.stdout.readline()
+            line = output.readline(240)
             assert "serve: ready again" in line, line
             scores = None
             deadline = time.monotonic() + 60
@@ -103,12 +93,12 @@ def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> No
             assert scores is not None, "no answer after the watchdog restart"
             np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out = output.rest(60)
         assert proc.returncode == 0, out
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=60)
 
 
 def test_serve_reports_a_taken_port(small_repository: Path) -> None:
