@@ -220,9 +220,8 @@ def markdown(args: argparse.Namespace, rows: list[dict], info: dict[str, str]) -
                          f"{rr['p50_ms'] / h['p50_ms']:.2f}x | "
                          f"{rr['full_encodes_per_request'] / h['full_encodes_per_request']:.2f}x |")
     lines += ["", "With K = 1 both rules send everything to the one replica (the same paths): "
-              "there the columns show this machine's noise. Each replica runs one user_cache "
-              "instance, which executes one request at a time, so one replica also serialises "
-              "its cache step; two replicas can keep both cores busy, a third cannot add any.",
+              "there the columns show this machine's noise. Two replicas can keep both cores "
+              "busy, a third cannot add any.",
               "", f"The floor of full encodes per request is one per user: 1/{args.visits} = "
               f"{1 / args.visits:.3f}. p99 comes from {args.users * args.visits} requests per "
               f"run (about the {max(1, round(args.users * args.visits / 100))} slowest).", ""]
