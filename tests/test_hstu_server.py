@@ -17,9 +17,8 @@ from export.hstu_export import write_hstu_repositories
 from export.native_rules import check_repositories
 from export.repositories import evaluation_beside
 from export.split_contract import SplitContract
-from tests.test_hstu import random_request
+from tests.test_hstu import TOLERANCE, max_diff, random_request
 
-TOLERANCE = 1e-5
 # Small: two attending layers, max_history 48, query blocks of 16 rows (a 40-event history and
 # 20 candidates each run several blocks of the attention's Loop).
 CFG = HSTUConfig(d_model=32, num_heads=2, num_layers=3, attention_dim=8, hidden_dim=8,
@@ -65,11 +64,6 @@ def infer(client: grpcclient.InferenceServerClient, contract: SplitContract, mod
         inputs.append(tensor)
     outputs = [grpcclient.InferRequestedOutput(o.name) for o in contract.outputs]
     return client.infer(model, inputs, outputs=outputs).as_numpy(contract.outputs[0].name)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
 
 
 @pytest.mark.parametrize("length", LENGTHS)
