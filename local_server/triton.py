@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.repositories import EVALUATION_MODELS, MODEL_REPOSITORY, evaluation_beside
-from export.triton_configs import TARGET_FUSION, USER_ENCODER
+from export.repositories import MODEL_REPOSITORY, evaluation_beside
+from export.triton_configs import NAIVE, TARGET_FUSION, USER_ENCODER
 from local_server.processes import (
     is_running,
     kill_lingering,
@@ -316,7 +316,8 @@ def start_server(
                               "ranker_base): run `python -m export`, or serve without it")
         local_repos.append(build_local_repository(
             source, build_dir / f"evaluation_repository_local_{grpc_port}"))
-        _require(local_repos[-1], source, EVALUATION_MODELS)
+        # the oracle is what every family has; ranker_base is the reference model's own baseline
+        _require(local_repos[-1], source, (NAIVE,))
     log_file = log_file or build_dir / "logs" / f"tritonserver_{grpc_port}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     args = [

@@ -1,0 +1,92 @@
+"""The HSTU family served by a real tritonserver through its `ranker` ensemble, from its
+declaration: export/split_repository.py's repository pair, the local flavour built from its
+production configs unchanged, raw tritonclient gRPC requests built from the declared features.
+split (`ranker`) == naive (`ranker_naive`) within 1e-5 over an L x N grid with the edge cases; a
+request whose lengths disagree is refused with the guard's name, and the server stays exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from export.guards import length_rule
+from export.hstu import HSTUConfig, build_hstu
+from export.hstu_export import write_hstu_repositories
+from export.native_rules import check_repositories
+from export.repositories import evaluation_beside
+from export.split_contract import SplitContract
+from tests.test_hstu import TOLERANCE, max_diff, random_request
+
+# Small: two attending layers, max_history 48, query blocks of 16 rows (a 40-event history and
+# 20 candidates each run several blocks of the attention's Loop).
+CFG = HSTUConfig(d_model=32, num_heads=2, num_layers=3, attention_dim=8, hidden_dim=8,
+                 max_history=48, item_buckets=1009, action_buckets=7, position_buckets=32,
+                 time_buckets=20, head_hidden=16, attention_block=16, max_candidates=500,
+                 seed=5)
+LENGTHS = [0, 1, 40, 75]  # 40 > attention_block; 75 > max_history (the newest 48 kept)
+CANDIDATE_COUNTS = [0, 1, 20]
+SERVED = ("user_encoder", "target_fusion", "ranker_naive")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """(contract, gRPC client) of a local tritonserver serving the HSTU repository pair; the
+    server is stopped by PID at the end of the module."""
+    from local_server.triton import free_port, start_server
+
+    model = build_hstu(CFG)
+    serving = tmp_path_factory.mktemp("hstu") / "model_repository_hstu"
+    write_hstu_repositories(model, serving, graphs=SERVED, source="tests/test_hstu_server.py")
+    assert not [v for found in check_repositories(serving).values() for v in found]
+    assert sorted(p.name for p in serving.iterdir()) == ["ranker", "target_fusion",
+                                                         "user_encoder"]
+    assert [p.name for p in evaluation_beside(serving).iterdir()] == ["ranker_naive"]
+    server = start_server(grpc_port=free_port(), repository=serving, timeout_s=240)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        yield model.contract(), client
+    finally:
+        client.close()
+        server.stop()
+
+
+def infer(client: grpcclient.InferenceServerClient, contract: SplitContract, model: str,
+          request: dict[str, np.ndarray]) -> np.ndarray:
+    """One raw gRPC request: every declared feature, with its declared dtype, in order."""
+    assert set(request) == {f.name for f in contract.features}
+    inputs = []
+    for feature in contract.features:
+        value = request[feature.name]
+        tensor = grpcclient.InferInput(feature.name, list(value.shape), feature.dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    outputs = [grpcclient.InferRequestedOutput(o.name) for o in contract.outputs]
+    return client.infer(model, inputs, outputs=outputs).as_numpy(contract.outputs[0].name)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("n", CANDIDATE_COUNTS)
+def test_ranker_equals_naive(served, length: int, n: int) -> None:
+    contract, client = served
+    request = random_request(np.random.default_rng(100 * length + n), length, n)
+    split = infer(client, contract, "ranker", request)
+    naive = infer(client, contract, "ranker_naive", request)
+    assert split.shape == (n, CFG.num_tasks)
+    assert np.isfinite(split).all()
+    assert max_diff(split, naive) <= TOLERANCE
+
+
+def test_bad_lengths_refused_by_name_then_exact(served) -> None:
+    contract, client = served
+    request = random_request(np.random.default_rng(9), 30, 5)
+    short = {**request, "history_dwell_seconds": request["history_dwell_seconds"][:3]}
+    rule = length_rule([f.name for f in contract.history_features], "L")
+    for model in ("ranker", "ranker_naive"):
+        with pytest.raises(InferenceServerException) as info:
+            infer(client, contract, model, short)
+        assert rule in str(info.value), str(info.value)
+    split = infer(client, contract, "ranker", request)
+    assert split.shape == (5, CFG.num_tasks)
+    assert max_diff(split, infer(client, contract, "ranker_naive", request)) <= TOLERANCE
