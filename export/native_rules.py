@@ -346,6 +346,18 @@ def check_repositories(serving: Path, evaluation: Path | None = None) -> dict[st
     return results
 
 
+def export_verdict(serving: Path, evaluation: Path | None, prog: str = "export") -> int:
+    """After an export: every violation on stderr, 1 if any, else one line saying all passed (0).
+    A repository the native backend would refuse is never left looking done."""
+    violations = [v for found in check_repositories(serving, evaluation).values() for v in found]
+    for v in violations:
+        print(f"{prog}: error: the onnxruntime backend would refuse this: {v}", file=sys.stderr)
+    if violations:
+        return 1
+    print(f"{prog}: every config passes the native onnxruntime backend's load-time rules")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m export.native_rules",
