@@ -17,8 +17,9 @@ node's name, so the client reads, for example,
 
 Why this holds on every execution provider (onnxruntime sources, release 1.19):
 * The decision runs on the host, in the CPU kernel. A string tensor has no CUDA kernel: the CUDA
-  EP registers Reshape (core/providers/cuda/tensor/reshape.cc, every opset) and Cast only for
-  fixed-size types (`DataTypeImpl::AllFixedSizeTensorTypes()`), and TensorRT has no string type,
+  EP registers Reshape for fixed-size types only (`DataTypeImpl::AllFixedSizeTensorTypes()`,
+  core/providers/cuda/tensor/reshape.cc, every opset) and Cast for numeric and bool inputs only
+  (core/providers/cuda/tensor/cast_op.cc, `SPECIALIZE_IMPL`), and TensorRT has no string type,
   so its EP cannot take these two nodes into an engine. ONNX Runtime's partitioner therefore
   assigns them to the CPU EP under every GPU configuration (CPU's Reshape takes all tensor types,
   core/providers/cpu/tensor/reshape.cc), whatever its placement heuristics do with the flag's
