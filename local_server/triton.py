@@ -140,6 +140,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class ServerExitedError(ServerError):
+    """The server process exited before it was ready."""
+
+
 @dataclass
 class LocalServer:
     """A running tritonserver (local flavour). Stop it with `stop()`."""
@@ -177,24 +181,35 @@ class LocalServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def console_file(self) -> Path:
+        """The server's stdout/stderr: what it prints before its log opens (an abort at start)."""
+        return self.log_file.with_suffix(".console")
+
     def launch(self) -> None:
         if self.log_file.exists():
             self.log_file.unlink()
-        self.process = subprocess.Popen(
-            self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent, cwd=self.cwd,
-        )
+        with self.console_file.open("wb") as console:
+            self.process = subprocess.Popen(
+                self.args, env=self.env, stdout=console, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent, cwd=self.cwd,
+            )
         self.stubs = {}
+
+    def _no_log(self) -> str:
+        console = (self.console_file.read_text(errors="replace").strip()
+                   if self.console_file.exists() else "")
+        return "(no server log)" + (f"; its console:\n{console[-3000:]}" if console else "")
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_file.exists():
-            return "(no server log)"
+            return self._no_log()
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
     def errors_in_log(self) -> str:
         """The server's own error lines (model load failures), else the log's tail."""
         if not self.log_file.exists():
-            return "(no server log)"
+            return self._no_log()
         text = self.log_file.read_text(errors="replace").splitlines()
         errors = [line for line in text
                   if (line.startswith("E") or "error" in line.lower())
@@ -209,7 +224,7 @@ class LocalServer:
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerError(
+                    raise ServerExitedError(
                         f"tritonserver exited with code {self.process.returncode} while starting; "
                         f"its log ({self.log_file}) says:\n{self.errors_in_log()}"
                     )
@@ -259,12 +274,22 @@ class LocalServer:
         self.cleanup = {"lingering_stubs_killed": killed, "shm_removed": removed}
         return self.process.returncode
 
-    def restart(self, timeout_s: float = 180.0) -> None:
-        """Kill the server and start it again on the same ports and repository."""
+    def restart(self, timeout_s: float = 180.0, attempts: int = 3) -> None:
+        """Kill the server and start it again on the same ports and repository. A server that
+        dies while starting (seen once in many restarts: killed at once with SIGABRT, before its
+        log opened, right after the previous one was killed on the same ports) is started again,
+        up to `attempts` times, a second apart; the last failure is raised."""
         self._terminate(5.0, signal.SIGKILL)
         self.restarts += 1
-        self.launch()
-        self.wait_ready(timeout_s)
+        for attempt in range(1, attempts + 1):
+            self.launch()
+            try:
+                self.wait_ready(timeout_s)
+                return
+            except ServerExitedError:
+                if attempt == attempts:
+                    raise
+                time.sleep(1.0)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit in time; clean up. Returns the exit code."""
