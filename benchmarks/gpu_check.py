@@ -51,12 +51,14 @@ TOLERANCE = {False: 1e-4, True: 5e-3}  # fp32, fp16 against the CPU EP's scores
 def session(path: Path, provider: str) -> ort.InferenceSession:
     """The project's session options on `provider`, falling back as Triton's backend does
     (TensorRT -> CUDA -> CPU). Errors are this script's to report: ORT's own log stays quiet."""
-    providers = {PROVIDERS[provider]: None, "CUDAExecutionProvider": provider == "tensorrt",
-                 "CPUExecutionProvider": None}
+    providers = [PROVIDERS[provider]]
+    if provider == "tensorrt":
+        providers.append(PROVIDERS["cuda"])
+    if provider != "cpu":
+        providers.append(PROVIDERS["cpu"])
     options = session_options()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options,
-                                providers=[p for p, use in providers.items() if use is not False])
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
