@@ -11,7 +11,11 @@
   runs one attention per candidate.
 
 Both score exactly what the naive oracle scores (tested against it in the benchmark run and in
-tests/test_bench_units.py); only their cost differs.
+tests/test_peers.py); only their cost differs.
+
+Another family (export/split_contract.py) brings its own single pass as a `mfalcon` method beside
+its forwards (HSTU: export/hstu.py, blocked, memory linear in L); `export_peers` exports what a
+model has, under the same names.
 """
 
 from __future__ import annotations
@@ -26,10 +30,16 @@ from torch import Tensor, nn
 from client import contract as c
 from export.model import RankingTransformer
 from export.onnx_export import DYNAMIC_AXES, OPSET, example_inputs
+from export.split_contract import ReferenceSplitModel, SplitModel
+from export.split_export import _Graph, declare_io_shapes, graph_io, tensor_dims
+from export.split_export import example_inputs as declared_inputs
 
 MFALCON = "mfalcon"
 REPLICATED_FUSION = "replicated_fusion"
 PEERS = (MFALCON, REPLICATED_FUSION)
+# Which graph's inputs a peer reads: the request (a single pass) or target_fusion's (after the
+# same user_encoder, whose time is added to the peer's).
+READS = {MFALCON: "ranker_naive", REPLICATED_FUSION: "target_fusion"}
 REQUEST = [s.name for s in c.request_inputs(1)]
 FUSION_INPUTS = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
                  c.LAST_EVENT_TIMESTAMP]
@@ -102,3 +112,37 @@ def export_peer(model: RankingTransformer, name: str, path: Path) -> None:
             dynamic_axes={n: DYNAMIC_AXES[n] for n in [*inputs, c.SCORES] if n in DYNAMIC_AXES},
         )
     onnx.checker.check_model(str(path))
+
+
+def export_family_mfalcon(model: SplitModel, path: Path) -> None:
+    """Trace a family's `mfalcon` method into `path`: the naive graph's inputs and outputs, names
+    and dims from the declaration (dynamic L and N)."""
+    contract = model.contract()
+    inputs, outputs = graph_io(contract, "ranker_naive")
+    dims = tensor_dims(contract, "ranker_naive")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Graph(model, "mfalcon").eval(), declared_inputs(contract, "ranker_naive", model),
+            str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+            output_names=outputs, dynamic_axes={n: {i: d for i, d in enumerate(dims[n])
+                                                    if isinstance(d, str)}
+                                                for n in inputs + outputs})
+    proto = onnx.load(str(path))
+    declare_io_shapes(proto, dims)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def export_peers(model: SplitModel, directory: Path) -> tuple[str, ...]:
+    """The peers `model` has, each into directory/<peer>/1/model.onnx: both for the reference
+    model, the single pass for a family with a `mfalcon` method."""
+    if isinstance(model, ReferenceSplitModel):
+        for peer in PEERS:
+            export_peer(model.model, peer, directory / peer / "1" / "model.onnx")
+        return PEERS
+    if hasattr(model, MFALCON):
+        export_family_mfalcon(model, directory / MFALCON / "1" / "model.onnx")
+        return (MFALCON,)
+    return ()

@@ -333,6 +333,34 @@ class HSTURanker(nn.Module):
             x = layer.finish(x, hist + layer.self_term(q, k, v), u)
         return self._head(x)[1:]
 
+    def mfalcon(self, history_item_ids: Tensor, history_action_ids: Tensor,
+                history_timestamps: Tensor, history_dwell_seconds: Tensor,
+                candidate_item_ids: Tensor, request_timestamp: Tensor) -> Tensor:
+        """M-FALCON single pass, HSTU's own serving scheme (Zhai et al., ICML 2024) and the
+        benchmark's peer of the split: one forward over the L' + N tokens [kept history;
+        candidates], nothing cached. Every layer runs every token: the history rows causal, each
+        candidate at position L' (its time the request's) seeing the history and itself. The
+        candidates' own key is the diagonal term (`self_term`), the rest one blocked attention
+        over the history keys with a bias row per query. Against the split it also computes the
+        last layer's history rows and a bias row per candidate; scores equal `forward`'s."""
+        events, dwell = self._kept_events(history_item_ids, history_action_ids,
+                                          history_timestamps, history_dwell_seconds)
+        # One dummy candidate rides in front and is dropped: N = 0 stays a non-empty batch.
+        items = torch.cat([torch.zeros(1, dtype=torch.int64), candidate_item_ids])
+        hist = self._embed_events(events, dwell)
+        length = hist.shape[0]
+        x = torch.cat([hist, self._embed_candidates(items)])
+        times = events[:, 2]
+        q_pos = torch.cat([torch.arange(length), torch.zeros_like(items) + length])
+        q_time = torch.cat([times, torch.zeros_like(items) + request_timestamp.reshape(1)])
+        for layer in self.layers:
+            u, v, q, k = layer.project(x)  # [H, L' + 1 + N, e]
+            k_hist, v_hist = k[:, :length], v[:, :length]
+            own = layer.self_term(q[:, length:], k[:, length:], v[:, length:])
+            attn = layer.attend(q, k_hist, v_hist, q_pos, q_time, times)
+            x = layer.finish(x, attn + torch.cat([torch.zeros_like(v_hist), own], dim=1), u)
+        return self._head(x[length:])[1:]
+
 
 def build_hstu(cfg: HSTUConfig, checkpoint: str | None = None) -> HSTURanker:
     """Seeded random init, or a state_dict checkpoint (names must match). Eval mode."""

@@ -1,5 +1,6 @@
 """The benchmark's peers (benchmarks/peers.py) score exactly what the naive oracle scores, for
-both masks, so the long-history benchmark compares costs of equal answers."""
+both masks and for the HSTU family's single pass, so the long-history benchmark compares costs of
+equal answers."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer
+from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer, export_peers
 from client import contract as c
+from export.hstu import build_hstu
+from export.hstu_export import export_hstu
 from export.model import build_model
 from export.onnx_export import export_graph
+from export.runtime import make_session
+from export.split_contract import naive_scores
 from tests.conftest import OnnxModels, random_request, small_config
+from tests.test_hstu import CFG, TOLERANCE, as_torch, max_diff
+from tests.test_hstu import random_request as hstu_request
 
 
 @pytest.mark.parametrize("mask", ["causal", "bidirectional"])
@@ -36,3 +44,26 @@ def test_peers_equal_the_oracle(tmp_path: Path, mask: str) -> None:
                              (REPLICATED_FUSION, replicated)):
             assert scores.shape == naive.shape, name
             assert float(np.abs(scores - naive).max(initial=0.0)) <= 1e-5, (name, length, n)
+
+
+def test_hstu_single_pass_equals_the_oracle(tmp_path: Path) -> None:
+    """HSTU's M-FALCON single pass (export/hstu.py `mfalcon`), in torch and exported, against
+    the torch naive forward and the exported ranker_naive: history past one attention block and
+    past max_history, candidates in several blocks of the single pass, N = 0 and N = 1."""
+    model = build_hstu(CFG)
+    assert export_peers(model, tmp_path) == (MFALCON,)
+    export_hstu(model, tmp_path, ("ranker_naive",))
+    contract = model.contract()
+    single = make_session(tmp_path / MFALCON / "1" / "model.onnx")
+    naive = make_session(tmp_path / "ranker_naive" / "1" / "model.onnx")
+    for length, n in [(0, 3), (1, 0), (1, 1), (65, 17), (CFG.max_history + 41, 130)]:
+        request = hstu_request(np.random.default_rng(7 * length + n), length, n)
+        with torch.no_grad():
+            oracle = naive_scores(model, as_torch(request)).numpy()
+            torch_single = model.mfalcon(*(as_torch(request)[f.name]
+                                           for f in contract.features)).numpy()
+        assert oracle.shape == (n, CFG.num_tasks)
+        for name, scores in (("torch", torch_single), ("onnx", single.run(None, request)[0]),
+                             ("onnx naive", naive.run(None, request)[0])):
+            diff = max_diff(scores, oracle)
+            assert diff <= TOLERANCE, f"{name} single pass at L={length}, N={n}: {diff:.2e}"
