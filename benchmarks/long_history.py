@@ -1,15 +1,19 @@
-"""Long user histories: the split against its peers and the naive oracle, L up to 16k.
+"""Long user histories: a model family's split against its peers and its naive oracle.
 
-One run, side by side on the same weights (a `long` config, max_history 16384):
-* in-process ONNX Runtime per graph: user_encoder (L), target_fusion (N, L), the split (their
-  sum), M-FALCON single pass, replicated K/V (user_encoder + an N-copies fusion), naive;
+Generic over the family's declaration (export/split_contract.py): the reference model's long
+configs and HSTU's (export/configs/hstu_causal_long.json). One run, side by side, same weights:
+* in-process ONNX Runtime p50 per graph: user_encoder (L), target_fusion (N, L), the split (their
+  sum), each peer the family has (benchmarks/peers.py: M-FALCON single pass; replicated K/V for
+  the reference model), naive; others' CPU use meanwhile (benchmarks/cpu.py);
+* an appendable family's append of 10 new events onto L cached ones against a full encode;
 * every method's scores checked against the naive oracle where it runs, else against the split;
-* peak memory per graph, each in a fresh process (benchmarks/memory.py);
-* `ranker` through a real local tritonserver (gRPC, concurrency 1): latency and throughput;
-* export time and model file size (no constant grows with max_history^2).
-Where a method cannot run (memory or time), the row says why. ranker_naive refuses N x (L+1)^2
-above naive_max_work in its graph; the naive time is then measured on one slice of candidates
-that fits and scaled by the number of slices (the same total work; labelled so).
+* peak memory per graph, each in a fresh process (`--probe`, benchmarks/memory.py's VmHWM reset);
+* `ranker` through a real local tritonserver (gRPC, concurrency 1);
+* export time and model file size.
+Requests are random tensors built from the declaration. Where a method cannot run (memory or
+time), the row says why. ranker_naive refuses N x (L+1)^2 above naive_max_work in its graph;
+the naive time is then measured on one slice of candidates that fits (work and memory budget)
+and scaled by the number of slices (the same total work; labelled so).
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.long_history --help
     PYTHONPATH=. .venv/bin/python -m benchmarks.long_history --out benchmarks/results/long_history
@@ -29,26 +33,56 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer
+from benchmarks import cpu
+from benchmarks.peers import MFALCON, READS, REPLICATED_FUSION, export_peers
 from benchmarks.state import Progress
-from client import contract as c
-from client.traffic import RequestGenerator
 from export.config import CONFIG_DIR, ModelConfig
+from export.hstu import HSTUConfig, build_hstu
 from export.model import build_model
-from export.onnx_export import graphs_for
-from export.repositories import MODEL_REPOSITORY, onnx_path
+from export.repositories import onnx_path
 from export.runtime import make_session
+from export.split_contract import (
+    CANDIDATES,
+    HISTORY,
+    ReferenceSplitModel,
+    SplitContract,
+    SplitModel,
+)
+from export.split_export import graph_io, graphs_for
 from export.triton_configs import config_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LONG = CONFIG_DIR / "ranker_causal_long.json"
-METHODS = ("split", "mfalcon", "replicated", "naive")
-FUSION_INPUTS = (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)
+LABELS = {"split": "split", MFALCON: "mfalcon", REPLICATED_FUSION: "replicated", "naive": "naive"}
+APPEND_EVENTS = 10
+NP_DTYPES = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP16": np.float16,
+             "BOOL": np.bool_}
+# Each family: its config loader (each refuses the other's keys) and its export command.
+FAMILIES = (
+    (lambda p: ReferenceSplitModel(build_model(ModelConfig.load(p))), "export"),
+    (lambda p: build_hstu(HSTUConfig.load(p)), "export.hstu_export"),
+)
+
+
+def load_family(path: Path) -> tuple[SplitModel, str]:
+    """The model `path` describes and the module that exports its repositories."""
+    errors = []
+    for load, command in FAMILIES:
+        try:
+            return load(path), command
+        except ValueError as e:
+            errors.append(str(e))
+    raise SystemExit(f"{path} is no known family's config: {' / '.join(errors)}")
+
+
+def hyper(model: SplitModel):
+    """The family's config (num_heads, d_model, naive_max_work, ...)."""
+    return model.model.cfg if isinstance(model, ReferenceSplitModel) else model.cfg
 
 
 @dataclass
 class Run:
-    cfg: ModelConfig
+    model: SplitModel
     repository: Path
     peers_dir: Path
     out: Path
@@ -56,10 +90,54 @@ class Run:
     repeats: int
     budget_bytes: int
     max_seconds: float
+    peers: tuple[str, ...] = ()
+    naive_bytes: float = 0.0  # per candidate and (L+1)^2, measured by `calibrate`
+    naive_runs: dict = field(default_factory=dict)  # (L, per call) -> (seconds, scores)
+    sessions: dict = field(default_factory=dict)
     rows: list[dict[str, object]] = field(default_factory=list)
+    appends: list[dict[str, object]] = field(default_factory=list)
     memory: list[dict[str, object]] = field(default_factory=list)
     triton: list[dict[str, object]] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def contract(self) -> SplitContract:
+        return self.model.contract()
+
+    def path(self, graph: str) -> Path:
+        if graph in READS:
+            return self.peers_dir / graph / "1" / "model.onnx"
+        return onnx_path(self.repository, graph)
+
+    def run(self, graph: str, values: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if graph not in self.sessions:
+            self.sessions[graph] = make_session(self.path(graph))
+        names = graph_io(self.contract, READS.get(graph, graph))[0]
+        return self.sessions[graph].run(None, {n: values[n] for n in names})
+
+    def state(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip((s.name for s in self.contract.state), self.run("user_encoder", values),
+                        strict=True))
+
+
+def declared_request(contract: SplitContract, length: int, n: int,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random request tensors for a declaration: INT64 history features non-decreasing from a
+    unix time (every timestamp feature ordered; ids hash into buckets, any value serves), INT64
+    candidate features random, an INT64 per-request feature after the history, floats in
+    [0, 10). Costs depend on shapes only."""
+    start, out = 1_700_000_000, {}
+    for f in contract.features:
+        shape = [{"L": length, "N": n}.get(d, d) if isinstance(d, str) else d for d in f.dims]
+        if f.dtype != "INT64":
+            out[f.name] = (rng.random(shape) * 10).astype(NP_DTYPES[f.dtype])
+        elif f.axis == HISTORY:
+            out[f.name] = start + np.cumsum(rng.integers(0, 3600, shape), dtype=np.int64)
+        elif f.axis == CANDIDATES:
+            out[f.name] = rng.integers(0, 10**6, shape, dtype=np.int64)
+        else:
+            out[f.name] = np.full(shape, start + 3600 * (length + 1), np.int64)
+    return out
 
 
 def timed(fn: Callable[[], object], repeats: int, max_seconds: float) -> tuple[float, object]:
@@ -78,188 +156,294 @@ def timed(fn: Callable[[], object], repeats: int, max_seconds: float) -> tuple[f
     return float(np.median(times)), result
 
 
-def export_all(cfg_path: Path, repository: Path, peers_dir: Path) -> dict[str, object]:
-    """The Triton repository of the long config (python -m export) and the two peers."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "export", "--config", str(cfg_path),
-                           "--output", str(repository)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode:
-        raise RuntimeError(f"export failed: {proc.stderr[-2000:]}")
-    export_s = time.perf_counter() - start
-    cfg = ModelConfig.load(cfg_path)
-    model = build_model(cfg)
-    for peer in PEERS:
-        export_peer(model, peer, peers_dir / peer / "1" / "model.onnx")
-    sizes = {g: onnx_path(repository, g).stat().st_size for g in graphs_for(cfg)}
-    return {"export_s": round(export_s, 1),
-            "model_mib": {g: round(s / 2**20, 1) for g, s in sizes.items()}}
+def bytes_needed(run: Run, method: str, n: int, kept: int) -> int:
+    """Estimated working set: dense [H, L+N, L+N] scores for the reference's single pass (the
+    HSTU one is blocked: linear), N copies of K/V for replicated (a few live copies each), N
+    naive candidates as measured by `calibrate`."""
+    cfg = hyper(run.model)
+    h, d = cfg.num_heads, cfg.d_model
+    if method == MFALCON:
+        return 16 * h * (kept + n) ** 2 if isinstance(run.model, ReferenceSplitModel) else 0
+    if method == REPLICATED_FUSION:
+        return 24 * n * (kept + 1) * d
+    return int(run.naive_bytes * n * (kept + 1) ** 2) if method == "naive" else 0
 
 
-def method_fits(run: Run, method: str, n: int, length: int) -> str:
-    """'' when `method` may run at (N, L) within the memory budget, else why not."""
-    cfg, kept = run.cfg, min(length, run.cfg.max_history)
-    h, d, b = cfg.num_heads, cfg.d_model, 4
-    need = {
-        "split": 0,
-        # dense [H, L+N, L+N] scores, a few live copies (scores, probabilities, mask)
-        "mfalcon": 4 * h * (kept + n) ** 2 * b,
-        # N copies of K and V per layer, plus the concatenated own key
-        "replicated": 3 * n * (kept + 1) * d * 2 * b,
-        # one slice of candidates within naive_max_work: [slice, H, L+1, L+1], a few copies
-        "naive": 4 * h * min(cfg.naive_max_work, n * (kept + 1) ** 2) * b,
-    }[method]
-    if method == "naive" and (kept + 1) ** 2 > cfg.naive_max_work:
-        return f"one candidate is above naive_max_work={cfg.naive_max_work} (its graph refuses)"
-    if need > run.budget_bytes:
-        return f"needs ~{need / 2**30:.1f} GiB > budget {run.budget_bytes / 2**30:.1f} GiB"
-    return ""
+def calibrate(run: Run, config: Path, length: int = 512) -> None:
+    """The naive graph's bytes per candidate and (L+1)^2: its peak at one L, fresh process."""
+    peak = _probe_process(graph="ranker_naive", n=1, length=length, config=config)["peak_mib"]
+    run.naive_bytes = (peak or 0) * 2**20 / (length + 1) ** 2 or 16.0 * hyper(run.model).num_heads
+    run.facts["naive bytes per candidate x (L+1)^2"] = f"{run.naive_bytes:.0f} (L={length})"
 
 
-def measure_point(run: Run, sessions: dict, request: dict[str, np.ndarray], n: int,
-                  length: int, encoded: tuple[float, list[np.ndarray]]) -> None:
-    ue_s, (user_kv, last_ts) = encoded
-    fusion = {**{k: request[k] for k in FUSION_INPUTS}, c.USER_KV: user_kv,
-              c.LAST_EVENT_TIMESTAMP: last_ts}
-    tf_s, split = timed(lambda: sessions["target_fusion"].run(None, fusion)[0], run.repeats,
+def naive_slice(run: Run, n: int, kept: int) -> tuple[int, str]:
+    """Candidates per naive call (within naive_max_work and the budget), or 0 and why not."""
+    work, tokens = hyper(run.model).naive_max_work, (kept + 1) ** 2
+    if tokens > work:
+        return 0, f"one candidate is above naive_max_work={work} (its graph refuses)"
+    if (one := bytes_needed(run, "naive", 1, kept)) > run.budget_bytes:
+        return 0, f"one candidate needs ~{one / 2**30:.1f} GiB > budget"
+    return max(1, min(n, work // tokens, run.budget_bytes // one)), ""
+
+
+def measure_point(run: Run, request: dict[str, np.ndarray], n: int, length: int,
+                  encoded: tuple[float, dict[str, np.ndarray]]) -> None:
+    ue_s, state = encoded
+    values, kept = {**request, **state}, min(length, run.contract.max_history)
+    tf_s, split = timed(lambda: run.run("target_fusion", values)[0], run.repeats,
                         run.max_seconds)
-    scores: dict[str, np.ndarray] = {"split": split}
-    seconds: dict[str, float] = {"split": ue_s + tf_s}
-    notes: dict[str, str] = {m: "" for m in METHODS}
-    run.rows.append(_row(length, n, "user_encoder", ue_s, "", ""))
-    run.rows.append(_row(length, n, "target_fusion", tf_s, "", ""))
-    if not (why := method_fits(run, "mfalcon", n, length)):
-        seconds["mfalcon"], scores["mfalcon"] = timed(
-            lambda: sessions[MFALCON].run(None, request)[0], run.repeats, run.max_seconds)
-    else:
-        notes["mfalcon"] = why
-    if not (why := method_fits(run, "replicated", n, length)):
-        rep_s, scores["replicated"] = timed(
-            lambda: sessions[REPLICATED_FUSION].run(None, fusion)[0], run.repeats,
-            run.max_seconds)
-        seconds["replicated"] = ue_s + rep_s
-    else:
-        notes["replicated"] = why
-    if not (why := method_fits(run, "naive", n, length)):
-        tokens = min(length, run.cfg.max_history) + 1
-        per_call = max(1, min(n, run.cfg.naive_max_work // tokens**2))
-        part = {**request, **{k: request[k][:per_call] for k in c.CANDIDATE_INPUTS}}
-        naive_s, naive_part = timed(lambda: sessions["ranker_naive"].run(None, part)[0],
-                                    max(1, run.repeats // 2), run.max_seconds / 4)
+    seconds, scores, notes = {"split": ue_s + tf_s}, {"split": split}, {}
+    run.rows += [_row(length, n, "user_encoder", ue_s), _row(length, n, "target_fusion", tf_s)]
+    for peer in run.peers:
+        if (need := bytes_needed(run, peer, n, kept)) > run.budget_bytes:
+            notes[peer] = f"needs ~{need / 2**30:.1f} GiB > budget"
+            continue
+        s, scores[peer] = timed(lambda p=peer: run.run(p, values)[0], run.repeats,
+                                run.max_seconds)
+        seconds[peer] = s + (ue_s if READS[peer] == "target_fusion" else 0.0)
+    per_call, notes["naive"] = naive_slice(run, n, kept)
+    if per_call:  # the first per_call candidates are the same at every N: measured once
+        part = {**request, **{f.name: request[f.name][:per_call]
+                              for f in run.contract.candidate_features}}
+        if (length, per_call) not in run.naive_runs:
+            run.naive_runs[length, per_call] = timed(
+                lambda: run.run("ranker_naive", part)[0], max(1, run.repeats // 2),
+                run.max_seconds / 4)
+        naive_s, scores["naive"] = run.naive_runs[length, per_call]
         slices = math.ceil(n / per_call) if n else 1
         seconds["naive"] = naive_s * slices
         if slices > 1:
             notes["naive"] = f"{slices} slices of {per_call}: one measured, x{slices}"
-        scores["naive"] = naive_part  # the oracle for the first per_call candidates
-    else:
-        notes["naive"] = why
-    for method in METHODS:
+    ref_name = "naive" if "naive" in scores else "split"
+    for method in ("split", *run.peers, "naive"):
         if method not in seconds:
             run.rows.append(_row(length, n, method, None, "", notes[method]))
             continue
-        ref_name = "naive" if "naive" in scores else "split"
         ref = scores[ref_name]
-        got = scores[method][: ref.shape[0]]
-        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
+        diff = float(np.abs(scores[method][: ref.shape[0]] - ref).max(initial=0.0))
         run.rows.append(_row(length, n, method, seconds[method],
                              f"{diff:.2e} vs {ref_name}" if method != ref_name else "oracle",
-                             notes[method]))
+                             notes.get(method, "")))
 
 
-def _row(length: int, n: int, method: str, seconds: float | None, exact: str,
-         note: str) -> dict[str, object]:
-    return {"L": length, "N": n, "method": method,
+def _row(length: int, n: int, method: str, seconds: float | None, exact: str = "",
+         note: str = "") -> dict[str, object]:
+    return {"L": length, "N": n, "method": LABELS.get(method, method),
             "p50_ms": None if seconds is None else round(seconds * 1e3, 3),
             "max_diff": exact, "note": note}
 
 
+def measure_append(run: Run, history: dict[str, np.ndarray], length: int) -> None:
+    """ΔL = APPEND_EVENTS new events onto L cached ones vs a full encode of L + ΔL events."""
+    cached = run.state({k: v[:length] for k, v in history.items()})
+    feeds = {**{s.cached_name: cached[s.name] for s in run.contract.state},
+             **{k: v[length:] for k, v in history.items()}}
+    append_s, appended = timed(lambda: run.run("user_encoder_append", feeds), run.repeats,
+                               run.max_seconds)
+    full_s, full = timed(lambda: run.run("user_encoder", history), run.repeats, run.max_seconds)
+    diff = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(appended, full, strict=True))
+    run.appends.append({"L": length, "new_events": APPEND_EVENTS,
+                        "append_ms": round(append_s * 1e3, 3),
+                        "full_encode_ms": round(full_s * 1e3, 3),
+                        "full/append": round(full_s / append_s, 1),
+                        "max_diff": f"{diff:.2e} vs full encode"})
+
+
 def in_process(run: Run, lengths: list[int], ns: list[int], seed: int) -> None:
-    sessions = {g: make_session(onnx_path(run.repository, g))
-                for g in ("user_encoder", "target_fusion", "ranker_naive")}
-    sessions.update({p: make_session(run.peers_dir / p / "1" / "model.onnx") for p in PEERS})
-    gen = RequestGenerator(seed=seed, profile_dim=run.cfg.profile_dim)
+    rng = np.random.default_rng(seed)
+    start = cpu.snapshot()
     for length in lengths:
-        history = gen.request(length, 0).as_inputs()
-        encoded = timed(lambda h=history: sessions["user_encoder"].run(
-            None, {k: h[k] for k in c.HISTORY_INPUTS}), run.repeats, run.max_seconds)
+        request = declared_request(run.contract, length + APPEND_EVENTS, max(ns), rng)
+        history = {f.name: request[f.name] for f in run.contract.history_features}
+        if run.contract.appendable and length + APPEND_EVENTS <= run.contract.max_history:
+            run.progress(f"append L={length} + {APPEND_EVENTS}")
+            measure_append(run, history, length)
+        values = {**request, **{k: v[:length] for k, v in history.items()}}
+        encoded = timed(lambda v=values: run.state(v), run.repeats, run.max_seconds)
         for n in ns:
             run.progress(f"in-process L={length} N={n}")
-            request = {**history, **{k: v for k, v in gen.request(1, n).as_inputs().items()
-                                     if k in FUSION_INPUTS}}
-            measure_point(run, sessions, request, n, length, encoded)
+            sliced = {f.name: values[f.name][:n] for f in run.contract.candidate_features}
+            measure_point(run, {**values, **sliced}, n, length, encoded)
+    run.facts["others' CPU during the in-process timings (cores)"] = {
+        k: round(v, 2) for k, v in cpu.external_cores(start).items()}
 
 
-def peak_memory(run: Run, points: list[tuple[str, int, int]]) -> None:
-    """Each (graph, N, L) once in a fresh process: peak RSS of the run above the RSS before."""
+def probe(run: Run, graph: str, n: int, length: int) -> dict[str, object]:
+    """One run of `graph` at (N, L) in this fresh process: its peak RSS above the RSS before
+    (the kernel's high-water mark reset right before it, as benchmarks/memory.py does)."""
+    import psutil
+
+    from benchmarks.memory import peak_rss_bytes, reset_peak
+
+    request = declared_request(run.contract, length, n, np.random.default_rng(0))
+    values = {**request, **(run.state(request) if READS.get(graph, graph) == "target_fusion"
+                            else {})}
+    run.sessions[graph] = make_session(run.path(graph))
+    if not reset_peak():
+        raise SystemExit("cannot reset the peak RSS mark (/proc/self/clear_refs)")
+    before = psutil.Process().memory_info().rss
+    run.run(graph, values)
+    return {"graph": graph, "N": n, "L": length,
+            "peak_mib": round(((peak_rss_bytes() or 0) - before) / 2**20, 1)}
+
+
+def _probe_process(graph: str, n: int, length: int, config: Path) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.long_history", "--config",
+                           str(config), "--probe", graph, str(n), str(length)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if not proc.returncode else {
+        "graph": graph, "N": n, "L": length, "peak_mib": None,
+        "note": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+
+
+def peak_memory(run: Run, points: list[tuple[str, int, int]], config: Path) -> None:
     for graph, n, length in points:
         run.progress(f"memory {graph} N={n} L={length}")
-        repository = run.peers_dir if graph in PEERS else run.repository
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", "--model", graph, "--n", str(n),
-             "--length", str(length), "--repository", str(repository),
-             "--config", str(run.facts["config"])],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-        if proc.returncode:
-            run.memory.append({"graph": graph, "N": n, "L": length, "peak_mib": None,
-                               "note": proc.stderr.strip().splitlines()[-1][:200]})
-            continue
-        data = json.loads(proc.stdout.strip().splitlines()[-1])
-        run.memory.append({"graph": graph, "N": n, "L": length,
-                           "peak_mib": round(data["peak_delta"] / 2**20, 1),
-                           "note": data["method"]})
+        run.memory.append(_probe_process(graph, n, length, config))
 
 
 def through_triton(run: Run, lengths: list[int], ns: list[int], seed: int) -> None:
-    from client.api import RankerClient
+    import tritonclient.grpc as grpcclient
+
     from local_server.triton import free_port, start_server
+
+    contract, rng = run.contract, np.random.default_rng(seed + 1)
+    outputs = [grpcclient.InferRequestedOutput(o.name) for o in contract.outputs]
+
+    def score(client, request: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = []
+        for f in contract.features:
+            inputs.append(grpcclient.InferInput(f.name, list(request[f.name].shape), f.dtype))
+            inputs[-1].set_data_from_numpy(request[f.name])
+        return client.infer("ranker", inputs, outputs=outputs, client_timeout=600).as_numpy(
+            contract.outputs[0].name)
 
     run.progress("starting the local tritonserver on the long repository")
     server = start_server(grpc_port=free_port(), repository=run.repository, timeout_s=300)
     try:
-        gen = RequestGenerator(seed=seed + 1, profile_dim=run.cfg.profile_dim)
-        with RankerClient(server.grpc_url, timeout_s=600) as client:
-            for length in lengths:
-                for n in ns:
-                    req = gen.request(length, n)
-                    client.score(req)  # warm-up
-                    times = []
-                    deadline = time.monotonic() + max(run.max_seconds, 5.0)
-                    while len(times) < run.repeats and (not times or time.monotonic() < deadline):
-                        times.append(client.score_with_latency(req)[1])
-                    p50 = float(np.median(times))
-                    run.progress(f"ranker through Triton L={length} N={n}: {p50 * 1e3:.1f} ms")
-                    run.triton.append({"L": length, "N": n, "requests": len(times),
-                                       "p50_ms": round(p50 * 1e3, 3),
-                                       "infer_per_s": round(len(times) / sum(times), 2)})
-            # Bad input: a history far longer than max_history is truncated to the newest events.
-            long_req = gen.request(100_000, 50)
-            newest = long_req.replace(**{
-                k: getattr(long_req, k)[-run.cfg.max_history:] for k in c.HISTORY_INPUTS})
-            diff = float(np.abs(client.score(long_req) - client.score(newest)).max())
-            run.facts["L=100000 vs newest max_history events (ranker)"] = f"max diff {diff:.1e}"
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for length in lengths:
+            for n in ns:
+                request = declared_request(contract, length, n, rng)
+                seconds, _ = timed(lambda r=request: score(client, r), run.repeats,
+                                   run.max_seconds)
+                run.progress(f"ranker through Triton L={length} N={n}: {seconds * 1e3:.1f} ms")
+                run.triton.append({"L": length, "N": n, "p50_ms": round(seconds * 1e3, 3)})
+        # A history far longer than max_history is truncated to the newest events.
+        long_req = declared_request(contract, 100_000, 50, rng)
+        newest = {**long_req, **{f.name: long_req[f.name][-contract.max_history:]
+                                 for f in contract.history_features}}
+        diff = float(np.abs(score(client, long_req) - score(client, newest)).max())
+        run.facts["L=100000 vs newest max_history events (ranker)"] = f"max diff {diff:.1e}"
     finally:
         server.stop()
 
 
-def write(run: Run) -> None:
-    from benchmarks.bench import write_csv
-    from benchmarks.long_report import report
+def export_all(run: Run, config: Path, command: str) -> None:
+    """The family's Triton repository pair (its export command) and its peers."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", command, "--config", str(config), "--output",
+                           str(run.repository)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode:
+        raise SystemExit(f"export failed: {proc.stderr[-2000:]}")
+    run.facts["export_s"] = round(time.perf_counter() - start, 1)
+    run.peers = export_peers(run.model, run.peers_dir)
+    run.facts["model_mib"] = {g: round(run.path(g).stat().st_size / 2**20, 1)
+                              for g in (*graphs_for(run.contract), *run.peers)}
+
+
+def markdown(df) -> str:
+    """A DataFrame as a markdown table (None/NaN as '-')."""
+    cells = df.astype(object).where(df.notna(), "-").astype(str)
+    return "\n".join(["| " + " | ".join(map(str, df.columns)) + " |",
+                      "|" + "---|" * len(df.columns),
+                      *("| " + " | ".join(r) + " |" for r in cells.itertuples(index=False))])
+
+
+def report(run: Run, compare: Path | None) -> str:
+    """long_history.md: the tables of this run (and, with `compare`, an earlier run's p50
+    beside this one's), and latency.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    rows = pd.DataFrame(run.rows)
+    p50 = rows.pivot_table(index=["L", "N"], columns="method", values="p50_ms", sort=False)
+    methods = [m for m in (LABELS.get(p, p) for p in ("split", *run.peers, "naive"))
+               if m in p50]
+    cell = rows.assign(text=[f"{ms:,.2f} [{d}{'; ' + note if note else ''}]" if ms == ms
+                             and ms is not None else f"not run: {note}"
+                             for ms, d, note in zip(rows.p50_ms, rows.max_diff, rows.note,
+                                                    strict=True)])
+    table = cell.pivot(index=["L", "N"], columns="method", values="text")
+    table = table[["user_encoder", "target_fusion", *methods]].reset_index()
+    ratios = pd.DataFrame({f"{m} / split": (p50[m] / p50["split"]).round(2)
+                           for m in methods if m != "split"}).reset_index()
+    machine = run.facts.get("machine", {})
+    lines = [f"# Long user histories ({run.contract.family}): split vs peers vs naive", "",
+             f"`python -m benchmarks.long_history` on {machine.get('date', '?')}, config "
+             f"`{run.facts.get('config')}`, {machine.get('cpu', '?')} ({machine.get('cores')} "
+             f"cores, shared with other work: others' CPU use below), ONNX Runtime "
+             f"{machine.get('onnxruntime')} on CPU, no GPU. Every figure is from this run.", "",
+             "## In-process p50 (ms), max |score difference| against the oracle", "",
+             markdown(table), "", "## Ratios (p50 / split p50; > 1: the split is faster)", "",
+             markdown(ratios), ""]
+    if run.appends:
+        lines += [f"## Append: {APPEND_EVENTS} new events onto L cached (user_encoder_append) "
+                  "vs a full encode of L + 10 (user_encoder)", "",
+                  markdown(pd.DataFrame(run.appends)), ""]
+    if run.memory:
+        lines += ["## Peak memory of one run per graph (MiB above the RSS before it, fresh "
+                  "process)", "", markdown(pd.DataFrame(run.memory)), ""]
+    if run.triton:
+        lines += ["## `ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)",
+                  "", markdown(pd.DataFrame(run.triton)), ""]
+    if compare:
+        old = pd.read_csv(compare).set_index(["L", "N", "method"])["p50_ms"]
+        both = rows.set_index(["L", "N", "method"])[["p50_ms"]].join(
+            old.rename("earlier p50_ms"), how="inner").dropna()
+        both["this / earlier"] = (both.p50_ms / both["earlier p50_ms"]).round(2)
+        lines += [f"## This run beside `{config_source(compare)}`", "",
+                  markdown(both.reset_index()), ""]
+    lines += ["## Facts", "", *(f"- {k}: {v}" for k, v in run.facts.items()), "",
+              "![latency](latency.png)", ""]
+    ns = sorted(rows.N.unique())
+    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], ns, strict=True):
+        for method in methods:
+            pts = p50.xs(n, level="N")[method].dropna()
+            ax.plot(pts.index, pts.values, "o-", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="history length L", ylabel="p50 ms",
+               title=f"{run.contract.family}, N = {n}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run.out / "latency.png", dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def write(run: Run, compare: Path | None) -> None:
+    import pandas as pd
 
     run.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("long_history.csv", run.rows), ("long_memory.csv", run.memory),
-                       ("long_triton.csv", run.triton)):
+    for name, rows in (("long_history.csv", run.rows), ("long_append.csv", run.appends),
+                       ("long_memory.csv", run.memory), ("long_triton.csv", run.triton)):
         if rows:
-            write_csv(run.out / name, rows)
+            pd.DataFrame(rows).to_csv(run.out / name, index=False)
     (run.out / "long_facts.json").write_text(json.dumps(run.facts, indent=2) + "\n")
-    (run.out / "long_history.md").write_text(report(run.rows, run.memory, run.triton,
-                                                     run.facts, run.out))
+    (run.out / "long_history.md").write_text(report(run, compare))
     run.progress(f"wrote {run.out}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.long_history",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=DEFAULT_LONG, help="default: %(default)s")
+    p.add_argument("--config", type=Path, default=DEFAULT_LONG,
+                   help="a family's model config (reference or HSTU; default: %(default)s)")
     p.add_argument("--lengths", default="256,1024,2048,4096,8192,16384")
     p.add_argument("--ns", default="1,50,1000")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point")
@@ -269,6 +453,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip a method whose estimated working set exceeds this")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton measurements")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peaks")
+    p.add_argument("--memory-lengths", default=None,
+                   help="lengths of the fresh-process peaks (default: --lengths)")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="an earlier run's long_history.csv: its p50 beside this run's")
+    p.add_argument("--probe", nargs=3, metavar=("GRAPH", "N", "L"), default=None,
+                   help="internal: one run of GRAPH in this process, its peak memory as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default: build/bench/long_<timestamp>)")
@@ -277,37 +467,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    progress = Progress()
-    cfg = ModelConfig.load(args.config)
-    stem = args.config.stem
+    model, command = load_family(args.config)
+    stem, build = args.config.stem, REPO_ROOT / "build" / "long"
     out = args.out or REPO_ROOT / "build" / "bench" / f"long_{time.strftime('%Y%m%d_%H%M%S')}"
-    run = Run(cfg, REPO_ROOT / "build" / "long" / stem, REPO_ROOT / "build" / "long" /
-              f"{stem}_peers", out.resolve(), progress, args.repeats,
-              int(args.budget_gib * 2**30), args.max_seconds)
+    run = Run(model, build / stem, build / f"{stem}_peers", out.resolve(), Progress(),
+              args.repeats, int(args.budget_gib * 2**30), args.max_seconds)
+    if args.probe:
+        graph, n, length = args.probe
+        print(json.dumps(probe(run, graph, int(n), int(length))))
+        return 0
     lengths = [int(v) for v in args.lengths.split(",")]
     ns = [int(v) for v in args.ns.split(",")]
-    progress(f"exporting {args.config} (and the peers) into {run.repository}")
-    run.facts.update(export_all(args.config, run.repository, run.peers_dir))
+    run.progress(f"exporting {args.config} (and the peers) into {run.repository}")
+    export_all(run, args.config, command)
     run.facts["config"] = config_source(args.config)
-    default_sizes = {g: round(onnx_path(MODEL_REPOSITORY, g).stat().st_size / 2**20, 1)
-                     for g in ("user_encoder", "target_fusion")
-                     if onnx_path(MODEL_REPOSITORY, g).exists()}
-    run.facts["default_config_model_mib"] = default_sizes
     from benchmarks.bench import machine_info
 
     run.facts["machine"] = machine_info("tritonserver 2.51 (nvidia-pytriton 0.7.0)")
-    run.facts["gpu"] = "none: no GPU was lent to this run; CUDA EP figures are not measured"
+    calibrate(run, args.config)
     in_process(run, lengths, ns, args.seed)
     if not args.no_memory:
-        points = [("user_encoder", 1, length) for length in lengths]
-        points += [("target_fusion", n, length) for length in lengths for n in ns]
-        points += [(g, n, length) for length in lengths for n in ns
-                   for g, m in ((MFALCON, "mfalcon"), (REPLICATED_FUSION, "replicated"))
-                   if not method_fits(run, m, n, length)]
-        peak_memory(run, points)
+        mem = [int(v) for v in (args.memory_lengths or args.lengths).split(",")]
+        points = [(g, 1, length) for length in mem for g in ("user_encoder", "ranker_naive")
+                  if not naive_slice(run, 1, length)[1] or g != "ranker_naive"]
+        points += [(g, n, length) for length in mem for n in ns
+                   for g in ("target_fusion", *run.peers)
+                   if bytes_needed(run, g, n, length) <= run.budget_bytes]
+        peak_memory(run, points, args.config)
     if not args.no_triton:
         through_triton(run, lengths, ns, args.seed)
-    write(run)
+    write(run, args.compare)
     return 0
 
 
