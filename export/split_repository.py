@@ -22,6 +22,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from client.split_contract import CONTRACT_PARAMETER, contract_to_json
 from export.repositories import repository_of
 from export.split_contract import SplitContract, SplitModel
 from export.split_export import export_all, graph_specs, graphs_for, native_model_config
@@ -55,6 +56,8 @@ def _limits(contract: SplitContract, graph: str, max_candidates: int, naive_max_
     if graph == NAIVE:
         values["naive_max_work"] = str(naive_max_work)
         values["max_history"] = str(contract.max_history)
+    if graph in (ENSEMBLE, NAIVE):  # what clients call: the declaration, for request building
+        values[CONTRACT_PARAMETER] = contract_to_json(contract)
     return values
 
 

@@ -29,6 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from client import contract as c
+from client.split_contract import CONTRACT_PARAMETER, contract_to_json
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.repositories import (
     EVALUATION_MODELS,
@@ -114,6 +115,18 @@ def _task_names(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
     return {"task_names": mc.ModelParameter(string_value=",".join(cfg.task_names))}
 
 
+# The models a client calls with a whole request carry the family's declaration (JSON), so that
+# a client builds and checks requests from the server's own word, with no model code.
+CALLED_BY_CLIENTS = (ENSEMBLE, CACHED_ENSEMBLE, NAIVE, BASE)
+
+
+def _declaration(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
+    from export.split_contract import reference_contract
+
+    return {CONTRACT_PARAMETER: mc.ModelParameter(
+        string_value=contract_to_json(reference_contract(cfg)))}
+
+
 # ONNX Runtime threads, read by the native onnxruntime backend (and by the local stand-in, so
 # local numbers predict production ones): the graphs are sequential chains, so one inter-op
 # thread; intra-op 0 = ONNX Runtime's default (one per physical core). See README "Production".
@@ -130,6 +143,8 @@ def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dic
     if name == NAIVE:
         params["naive_max_work"] = mc.ModelParameter(string_value=str(cfg.naive_max_work))
         params["max_history"] = mc.ModelParameter(string_value=str(cfg.max_history))
+    if name in CALLED_BY_CLIENTS:
+        params.update(_declaration(cfg))
     return params
 
 
@@ -212,7 +227,8 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
         output=_outputs([scores, *([c.cache_path_spec()] if cached else [])]),
         ensemble_scheduling=mc.ModelEnsembling(step=[encode, fuse]),
         parameters={**_task_names(cfg),
-                    "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates))},
+                    "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates)),
+                    **_declaration(cfg)},
     )
 
 
