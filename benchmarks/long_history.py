@@ -34,20 +34,26 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import cpu
+from benchmarks.analysis import (
+    figure,
+    fmt,
+    loglog,
+    machine,
+    num,
+    read_csv,
+    records,
+    table,
+    write_csv,
+)
 from benchmarks.peers import MFALCON, READS, REPLICATED_FUSION, export_peers
 from benchmarks.state import Progress
+from client.split_contract import CANDIDATES, HISTORY, SplitContract
 from export.config import CONFIG_DIR, ModelConfig
 from export.hstu import HSTUConfig, build_hstu
 from export.model import build_model
 from export.repositories import onnx_path
 from export.runtime import make_session
-from export.split_contract import (
-    CANDIDATES,
-    HISTORY,
-    ReferenceSplitModel,
-    SplitContract,
-    SplitModel,
-)
+from export.split_contract import ReferenceSplitModel, SplitModel
 from export.split_export import graph_io, graphs_for
 from export.triton_configs import config_source
 
@@ -169,10 +175,11 @@ def bytes_needed(run: Run, method: str, n: int, kept: int) -> int:
     return int(run.naive_bytes * n * (kept + 1) ** 2) if method == "naive" else 0
 
 
-def calibrate(run: Run, config: Path, length: int = 512) -> None:
+def calibrate(run: Run, config: Path, length: int = 1024) -> None:
     """The naive graph's bytes per candidate and (L+1)^2: its peak at one L, fresh process."""
     peak = _probe_process(graph="ranker_naive", n=1, length=length, config=config)["peak_mib"]
-    run.naive_bytes = (peak or 0) * 2**20 / (length + 1) ** 2 or 16.0 * hyper(run.model).num_heads
+    kept = min(length, run.contract.max_history)
+    run.naive_bytes = (peak or 0) * 2**20 / (kept + 1) ** 2 or 16.0 * hyper(run.model).num_heads
     run.facts["naive bytes per candidate x (L+1)^2"] = f"{run.naive_bytes:.0f} (L={length})"
 
 
@@ -349,91 +356,79 @@ def export_all(run: Run, config: Path, command: str) -> None:
         raise SystemExit(f"export failed: {proc.stderr[-2000:]}")
     run.facts["export_s"] = round(time.perf_counter() - start, 1)
     run.peers = export_peers(run.model, run.peers_dir)
+    run.facts["peers"] = list(run.peers)
     run.facts["model_mib"] = {g: round(run.path(g).stat().st_size / 2**20, 1)
                               for g in (*graphs_for(run.contract), *run.peers)}
 
 
-def markdown(df) -> str:
-    """A DataFrame as a markdown table (None/NaN as '-')."""
-    cells = df.astype(object).where(df.notna(), "-").astype(str)
-    return "\n".join(["| " + " | ".join(map(str, df.columns)) + " |",
-                      "|" + "---|" * len(df.columns),
-                      *("| " + " | ".join(r) + " |" for r in cells.itertuples(index=False))])
-
-
-def report(run: Run, compare: Path | None) -> str:
-    """long_history.md: the tables of this run (and, with `compare`, an earlier run's p50
-    beside this one's), and latency.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def report(run: Run, compare: list[Path]) -> str:
+    """long_history.md (with `compare`: an earlier run's p50 beside this one's) and
+    latency.png, from this run's rows."""
     import pandas as pd
 
     rows = pd.DataFrame(run.rows)
     p50 = rows.pivot_table(index=["L", "N"], columns="method", values="p50_ms", sort=False)
-    methods = [m for m in (LABELS.get(p, p) for p in ("split", *run.peers, "naive"))
-               if m in p50]
-    cell = rows.assign(text=[f"{ms:,.2f} [{d}{'; ' + note if note else ''}]" if ms == ms
-                             and ms is not None else f"not run: {note}"
-                             for ms, d, note in zip(rows.p50_ms, rows.max_diff, rows.note,
-                                                    strict=True)])
-    table = cell.pivot(index=["L", "N"], columns="method", values="text")
-    table = table[["user_encoder", "target_fusion", *methods]].reset_index()
-    ratios = pd.DataFrame({f"{m} / split": (p50[m] / p50["split"]).round(2)
-                           for m in methods if m != "split"}).reset_index()
-    machine = run.facts.get("machine", {})
-    lines = [f"# Long user histories ({run.contract.family}): split vs peers vs naive", "",
-             f"`python -m benchmarks.long_history` on {machine.get('date', '?')}, config "
-             f"`{run.facts.get('config')}`, {machine.get('cpu', '?')} ({machine.get('cores')} "
-             f"cores, shared with other work: others' CPU use below), ONNX Runtime "
-             f"{machine.get('onnxruntime')} on CPU, no GPU. Every figure is from this run.", "",
-             "## In-process p50 (ms), max |score difference| against the oracle", "",
-             markdown(table), "", "## Ratios (p50 / split p50; > 1: the split is faster)", "",
-             markdown(ratios), ""]
-    if run.appends:
-        lines += [f"## Append: {APPEND_EVENTS} new events onto L cached (user_encoder_append) "
-                  "vs a full encode of L + 10 (user_encoder)", "",
-                  markdown(pd.DataFrame(run.appends)), ""]
-    if run.memory:
-        lines += ["## Peak memory of one run per graph (MiB above the RSS before it, fresh "
-                  "process)", "", markdown(pd.DataFrame(run.memory)), ""]
-    if run.triton:
-        lines += ["## `ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)",
-                  "", markdown(pd.DataFrame(run.triton)), ""]
+    methods = [m for m in (LABELS[p] for p in ("split", *run.peers, "naive")) if m in p50]
+    rows["cell"] = [f"not run: {r.note}" if num(r.p50_ms) is None else fmt(r.p50_ms) + (
+        f" [{'; '.join(t for t in (r.max_diff, r.note) if t)}]" if r.max_diff else "")
+        for r in rows.itertuples()]
+    cells = rows.pivot(index=["L", "N"], columns="method", values="cell")
+    ratios = pd.DataFrame({f"{m} / split": p50[m] / p50["split"] for m in methods[1:]})
+    info = run.facts["machine"]
+    lines = [
+        f"# Long user histories ({run.contract.family}): split vs peers vs naive", "",
+        f"`python -m benchmarks.long_history --config {run.facts['config']}` on {info['date']}: "
+        f"{info['cpu']}, {info['cores']} cores shared with other work (others' CPU use in the "
+        f"facts), ONNX Runtime {info['onnxruntime']} on CPU, no GPU. Every figure is from this "
+        "run, side by side on the same weights; each method's max |score difference| is "
+        "against the naive oracle where it ran, else against the split.", "",
+        "M-FALCON's single pass encodes the history once inside the pass, as the split does, "
+        "so on one request the split saves only what the pass computes beyond that (HSTU: the "
+        "last layer's history rows, which only the split knows it may skip, and a bias row per "
+        "candidate; the reference model's dense pass: its [L+N, L+N] attention). The split's "
+        "lead is reuse: a user state kept between requests takes new events by appending "
+        "(below, where the family is appendable) instead of re-encoding.", "",
+        "## In-process p50 (ms)", "",
+        table(cells[["user_encoder", "target_fusion", *methods]].reset_index()), "",
+        "## Ratios (p50 / split p50; > 1: the split is faster)", "",
+        table(ratios.reset_index(), formats=dict.fromkeys(ratios.columns, "{:.2f}")), ""]
+    sections = [
+        (run.appends, f"Append: {APPEND_EVENTS} new events onto L cached (user_encoder_append) "
+                      f"vs a full encode of L + {APPEND_EVENTS} events (user_encoder)"),
+        (run.memory, "Peak memory of one run per graph (MiB above the RSS before it, fresh "
+                     "process)"),
+        (run.triton, "`ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)")]
+    for data, title in sections:
+        lines += [f"## {title}", "", table(data), ""] if data else []
     if compare:
-        old = pd.read_csv(compare).set_index(["L", "N", "method"])["p50_ms"]
-        both = rows.set_index(["L", "N", "method"])[["p50_ms"]].join(
-            old.rename("earlier p50_ms"), how="inner").dropna()
-        both["this / earlier"] = (both.p50_ms / both["earlier p50_ms"]).round(2)
-        lines += [f"## This run beside `{config_source(compare)}`", "",
-                  markdown(both.reset_index()), ""]
+        both, shown = rows[["L", "N", "method", "p50_ms"]], {"p50 ms, this run": "p50_ms"}
+        for i, path in enumerate(compare, 1):
+            both = both.merge(read_csv(path)[["L", "N", "method", "p50_ms"]].rename(
+                columns={"p50_ms": f"p{i}"}), on=["L", "N", "method"])
+            both[f"r{i}"] = both.p50_ms / both[f"p{i}"]
+            shown |= {f"({i}) p50 ms": f"p{i}", f"this / ({i})": f"r{i}"}
+        lines += ["## This run beside earlier ones", "", *(
+            f"({i}) `{config_source(p)}`" + "  " for i, p in enumerate(compare, 1)), "",
+            table(both.dropna(), {"L": "L", "N": "N", "method": "method", **shown},
+                  {f"r{i}": "{:.2f}" for i in range(1, len(compare) + 1)}), ""]
     lines += ["## Facts", "", *(f"- {k}: {v}" for k, v in run.facts.items()), "",
               "![latency](latency.png)", ""]
     ns = sorted(rows.N.unique())
-    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4.5), squeeze=False)
-    for ax, n in zip(axes[0], ns, strict=True):
-        for method in methods:
-            pts = p50.xs(n, level="N")[method].dropna()
-            ax.plot(pts.index, pts.values, "o-", label=method)
-        ax.set(xscale="log", yscale="log", xlabel="history length L", ylabel="p50 ms",
-               title=f"{run.contract.family}, N = {n}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run.out / "latency.png", dpi=110)
-    plt.close(fig)
+    with figure(run.out / "latency.png", len(ns), (5 * len(ns), 4.5)) as axes:
+        for ax, n in zip(axes, ns, strict=True):
+            for method in methods:
+                pts = p50.xs(n, level="N")[method].dropna()
+                ax.plot(pts.index, pts.values, "o-", label=method)
+            loglog(ax, "history length L", "p50 ms", f"{run.contract.family}, N = {n}")
     return "\n".join(lines)
 
 
-def write(run: Run, compare: Path | None) -> None:
-    import pandas as pd
-
+def write(run: Run, compare: list[Path]) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("long_history.csv", run.rows), ("long_append.csv", run.appends),
                        ("long_memory.csv", run.memory), ("long_triton.csv", run.triton)):
         if rows:
-            pd.DataFrame(rows).to_csv(run.out / name, index=False)
+            write_csv(run.out / name, rows)
     (run.out / "long_facts.json").write_text(json.dumps(run.facts, indent=2) + "\n")
     (run.out / "long_history.md").write_text(report(run, compare))
     run.progress(f"wrote {run.out}")
@@ -455,8 +450,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peaks")
     p.add_argument("--memory-lengths", default=None,
                    help="lengths of the fresh-process peaks (default: --lengths)")
-    p.add_argument("--compare", type=Path, default=None,
-                   help="an earlier run's long_history.csv: its p50 beside this run's")
+    p.add_argument("--compare", type=Path, nargs="*", default=[],
+                   help="earlier runs' long_history.csv: their p50 beside this run's")
+    p.add_argument("--report-only", type=Path, default=None, metavar="DIR",
+                   help="rewrite DIR's long_history.md and latency.png from its CSVs, no run")
     p.add_argument("--probe", nargs=3, metavar=("GRAPH", "N", "L"), default=None,
                    help="internal: one run of GRAPH in this process, its peak memory as JSON")
     p.add_argument("--seed", type=int, default=0)
@@ -476,14 +473,22 @@ def main(argv: list[str] | None = None) -> int:
         graph, n, length = args.probe
         print(json.dumps(probe(run, graph, int(n), int(length))))
         return 0
+    if args.report_only:
+        run.out = args.report_only.resolve()
+        run.facts = json.loads((run.out / "long_facts.json").read_text())
+        run.peers = tuple(run.facts["peers"])
+        run.rows, run.appends, run.memory, run.triton = (
+            records(read_csv(run.out / f"long_{name}.csv"))
+            if (run.out / f"long_{name}.csv").exists() else []
+            for name in ("history", "append", "memory", "triton"))
+        write(run, args.compare)
+        return 0
     lengths = [int(v) for v in args.lengths.split(",")]
     ns = [int(v) for v in args.ns.split(",")]
     run.progress(f"exporting {args.config} (and the peers) into {run.repository}")
     export_all(run, args.config, command)
     run.facts["config"] = config_source(args.config)
-    from benchmarks.bench import machine_info
-
-    run.facts["machine"] = machine_info("tritonserver 2.51 (nvidia-pytriton 0.7.0)")
+    run.facts["machine"] = machine(tritonserver="2.51 (nvidia-pytriton 0.7.0)", gpu="none")
     calibrate(run, args.config)
     in_process(run, lengths, ns, args.seed)
     if not args.no_memory:
