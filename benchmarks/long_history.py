@@ -146,20 +146,24 @@ def declared_request(contract: SplitContract, length: int, n: int,
     return out
 
 
-def timed(fn: Callable[[], object], repeats: int, max_seconds: float) -> tuple[float, object]:
-    """Median seconds of `repeats` runs after one warm-up; a run slower than max_seconds ends
-    the repetitions (its time is kept)."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    if first > max_seconds:
-        return first, result
-    times = []
-    for _ in range(repeats):
+def timed(fns: dict[str, Callable[[], object]], repeats: int,
+          max_seconds: float) -> dict[str, tuple[float, object]]:
+    """Each function's median seconds over `repeats` rounds after a warm-up round, the functions
+    taking turns in every round (a burst of other work on the shared machine hits all alike);
+    one slower than max_seconds in the warm-up is not repeated (that time is kept)."""
+    first, times, results = {}, {name: [] for name in fns}, {}
+    for name, fn in fns.items():
         start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+        results[name] = fn()
+        first[name] = time.perf_counter() - start
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if first[name] <= max_seconds:
+                start = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: (float(np.median(times[name])) if times[name] else first[name], results[name])
+            for name in fns}
 
 
 def bytes_needed(run: Run, method: str, n: int, kept: int) -> int:
@@ -194,28 +198,31 @@ def naive_slice(run: Run, n: int, kept: int) -> tuple[int, str]:
 
 
 def measure_point(run: Run, request: dict[str, np.ndarray], n: int, length: int,
-                  encoded: tuple[float, dict[str, np.ndarray]]) -> None:
-    ue_s, state = encoded
-    values, kept = {**request, **state}, min(length, run.contract.max_history)
-    tf_s, split = timed(lambda: run.run("target_fusion", values)[0], run.repeats,
-                        run.max_seconds)
-    seconds, scores, notes = {"split": ue_s + tf_s}, {"split": split}, {}
-    run.rows += [_row(length, n, "user_encoder", ue_s), _row(length, n, "target_fusion", tf_s)]
+                  state: dict[str, np.ndarray]) -> None:
+    values, kept, notes = {**request, **state}, min(length, run.contract.max_history), {}
+    fns = {"user_encoder": lambda: run.state(values),
+           "target_fusion": lambda: run.run("target_fusion", values)[0]}
     for peer in run.peers:
         if (need := bytes_needed(run, peer, n, kept)) > run.budget_bytes:
             notes[peer] = f"needs ~{need / 2**30:.1f} GiB > budget"
-            continue
-        s, scores[peer] = timed(lambda p=peer: run.run(p, values)[0], run.repeats,
-                                run.max_seconds)
-        seconds[peer] = s + (ue_s if READS[peer] == "target_fusion" else 0.0)
+        else:
+            fns[peer] = lambda p=peer: run.run(p, values)[0]
+    out = timed(fns, run.repeats, run.max_seconds)
+    ue_s, tf_s = out.pop("user_encoder")[0], out["target_fusion"][0]
+    seconds = {"split": ue_s + tf_s, **{p: s + (ue_s if READS[p] == "target_fusion" else 0.0)
+                                        for p, (s, _) in out.items() if p in READS}}
+    scores = {"split": out.pop("target_fusion")[1], **{p: r for p, (_, r) in out.items()}}
+    run.rows += [_row(length, n, "user_encoder", ue_s), _row(length, n, "target_fusion", tf_s)]
     per_call, notes["naive"] = naive_slice(run, n, kept)
     if per_call:  # the first per_call candidates are the same at every N: measured once
         part = {**request, **{f.name: request[f.name][:per_call]
                               for f in run.contract.candidate_features}}
         if (length, per_call) not in run.naive_runs:
             run.naive_runs[length, per_call] = timed(
-                lambda: run.run("ranker_naive", part)[0], max(1, run.repeats // 2),
-                run.max_seconds / 4)
+                {"naive": lambda: run.run("ranker_naive", part)[0].copy()},
+                max(1, run.repeats // 2), run.max_seconds / 4)["naive"]
+            # (a copy: ORT's output array would keep the session's arena alive)
+            del run.sessions["ranker_naive"]  # its arena, grown to the slice's size, freed
         naive_s, scores["naive"] = run.naive_runs[length, per_call]
         slices = math.ceil(n / per_call) if n else 1
         seconds["naive"] = naive_s * slices
@@ -245,9 +252,9 @@ def measure_append(run: Run, history: dict[str, np.ndarray], length: int) -> Non
     cached = run.state({k: v[:length] for k, v in history.items()})
     feeds = {**{s.cached_name: cached[s.name] for s in run.contract.state},
              **{k: v[length:] for k, v in history.items()}}
-    append_s, appended = timed(lambda: run.run("user_encoder_append", feeds), run.repeats,
-                               run.max_seconds)
-    full_s, full = timed(lambda: run.run("user_encoder", history), run.repeats, run.max_seconds)
+    out = timed({"append": lambda: run.run("user_encoder_append", feeds),
+                 "full": lambda: run.run("user_encoder", history)}, run.repeats, run.max_seconds)
+    (append_s, appended), (full_s, full) = out["append"], out["full"]
     diff = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(appended, full, strict=True))
     run.appends.append({"L": length, "new_events": APPEND_EVENTS,
                         "append_ms": round(append_s * 1e3, 3),
@@ -266,11 +273,11 @@ def in_process(run: Run, lengths: list[int], ns: list[int], seed: int) -> None:
             run.progress(f"append L={length} + {APPEND_EVENTS}")
             measure_append(run, history, length)
         values = {**request, **{k: v[:length] for k, v in history.items()}}
-        encoded = timed(lambda v=values: run.state(v), run.repeats, run.max_seconds)
+        state = run.state(values)
         for n in ns:
             run.progress(f"in-process L={length} N={n}")
             sliced = {f.name: values[f.name][:n] for f in run.contract.candidate_features}
-            measure_point(run, {**values, **sliced}, n, length, encoded)
+            measure_point(run, {**values, **sliced}, n, length, state)
     run.facts["others' CPU during the in-process timings (cores)"] = {
         k: round(v, 2) for k, v in cpu.external_cores(start).items()}
 
@@ -332,8 +339,8 @@ def through_triton(run: Run, lengths: list[int], ns: list[int], seed: int) -> No
         for length in lengths:
             for n in ns:
                 request = declared_request(contract, length, n, rng)
-                seconds, _ = timed(lambda r=request: score(client, r), run.repeats,
-                                   run.max_seconds)
+                seconds = timed({"ranker": lambda r=request: score(client, r)}, run.repeats,
+                                run.max_seconds)["ranker"][0]
                 run.progress(f"ranker through Triton L={length} N={n}: {seconds * 1e3:.1f} ms")
                 run.triton.append({"L": length, "N": n, "p50_ms": round(seconds * 1e3, 3)})
         # A history far longer than max_history is truncated to the newest events.

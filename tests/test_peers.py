@@ -4,9 +4,13 @@ equal answers."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -19,7 +23,7 @@ from export.onnx_export import export_graph
 from export.runtime import make_session
 from export.split_contract import naive_scores
 from tests.conftest import OnnxModels, random_request, small_config
-from tests.test_hstu import CFG, TOLERANCE, as_torch, max_diff
+from tests.test_hstu import CFG, REPO_ROOT, TOLERANCE, as_torch, max_diff
 from tests.test_hstu import random_request as hstu_request
 
 
@@ -67,3 +71,32 @@ def test_hstu_single_pass_equals_the_oracle(tmp_path: Path) -> None:
                              ("onnx naive", naive.run(None, request)[0])):
             diff = max_diff(scores, oracle)
             assert diff <= TOLERANCE, f"{name} single pass at L={length}, N={n}: {diff:.2e}"
+
+
+@pytest.mark.parametrize("family", ["reference", "hstu"])
+def test_long_history_benchmark_runs_any_family(tmp_path: Path, family: str) -> None:
+    """benchmarks/long_history.py on a small config of each family, from the declaration alone:
+    every method that ran scored within 1e-5 of the oracle, HSTU's append equals a full encode,
+    the fresh-process peaks and the report were written."""
+    config = tmp_path / f"long_{family}_{tmp_path.name}.json"
+    if family == "hstu":
+        config.write_text(json.dumps(CFG.to_dict()))
+    else:
+        config.write_text(json.dumps(small_config("causal").to_dict()))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.long_history", "--config", str(config), "--lengths",
+         "0,70", "--ns", "1,5", "--repeats", "1", "--memory-lengths", "70", "--no-triton",
+         "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.read_csv(out / "long_history.csv", keep_default_na=False)
+    diffs = rows[rows.max_diff.str.contains(" vs naive")]
+    methods = {"split", "mfalcon", "naive"} | ({"replicated"} if family == "reference" else set())
+    assert set(diffs.method) | {"naive"} == methods and len(diffs) == 4 * (len(methods) - 1)
+    assert (diffs.max_diff.str.split().str[0].astype(float) <= TOLERANCE).all(), diffs
+    if family == "hstu":
+        append = pd.read_csv(out / "long_append.csv")
+        assert (append.max_diff.str.split().str[0].astype(float) <= TOLERANCE).all(), append
+    memory = pd.read_csv(out / "long_memory.csv")
+    assert memory.peak_mib.notna().all() and {"user_encoder", "mfalcon"} <= set(memory.graph)
+    assert "## In-process p50 (ms)" in (out / "long_history.md").read_text()
