@@ -1,19 +1,13 @@
 """Long user histories: a model family's split against its peers and its naive oracle.
 
-Generic over the family's declaration (export/split_contract.py): the reference model's long
-configs and HSTU's (export/configs/hstu_causal_long.json). One run, side by side, same weights:
-* in-process ONNX Runtime p50 per graph: user_encoder (L), target_fusion (N, L), the split (their
-  sum), each peer the family has (benchmarks/peers.py: M-FALCON single pass; replicated K/V for
-  the reference model), naive; others' CPU use meanwhile (benchmarks/cpu.py);
-* an appendable family's append of 10 new events onto L cached ones against a full encode;
-* every method's scores checked against the naive oracle where it runs, else against the split;
-* peak memory per graph, each in a fresh process (`--probe`, benchmarks/memory.py's VmHWM reset);
-* `ranker` through a real local tritonserver (gRPC, concurrency 1);
-* export time and model file size.
-Requests are random tensors built from the declaration. Where a method cannot run (memory or
-time), the row says why. ranker_naive refuses N x (L+1)^2 above naive_max_work in its graph;
-the naive time is then measured on one slice of candidates that fits (work and memory budget)
-and scaled by the number of slices (the same total work; labelled so).
+Any family with a declaration (export/split_contract.py): requests, graphs and peers come from
+it. One run, side by side on the same weights: in-process ONNX Runtime p50 of user_encoder,
+target_fusion, the split (their sum), the family's peers (benchmarks/peers.py) and naive, each
+checked against the oracle; an appendable family's append of 10 events vs a full encode; peak
+memory per graph in a fresh process (`--probe`); `ranker` through a real local tritonserver;
+others' CPU use (benchmarks/cpu.py). Where a method cannot run, the row says why; naive above
+naive_max_work (or the memory budget) is one measured slice of candidates times the number of
+slices (the same work; labelled so).
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.long_history --help
     PYTHONPATH=. .venv/bin/python -m benchmarks.long_history --out benchmarks/results/long_history
@@ -29,22 +23,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tritonclient.utils import triton_to_np_dtype
 
+from benchmarks import analysis as an
 from benchmarks import cpu
-from benchmarks.analysis import (
-    figure,
-    fmt,
-    loglog,
-    machine,
-    num,
-    read_csv,
-    records,
-    table,
-    write_csv,
-)
 from benchmarks.peers import MFALCON, READS, REPLICATED_FUSION, export_peers
 from benchmarks.state import Progress
 from client.split_contract import CANDIDATES, HISTORY, SplitContract
@@ -61,8 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LONG = CONFIG_DIR / "ranker_causal_long.json"
 LABELS = {"split": "split", MFALCON: "mfalcon", REPLICATED_FUSION: "replicated", "naive": "naive"}
 APPEND_EVENTS = 10
-NP_DTYPES = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP16": np.float16,
-             "BOOL": np.bool_}
+WARM_S = 0.5  # timed() warms a function faster than this right before each timed run
 # Each family: its config loader (each refuses the other's keys) and its export command.
 FAMILIES = (
     (lambda p: ReferenceSplitModel(build_model(ModelConfig.load(p))), "export"),
@@ -100,14 +85,15 @@ class Run:
     naive_bytes: float = 0.0  # per candidate and (L+1)^2, measured by `calibrate`
     naive_runs: dict = field(default_factory=dict)  # (L, per call) -> (seconds, scores)
     sessions: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # graph -> its input names
     rows: list[dict[str, object]] = field(default_factory=list)
     appends: list[dict[str, object]] = field(default_factory=list)
     memory: list[dict[str, object]] = field(default_factory=list)
     triton: list[dict[str, object]] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
 
-    @property
-    def contract(self) -> SplitContract:
+    @cached_property
+    def contract(self) -> SplitContract:  # built once: graph_io runs on every call
         return self.model.contract()
 
     def path(self, graph: str) -> Path:
@@ -118,8 +104,9 @@ class Run:
     def run(self, graph: str, values: dict[str, np.ndarray]) -> list[np.ndarray]:
         if graph not in self.sessions:
             self.sessions[graph] = make_session(self.path(graph))
-        names = graph_io(self.contract, READS.get(graph, graph))[0]
-        return self.sessions[graph].run(None, {n: values[n] for n in names})
+        if graph not in self.inputs:
+            self.inputs[graph] = graph_io(self.contract, READS.get(graph, graph))[0]
+        return self.sessions[graph].run(None, {n: values[n] for n in self.inputs[graph]})
 
     def state(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip((s.name for s in self.contract.state), self.run("user_encoder", values),
@@ -136,7 +123,7 @@ def declared_request(contract: SplitContract, length: int, n: int,
     for f in contract.features:
         shape = [{"L": length, "N": n}.get(d, d) if isinstance(d, str) else d for d in f.dims]
         if f.dtype != "INT64":
-            out[f.name] = (rng.random(shape) * 10).astype(NP_DTYPES[f.dtype])
+            out[f.name] = (rng.random(shape) * 10).astype(triton_to_np_dtype(f.dtype))
         elif f.axis == HISTORY:
             out[f.name] = start + np.cumsum(rng.integers(0, 3600, shape), dtype=np.int64)
         elif f.axis == CANDIDATES:
@@ -150,7 +137,9 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int,
           max_seconds: float) -> dict[str, tuple[float, object]]:
     """Each function's median seconds over `repeats` rounds after a warm-up round, the functions
     taking turns in every round (a burst of other work on the shared machine hits all alike);
-    one slower than max_seconds in the warm-up is not repeated (that time is kept)."""
+    one under WARM_S runs once more untimed right before its timed run (its caches warm, as
+    when timed back to back); one slower than max_seconds in the warm-up is not repeated (that
+    time is kept)."""
     first, times, results = {}, {name: [] for name in fns}, {}
     for name, fn in fns.items():
         start = time.perf_counter()
@@ -159,6 +148,8 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int,
     for _ in range(repeats):
         for name, fn in fns.items():
             if first[name] <= max_seconds:
+                if first[name] < WARM_S:
+                    fn()
                 start = time.perf_counter()
                 results[name] = fn()
                 times[name].append(time.perf_counter() - start)
@@ -376,7 +367,7 @@ def report(run: Run, compare: list[Path]) -> str:
     rows = pd.DataFrame(run.rows)
     p50 = rows.pivot_table(index=["L", "N"], columns="method", values="p50_ms", sort=False)
     methods = [m for m in (LABELS[p] for p in ("split", *run.peers, "naive")) if m in p50]
-    rows["cell"] = [f"not run: {r.note}" if num(r.p50_ms) is None else fmt(r.p50_ms) + (
+    rows["cell"] = [f"not run: {r.note}" if an.num(r.p50_ms) is None else an.fmt(r.p50_ms) + (
         f" [{'; '.join(t for t in (r.max_diff, r.note) if t)}]" if r.max_diff else "")
         for r in rows.itertuples()]
     cells = rows.pivot(index=["L", "N"], columns="method", values="cell")
@@ -396,9 +387,9 @@ def report(run: Run, compare: list[Path]) -> str:
         "lead is reuse: a user state kept between requests takes new events by appending "
         "(below, where the family is appendable) instead of re-encoding.", "",
         "## In-process p50 (ms)", "",
-        table(cells[["user_encoder", "target_fusion", *methods]].reset_index()), "",
+        an.table(cells[["user_encoder", "target_fusion", *methods]].reset_index()), "",
         "## Ratios (p50 / split p50; > 1: the split is faster)", "",
-        table(ratios.reset_index(), formats=dict.fromkeys(ratios.columns, "{:.2f}")), ""]
+        an.table(ratios.reset_index(), formats=dict.fromkeys(ratios.columns, "{:.2f}")), ""]
     sections = [
         (run.appends, f"Append: {APPEND_EVENTS} new events onto L cached (user_encoder_append) "
                       f"vs a full encode of L + {APPEND_EVENTS} events (user_encoder)"),
@@ -406,27 +397,27 @@ def report(run: Run, compare: list[Path]) -> str:
                      "process)"),
         (run.triton, "`ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)")]
     for data, title in sections:
-        lines += [f"## {title}", "", table(data), ""] if data else []
+        lines += [f"## {title}", "", an.table(data), ""] if data else []
     if compare:
         both, shown = rows[["L", "N", "method", "p50_ms"]], {"p50 ms, this run": "p50_ms"}
         for i, path in enumerate(compare, 1):
-            both = both.merge(read_csv(path)[["L", "N", "method", "p50_ms"]].rename(
+            both = both.merge(an.read_csv(path)[["L", "N", "method", "p50_ms"]].rename(
                 columns={"p50_ms": f"p{i}"}), on=["L", "N", "method"])
             both[f"r{i}"] = both.p50_ms / both[f"p{i}"]
             shown |= {f"({i}) p50 ms": f"p{i}", f"this / ({i})": f"r{i}"}
         lines += ["## This run beside earlier ones", "", *(
             f"({i}) `{config_source(p)}`" + "  " for i, p in enumerate(compare, 1)), "",
-            table(both.dropna(), {"L": "L", "N": "N", "method": "method", **shown},
+            an.table(both.dropna(), {"L": "L", "N": "N", "method": "method", **shown},
                   {f"r{i}": "{:.2f}" for i in range(1, len(compare) + 1)}), ""]
-    lines += ["## Facts", "", *(f"- {k}: {v}" for k, v in run.facts.items()), "",
-              "![latency](latency.png)", ""]
+    lines += ["## Facts", "", *(f"- {k}: {v}" for k, v in run.facts.items() if k != "machine"),
+              "", "## Machine", "", an.machine_table(info), "", "![latency](latency.png)", ""]
     ns = sorted(rows.N.unique())
-    with figure(run.out / "latency.png", len(ns), (5 * len(ns), 4.5)) as axes:
+    with an.figure(run.out / "latency.png", len(ns), (5 * len(ns), 4.5)) as axes:
         for ax, n in zip(axes, ns, strict=True):
             for method in methods:
                 pts = p50.xs(n, level="N")[method].dropna()
                 ax.plot(pts.index, pts.values, "o-", label=method)
-            loglog(ax, "history length L", "p50 ms", f"{run.contract.family}, N = {n}")
+            an.loglog(ax, "history length L", "p50 ms", f"{run.contract.family}, N = {n}")
     return "\n".join(lines)
 
 
@@ -435,7 +426,7 @@ def write(run: Run, compare: list[Path]) -> None:
     for name, rows in (("long_history.csv", run.rows), ("long_append.csv", run.appends),
                        ("long_memory.csv", run.memory), ("long_triton.csv", run.triton)):
         if rows:
-            write_csv(run.out / name, rows)
+            an.write_csv(run.out / name, rows)
     (run.out / "long_facts.json").write_text(json.dumps(run.facts, indent=2) + "\n")
     (run.out / "long_history.md").write_text(report(run, compare))
     run.progress(f"wrote {run.out}")
@@ -485,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         run.facts = json.loads((run.out / "long_facts.json").read_text())
         run.peers = tuple(run.facts["peers"])
         run.rows, run.appends, run.memory, run.triton = (
-            records(read_csv(run.out / f"long_{name}.csv"))
+            an.records(an.read_csv(run.out / f"long_{name}.csv"))
             if (run.out / f"long_{name}.csv").exists() else []
             for name in ("history", "append", "memory", "triton"))
         write(run, args.compare)
@@ -495,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     run.progress(f"exporting {args.config} (and the peers) into {run.repository}")
     export_all(run, args.config, command)
     run.facts["config"] = config_source(args.config)
-    run.facts["machine"] = machine(tritonserver="2.51 (nvidia-pytriton 0.7.0)", gpu="none")
+    run.facts["machine"] = an.machine(tritonserver="2.51 (nvidia-pytriton 0.7.0)", gpu="none")
     calibrate(run, args.config)
     in_process(run, lengths, ns, args.seed)
     if not args.no_memory:
