@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,7 @@ class HSTUConfig(JsonConfig):
     seed: int = 0
     error: ClassVar[type[ValueError]] = HSTUConfigError
     kind: ClassVar[str] = "HSTU"
+    factory: ClassVar[str] = "export.hstu:from_config"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -341,3 +342,9 @@ def build_hstu(cfg: HSTUConfig, checkpoint: str | None = None) -> HSTURanker:
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model.eval()
+
+
+def from_config(config: dict[str, Any], checkpoint: str | None = None) -> HSTURanker:
+    """The family's factory, named in its config files as "model": "export.hstu:from_config"
+    (export/family.py): the config's keys, the optional state_dict checkpoint."""
+    return build_hstu(HSTUConfig.from_dict(config), checkpoint)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ from export.split_export import (
     graph_specs,
     native_model_config,
 )
-from tests.conftest import INT64_MAX, INT64_MIN, SMALL
+from export.split_fuzz import GAPS, SplitGraphs, as_torch, max_diff
+from export.split_fuzz import random_request as fuzz_request
+from tests.conftest import SMALL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
@@ -55,54 +58,16 @@ CFG = HSTUConfig(d_model=32, num_heads=2, num_layers=3, attention_dim=8, hidden_
                  time_buckets=20, head_hidden=16, attention_block=64, seed=3)
 LENGTHS = [0, 1, 7, 65, 300, 341]  # 341: past max_history (the newest 300 kept)
 CANDIDATE_COUNTS = [0, 1, 17]
-GAPS = [0, 1, 5, 70, 3_600, 90_000, 2_000_000]
+
+
+CONTRACT = hstu_contract(CFG)
 
 
 def random_request(rng: np.random.Generator, length: int, n: int,
-                   gaps: list[int] = GAPS) -> dict[str, np.ndarray]:
-    """HSTU request tensors, ids over the whole int64 range (both extremes included)."""
-    def ids(size: int) -> np.ndarray:
-        out = rng.integers(INT64_MIN, INT64_MAX, size, dtype=np.int64, endpoint=True)
-        out[:2] = (INT64_MIN, INT64_MAX)[:size]
-        return out
-
-    timestamps = 1_600_000_000 + np.cumsum(rng.choice(gaps, size=length)).astype(np.int64)
-    last = int(timestamps[-1]) if length else 1_600_000_000
-    return {
-        "history_item_ids": ids(length),
-        "history_action_ids": rng.integers(-3, 10, length).astype(np.int64),
-        "history_timestamps": timestamps,
-        "history_dwell_seconds": rng.exponential(30.0, length).astype(np.float32),
-        "candidate_item_ids": ids(n),
-        "request_timestamp": np.array([last + int(rng.integers(0, 10_000))], dtype=np.int64),
-    }
-
-
-def as_torch(request: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in request.items()}
-
-
-class Graphs:
-    """The four exported graphs run with the project's ONNX Runtime settings."""
-
-    def __init__(self, model, directory: Path) -> None:
-        self.contract = model.contract()
-        self.directory = directory
-        self.sessions = {g: make_session(directory / g / "1" / "model.onnx") for g in GRAPHS}
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = graph_io(self.contract, graph)[0]
-        return self.sessions[graph].run(None, {n: feeds[n] for n in names})
-
-    def state(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip((s.name for s in self.contract.state), self.run("user_encoder", request),
-                        strict=True))
-
-    def split(self, request: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run("target_fusion", {**request, **self.state(request)})[0]
-
-    def naive(self, request: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run("ranker_naive", request)[0]
+                   gaps: Sequence[int] = GAPS) -> dict[str, np.ndarray]:
+    """HSTU request tensors from its declaration (export/split_fuzz.py): ids over the whole
+    int64 range (both extremes included), non-decreasing timestamps."""
+    return fuzz_request(CONTRACT, rng, length, n, gaps)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +75,7 @@ def hstu(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     model = build_hstu(CFG)
     directory = tmp_path_factory.mktemp("hstu")
     export_hstu(model, directory)
-    return model, Graphs(model, directory)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
+    return model, SplitGraphs(model.contract(), directory, GRAPHS)
 
 
 # ----------------------------------------------------------------------------- exactness

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from export.guards import length_rule
-from export.hstu import HSTUConfig, build_hstu
+from export.hstu import HSTUConfig, build_hstu, hstu_contract
 from export.hstu_export import write_hstu_repositories
 from export.native_rules import check_repositories
 from export.repositories import evaluation_beside
-from export.split_contract import SplitContract
-from tests.test_hstu import TOLERANCE, max_diff, random_request
+from export.split_fuzz import max_diff
+from export.split_fuzz import random_request as fuzz_request
+from tests.split_serving import infer, serving
+from tests.test_hstu import TOLERANCE
 
 # Small: two attending layers, max_history 48, query blocks of 16 rows (a 40-event history and
 # 20 candidates each run several blocks of the attention's Loop).
@@ -34,36 +35,20 @@ SERVED = ("user_encoder", "target_fusion", "ranker_naive")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """(contract, gRPC client) of a local tritonserver serving the HSTU repository pair; the
     server is stopped by PID at the end of the module."""
-    from local_server.triton import free_port, start_server
-
     model = build_hstu(CFG)
-    serving = tmp_path_factory.mktemp("hstu") / "model_repository_hstu"
-    write_hstu_repositories(model, serving, graphs=SERVED, source="tests/test_hstu_server.py")
-    assert not [v for found in check_repositories(serving).values() for v in found]
-    assert sorted(p.name for p in serving.iterdir()) == ["ranker", "target_fusion",
-                                                         "user_encoder"]
-    assert [p.name for p in evaluation_beside(serving).iterdir()] == ["ranker_naive"]
-    server = start_server(grpc_port=free_port(), repository=serving, timeout_s=240)
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
+    serving_repository = tmp_path_factory.mktemp("hstu") / "model_repository_hstu"
+    write_hstu_repositories(model, serving_repository, graphs=SERVED,
+                            source="tests/test_hstu_server.py")
+    assert not [v for found in check_repositories(serving_repository).values() for v in found]
+    assert sorted(p.name for p in serving_repository.iterdir()) == ["ranker", "target_fusion",
+                                                                    "user_encoder"]
+    assert [p.name for p in evaluation_beside(serving_repository).iterdir()] == ["ranker_naive"]
+    with serving(serving_repository) as client:
         yield model.contract(), client
-    finally:
-        client.close()
-        server.stop()
 
 
-def infer(client: grpcclient.InferenceServerClient, contract: SplitContract, model: str,
-          request: dict[str, np.ndarray]) -> np.ndarray:
-    """One raw gRPC request: every declared feature, with its declared dtype, in order."""
-    assert set(request) == {f.name for f in contract.features}
-    inputs = []
-    for feature in contract.features:
-        value = request[feature.name]
-        tensor = grpcclient.InferInput(feature.name, list(value.shape), feature.dtype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    outputs = [grpcclient.InferRequestedOutput(o.name) for o in contract.outputs]
-    return client.infer(model, inputs, outputs=outputs).as_numpy(contract.outputs[0].name)
+def random_request(rng: np.random.Generator, length: int, n: int) -> dict[str, np.ndarray]:
+    return fuzz_request(hstu_contract(CFG), rng, length, n)
 
 
 @pytest.mark.parametrize("length", LENGTHS)
