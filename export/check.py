@@ -17,7 +17,9 @@ declaration promises). Where the naive forward would exceed --naive-budget atten
 append (encode_append, user_encoder_append) is compared with a full encode over splits of a
 history into cached + new events, and the append past max_history must be refused. Every graph
 must refuse a request where one feature of an axis has length 1 and the others not (what would
-otherwise broadcast into misaligned scores). Shapes must be the declared ones.
+otherwise broadcast into misaligned scores), more candidates than max_candidates, and name the
+guard's rule. Shapes must be the declared ones, and each graph must meet the native onnxruntime
+backend's load-time rules against the Triton config derived from the declaration.
 
 One table row per comparison, printed as it is computed; exit 1 if any row fails, 2 if the
 config or the declaration is refused (a `full` history mask is, with the reason).
@@ -39,8 +41,9 @@ import torch
 
 from export.family import Family, FamilyError, ServingLimits, describe, load_family
 from export.guards import append_rule, length_rule, limit_rule
+from export.native_rules import check_model
 from export.split_contract import SplitContract
-from export.split_export import export_all, graph_io, graphs_for
+from export.split_export import export_all, graph_io, graphs_for, native_model_config
 from export.split_fuzz import SplitGraphs, history_slice, max_diff, random_request
 
 DEFAULT_TOLERANCE = 1e-5
@@ -276,8 +279,21 @@ class Checker:
                       lambda: state_diff(self.graphs.append(self.graphs.state(prefix),
                                                             new_events)))
 
+    def native_rules(self, graphs: Sequence[str]) -> None:
+        """Each graph against the Triton config derived from the declaration, with the native
+        onnxruntime backend's load-time rules (names, dtypes, ranks, fixed dims)."""
+        for graph in graphs:
+            path = self.graphs.directory / graph / "1" / "model.onnx"
+            try:
+                found = check_model(native_model_config(self.contract, graph), path)
+            except Exception as e:
+                found = [_short(e)]
+            verdict = "pass" if not found else f"FAIL: {'; '.join(found)}"
+            self.table.add(Row("config vs graph", graph, "native backend rules", None, verdict))
+
     def refusals(self, graphs: Sequence[str]) -> None:
-        """Length-1 broadcasts and the append past max_history: each graph must refuse."""
+        """Length-1 broadcasts, N > max_candidates and the append past max_history: each graph
+        must refuse, naming the guard's rule."""
         c = self.contract
         for symbol, features in (("L", c.history_features), ("N", c.candidate_features)):
             if len(features) < 2:
@@ -355,6 +371,7 @@ def run_check(family: Family, p: Plan, tolerance: float, seed: int,
         for cached, new in p.appends:
             checker.append(cached, new)
         checker.refusals(graphs)
+        checker.native_rules(graphs)
     out(f"{len(table.rows)} rows, {table.failures} failed (tolerance {tolerance:g}) in "
         f"{time.perf_counter() - t0:.1f} s")
     return table.failures

@@ -10,9 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
+from export.guards import length_rule
 from export.split_contract import SplitContract
+from export.split_fuzz import max_diff
 
 
 @contextmanager
@@ -43,3 +47,21 @@ def infer(client: grpcclient.InferenceServerClient, contract: SplitContract, mod
         inputs.append(tensor)
     outputs = [grpcclient.InferRequestedOutput(o.name) for o in contract.outputs]
     return client.infer(model, inputs, outputs=outputs).as_numpy(contract.outputs[0].name)
+
+
+def refused_by_name_then_exact(client: grpcclient.InferenceServerClient,
+                               contract: SplitContract, request: dict[str, np.ndarray],
+                               feature: str, keep: int, tolerance: float) -> None:
+    """A copy of `request` whose history feature `feature` keeps only `keep` events is refused by
+    `ranker` and `ranker_naive`, each quoting the guard's rule; then `request` itself (valid)
+    is served, split == naive within `tolerance`."""
+    short = {**request, feature: request[feature][:keep]}
+    rule = length_rule([f.name for f in contract.history_features], "L")
+    for model in ("ranker", "ranker_naive"):
+        with pytest.raises(InferenceServerException) as info:
+            infer(client, contract, model, short)
+        assert rule in str(info.value), str(info.value)
+    split = infer(client, contract, "ranker", request)
+    n = len(request[contract.candidate_features[0].name])
+    assert split.shape == (n, *contract.outputs[0].dims[1:])
+    assert max_diff(split, infer(client, contract, "ranker_naive", request)) <= tolerance

@@ -80,6 +80,17 @@ def test_check_fails_a_split_that_is_not_exact(tmp_path: Path, byom_path: Path,
     assert check.main(["--config", str(config), *grid, "--tolerance", "1e-3"]) == 0
 
 
+def test_check_fails_a_graph_the_native_backend_would_refuse(
+        tmp_path: Path, byom_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Exact scores, but float64 where the declaration says FP32: the native-rules rows fail."""
+    config = _config(tmp_path, "broken:double_scores")
+    assert check.main(["--config", str(config), "--quick", "--lengths", "3"]) == 1
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if "native backend rules" in line]
+    assert [r.split()[3] for r in rows] == ["user_encoder", "target_fusion"]
+    assert rows[0].endswith("pass") and "FAIL" in rows[1] and "scores" in rows[1], rows
+
+
 def test_check_refuses_a_full_mask_declaration(tmp_path: Path) -> None:
     """The real command on an outside model that declares a BST-style mask: exit 2, the reason,
     nothing exported."""

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
 
-from export.guards import length_rule
 from export.hstu import HSTUConfig, build_hstu, hstu_contract
 from export.hstu_export import write_hstu_repositories
 from export.native_rules import check_repositories
 from export.repositories import evaluation_beside
 from export.split_fuzz import max_diff
 from export.split_fuzz import random_request as fuzz_request
-from tests.split_serving import infer, serving
+from tests.split_serving import infer, refused_by_name_then_exact, serving
 from tests.test_hstu import TOLERANCE
 
 # Small: two attending layers, max_history 48, query blocks of 16 rows (a 40-event history and
@@ -66,12 +64,4 @@ def test_ranker_equals_naive(served, length: int, n: int) -> None:
 def test_bad_lengths_refused_by_name_then_exact(served) -> None:
     contract, client = served
     request = random_request(np.random.default_rng(9), 30, 5)
-    short = {**request, "history_dwell_seconds": request["history_dwell_seconds"][:3]}
-    rule = length_rule([f.name for f in contract.history_features], "L")
-    for model in ("ranker", "ranker_naive"):
-        with pytest.raises(InferenceServerException) as info:
-            infer(client, contract, model, short)
-        assert rule in str(info.value), str(info.value)
-    split = infer(client, contract, "ranker", request)
-    assert split.shape == (5, CFG.num_tasks)
-    assert max_diff(split, infer(client, contract, "ranker_naive", request)) <= TOLERANCE
+    refused_by_name_then_exact(client, contract, request, "history_dwell_seconds", 3, TOLERANCE)

@@ -145,6 +145,7 @@ def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> 
     [sys.executable, "-m", "local_server.repository"],
     [sys.executable, "-m", "benchmarks.cache_load"],
     [sys.executable, "-m", "export.hstu_export"],
+    [sys.executable, "-m", "export.family"], [sys.executable, "-m", "export.check"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,

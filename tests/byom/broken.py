@@ -45,3 +45,21 @@ def off_by_a_bit(config: dict[str, Any], checkpoint: str | None = None) -> ByomR
     broken = OffByABit(model.cfg)
     broken.load_state_dict(model.state_dict())
     return broken.eval()
+
+
+class DoubleScores(ByomRanker):
+    """Exact, but its scores come out float64 where the declaration says FP32: Triton's native
+    backend would refuse the graph against its config."""
+
+    def forward(self, *features: Tensor) -> Tensor:
+        return super().forward(*features).double()
+
+    def score_candidates(self, *inputs: Tensor) -> Tensor:
+        return super().score_candidates(*inputs).double()
+
+
+def double_scores(config: dict[str, Any], checkpoint: str | None = None) -> ByomRanker:
+    model = build(config, checkpoint)
+    broken = DoubleScores(model.cfg)
+    broken.load_state_dict(model.state_dict())
+    return broken.eval()
