@@ -123,8 +123,8 @@ def resolve_factory(spec: Any) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        where = ("" if e.name != module_name.split(".")[0] else
-                 " (is its folder on PYTHONPATH, or its package installed?)")
+        own = bool(e.name) and (module_name + ".").startswith(f"{e.name}.")
+        where = " (is its folder on PYTHONPATH, or its package installed?)" if own else ""
         raise FamilyError(f"cannot import {module_name!r}, named by \"{MODEL_KEY}\": "
                           f"{e}{where}") from e
     except Exception as e:  # the user's module itself failed while importing
@@ -162,7 +162,10 @@ def build_family(config: dict[str, Any], checkpoint: str | None = None,
     if not isinstance(model, nn.Module):
         raise FamilyError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module: "
                           "the export traces a module's parameters as the graph's weights")
-    contract = model.contract()
+    try:
+        contract = model.contract()
+    except Exception as e:  # the user's declaration code failed
+        raise FamilyError(f"{spec}: contract() failed: {type(e).__name__}: {e}") from e
     if not isinstance(contract, SplitContract):
         raise FamilyError(f"{spec}: contract() returned a {type(contract).__name__}, not a "
                           "SplitContract")

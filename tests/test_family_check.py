@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from export import check, family
 from export.config import CONFIG_DIR
@@ -159,6 +160,21 @@ def test_config_errors(tmp_path: Path, byom_path: Path,
     assert "must be a JSON object" in capsys.readouterr().err
     assert check.main(["--config", str(tmp_path / "missing.json")]) == 2
     assert "config not found" in capsys.readouterr().err
+
+
+def test_checkpoint_reaches_the_factory(tmp_path: Path, byom_path: Path) -> None:
+    """--checkpoint is the factory's: weights of another seed load over the config's init; a
+    missing file is refused with the factory's error."""
+    other = family.load_family(_config(tmp_path, "byom_ranker:build", "other", seed=99)).model
+    path = tmp_path / "weights.pt"
+    torch.save(other.state_dict(), path)
+    loaded = family.load_family(BYOM_CONFIG, str(path)).model
+    fresh = family.load_family(BYOM_CONFIG).model
+    for name, value in other.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert not torch.equal(fresh.state_dict()["head.weight"], other.state_dict()["head.weight"])
+    with pytest.raises(family.FamilyError, match="refused the config or checkpoint"):
+        family.load_family(BYOM_CONFIG, str(tmp_path / "missing.pt"))
 
 
 def test_family_config_loads_with_its_own_class_only() -> None:
