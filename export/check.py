@@ -368,8 +368,11 @@ def run_check(family: Family, p: Plan, tolerance: float, seed: int,
             # which case runs, in case a graph kills the process (ONNX Runtime can)
             print(f"export.check: running L={length}", file=sys.stderr, flush=True)
             checker.length(length, p.candidates, p.naive_budget, p.naive_graph)
+        if p.appends:
+            print("export.check: running the appends", file=sys.stderr, flush=True)
         for cached, new in p.appends:
             checker.append(cached, new)
+        print("export.check: running the refusals", file=sys.stderr, flush=True)
         checker.refusals(graphs)
         checker.native_rules(graphs)
     out(f"{len(table.rows)} rows, {table.failures} failed (tolerance {tolerance:g}) in "

@@ -12,7 +12,7 @@ candidate is one token that attends to the history's K/V and to its own key in o
 candidates never see each other. `forward` is the naive oracle: [history..., candidate] encoded
 whole for every candidate, the history masked from the candidate.
 
-No tensor may have a zero-length axis that feeds a matrix product: ONNX Runtime 1.19 fuses
+No tensor may have a zero-length axis that feeds a matrix product: ONNX Runtime 1.19.2 fuses
 Transpose + MatMul into com.microsoft FusedMatMul (graph optimisation level "extended" and
 above, the default), and that kernel dies with SIGFPE - taking the process with it - when the
 batch dim it transposes is 0. So a dummy event (L = 0) and a dummy candidate (N = 0) ride in
