@@ -215,5 +215,8 @@ def write_split_repositories(model: SplitModel, serving: Path, *, max_candidates
         if progress:
             print(f"wrote {path}", flush=True)
     if USER_CACHE in configs:
-        written += install_python_models(Path(serving))
+        for path in install_python_models(Path(serving)):
+            written.append(path)
+            if progress:
+                print(f"wrote {path}", flush=True)
     return written
