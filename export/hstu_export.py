@@ -4,9 +4,10 @@ family's declaration) and, from the command line, a servable pair of Triton repo
 (export/hstu_attention.py): memory linear in L at every size.
 
 `python -m export.hstu_export --config CONFIG --output DIR` writes the serving repository DIR
-(user_encoder, target_fusion, the `ranker` ensemble, user_encoder_append) and the evaluation
-repository DIR_evaluation (ranker_naive), with production configs (native onnxruntime backend)
-checked against the graphs by export/native_rules.py.
+(user_encoder, target_fusion, the `ranker` ensemble, user_encoder_append, the user-state cache
+user_cache and the `ranker_cached` ensemble) and the evaluation repository DIR_evaluation
+(ranker_naive), with production configs (native onnxruntime backend) checked against the graphs
+by export/native_rules.py.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m export.hstu_export",
         description="Export the HSTU family into two Triton model repositories: the serving one "
-                    "(user_encoder, target_fusion, the `ranker` ensemble, user_encoder_append) "
+                    "(user_encoder, target_fusion, the `ranker` ensemble, user_encoder_append, "
+                    "the user-state cache user_cache and the `ranker_cached` ensemble) "
                     "and the evaluation one (ranker_naive, the exactness oracle), with "
                     "production configs derived from the family's declaration.")
     p.add_argument("--config", type=Path, required=True, help="HSTU config JSON")
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, required=True, help="serving model repository")
     p.add_argument("--evaluation-output", type=Path, default=None, help=EVALUATION_OPTION_HELP)
     p.add_argument("--graphs", nargs="+", choices=GRAPHS, default=list(GRAPHS),
-                   help="graphs to export (default: all); `ranker` is written with user_encoder "
-                        "and target_fusion")
+                   help="graphs to export (default: all); `ranker`, user_cache and "
+                        "`ranker_cached` are written with user_encoder and target_fusion")
     args = p.parse_args(argv)
     try:
         cfg = HSTUConfig.load(args.config)

@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from client.split_contract import (  # noqa: F401  (re-exported)
+    APPEND_READS,
     AXES,
     CACHED_PREFIX,
     CANDIDATES,
@@ -16,6 +17,7 @@ from client.split_contract import (  # noqa: F401  (re-exported)
     DTYPES,
     HISTORY,
     HISTORY_MASKS,
+    NEW_PREFIX,
     REQUEST,
     ContractError,
     Feature,
@@ -49,8 +51,9 @@ class SplitModel(Protocol):
         ...
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        """Cached state + new events' history features -> the state of all events. Families
-        that are not appendable raise instead."""
+        """What the append reads of the cached state + the new events' history features -> per
+        state tensor the new events' part (tensors with an "L" dim) or the new value (the
+        others). Families that are not appendable raise instead."""
         ...
 
 
@@ -91,14 +94,15 @@ def reference_contract(cfg) -> SplitContract:
         family="reference",
         features=features,
         state=(StateTensor(kv.name, kv.dtype, tuple("L" if d == -1 else d for d in kv.dims),
-                           kv.doc),
+                           kv.doc,
+                           append_reads="all_but_last" if cfg.num_layers >= 2 else "all"),
                StateTensor(last.name, last.dtype, tuple(last.dims), last.doc)),
         outputs=(Output(scores.name, scores.dtype, ("N", *scores.dims[1:]), scores.doc),),
         history_mask=cfg.mask,
         # Its append graph (user_encoder_append) reads the cached K/V of every layer but the last
-        # and returns only the new events' K/V, so the cache moves O(ΔL) bytes back: a form this
-        # declaration (whole state in, whole state out) does not express yet.
-        appendable=False,
+        # (append_reads "all_but_last") and the newest cached timestamp, and returns only the
+        # new events' K/V (`new_user_kv`) and the new newest timestamp: O(ΔL) bytes back.
+        appendable=cfg.appends,
         max_history=cfg.max_history,
         doc="target-item + history ranking transformer with softmax attention (export/model.py)",
     )
@@ -126,6 +130,7 @@ class ReferenceSplitModel(nn.Module):
         return self.model.score_candidates(*inputs)
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        raise NotImplementedError(
-            "the reference model's append returns only the new events' K/V "
-            "(RankingTransformer.encode_append); its declaration says appendable=False")
+        """cached_user_kv (every layer but the last), cached_last_event_timestamp, the new
+        events -> new_user_kv (the new events' K/V only), last_event_timestamp. Refused
+        (SplitNotExactError) unless the mask is causal."""
+        return self.model.encode_append(*inputs)

@@ -382,6 +382,7 @@ def test_a_rollout_under_explicit_model_control(small_repository: Path, tmp_path
 
 # ------------------------------------------------------------------ no server needed
 def test_generated_configs_of_the_cache() -> None:
+    from client.split_contract import CONTRACT_PARAMETER, contract_from_json
     from export.triton_configs import build_configs, to_flavour
     from tests.conftest import small_config
 
@@ -389,7 +390,8 @@ def test_generated_configs_of_the_cache() -> None:
     bidirectional = build_configs(small_config("bidirectional"))
     params = {k: v.string_value for k, v in causal["user_cache"].parameters.items()}
     assert params["append_model"] == "user_encoder_append"
-    assert params["max_history"] == str(MAX_HISTORY)
+    declared = contract_from_json(params[CONTRACT_PARAMETER])  # what the cache serves from
+    assert declared.max_history == MAX_HISTORY and declared.appendable
     assert bidirectional["user_cache"].parameters["append_model"].string_value == ""
     assert "user_encoder_append" not in bidirectional and "ranker_cached" in bidirectional
     assert to_flavour(causal["user_cache"], "local") == causal["user_cache"]
