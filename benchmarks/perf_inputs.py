@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.perf_analyzer import write_input_data
-from client import contract as c
 from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import (
     EVALUATION_OPTION_HELP,
     MODEL_REPOSITORY,
@@ -79,7 +80,7 @@ def write_inputs(out: Path, repositories: list[Path], cfg: ModelConfig, length: 
     if unknown:
         raise ValueError(f"no such model in {[str(r) for r in repositories]}: {unknown}")
     encoder = make_session(onnx_path(repositories[0], "user_encoder"))
-    gen = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=cfg.profile_dim)
     rows = [all_tensors(encoder, gen, length, n, new_events) for _ in range(count)]
     out.mkdir(parents=True, exist_ok=True)
     written = {}

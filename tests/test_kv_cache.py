@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from export.model import build_model
 from tests.conftest import SMALL, random_request, small_config
 
