@@ -16,7 +16,7 @@ import pytest
 
 from client.api import RankerClient
 from client.traffic import edge_case_requests
-from export.reference_features import reference_generator
+from export.reference_features import profile_dim_of, reference_generator
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.server
@@ -29,7 +29,8 @@ def test_all_models_ready(server) -> None:
         for model in ("ranker", "ranker_naive", "ranker_base", "user_encoder", "target_fusion"):
             assert client.is_ready(model), model
         info = client.model_info("ranker")
-        assert info.profile_dim == SMALL["profile_dim"]
+        assert info.contract.family == "reference"
+        assert profile_dim_of(info.contract) == SMALL["profile_dim"]
         assert list(info.task_names) == list(SMALL["task_names"])
 
 
