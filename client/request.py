@@ -248,13 +248,19 @@ def from_python(feature: Feature, value: Any) -> np.ndarray:
         wide = np.array(value, dtype=np.float64).reshape(shaped.shape)
     except OverflowError:
         raise RequestError(f"{feature.name}: a number too large for {want}") from None
+    return _narrow(feature.name, wide, want)
+
+
+def _narrow(name: str, wide: np.ndarray, want: np.dtype) -> np.ndarray:
+    """`wide` as the float dtype `want`; RequestError naming the first finite value that would
+    become infinite."""
     with np.errstate(over="ignore"):
         narrow = wide.astype(want)
     overflow = np.argwhere(np.isinf(narrow) & np.isfinite(wide))
     if len(overflow):
         at = tuple(int(i) for i in overflow[0])
         path = "".join(f"[{i}]" for i in at)
-        raise RequestError(f"{feature.name}{path}: {wide[at]!r} overflows {want}")
+        raise RequestError(f"{name}{path}: {wide[at]!r} overflows {want}")
     return narrow
 
 
@@ -275,14 +281,7 @@ def from_array(feature: Feature, value: np.ndarray) -> np.ndarray:
                 raise RequestError(f"{feature.name}: {bad} is outside the {want} range")
         return value.astype(want)
     if want.kind == "f" and have.kind in "iuf":
-        with np.errstate(over="ignore"):
-            narrow = value.astype(want)
-        overflow = np.argwhere(np.isinf(narrow) & np.isfinite(value))
-        if len(overflow):
-            at = tuple(int(i) for i in overflow[0])
-            raise RequestError(f"{feature.name}{''.join(f'[{i}]' for i in at)}: "
-                               f"{value[at]!r} overflows {want}")
-        return narrow
+        return _narrow(feature.name, value, want)
     if want.kind == "b" and have.kind == "b":
         return value.astype(want)
     raise RequestError(f"{feature.name}: cannot convert {have} to the declared {want} without "
