@@ -95,6 +95,21 @@ def test_bad_lengths_refused_by_name_then_exact(served) -> None:
         assert max_diff(split, raw.score(request, "ranker_naive")) <= TOLERANCE
 
 
+def test_a_feature_dict_of_lists_as_in_the_readme(served) -> None:
+    _, url = served
+    values = {"history_item_ids": [11, 12], "history_action_ids": [1, 2],
+              "history_timestamps": [1_700_000_000, 1_700_000_050],
+              "history_dwell_seconds": [3.5, 20.0], "candidate_item_ids": [7, 8, 9],
+              "request_timestamp": [1_700_000_100]}
+    with RankerClient(url) as client:
+        scores = client.score(values)
+        outputs = client.infer(values, "ranker_naive")
+        ranked = client.rank(values, task="like")
+    assert scores.shape == (3, CFG.num_tasks) and list(outputs) == ["scores"]
+    assert max_diff(scores, outputs["scores"]) <= TOLERANCE
+    assert sorted(item for item, _ in ranked) == [7, 8, 9]
+
+
 def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "client", "--url", url, *args],
                           capture_output=True, text=True, timeout=300)
