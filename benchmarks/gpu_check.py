@@ -102,7 +102,7 @@ def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str,
         ("ranker_naive", naive_rule(cfg.naive_max_work), candidates(long, naive_n)),
     ]
     if cfg.mask == "causal":
-        # the append graph reads the cached K/V of every layer but the last (client/contract.py)
+        # the append graph reads the cached K/V of every layer but the last (reference_features)
         full = np.zeros((cfg.num_layers - 1, *kv.shape[1:3], cfg.max_history, cfg.head_dim), dt)
         cases.append(("user_encoder_append", append_rule(cfg.max_history),
                       {**base, c.CACHED_USER_KV: full}))

@@ -66,7 +66,7 @@ def all_tensors(encoder: object, gen: RequestGenerator, length: int, n: int,
     cached_kv, cached_ts = encoder.run(None, {k: v[:cut] for k, v in history.items()})
     if cut == 0:
         cached_ts = np.zeros(1, dtype=np.int64)  # the contract's "no cached event"
-    # the append model reads the cached K/V of every layer but the last (client/contract.py)
+    # the append model reads the cached K/V of every layer but the last (reference_features)
     tensors.update({c.CACHED_USER_KV: cached_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: cached_ts})
     return tensors, {k: v[cut:] for k, v in history.items()}
 

@@ -1,12 +1,13 @@
 """A servable pair of Triton model repositories for any split family, from its declaration.
 
 What `python -m export` writes for the reference model, derived from a `SplitContract` instead
-of `client/contract.py`: the serving repository holds user_encoder, target_fusion and the `ranker`
-ensemble linking them (the declaration's request features in, user_encoder's state tensors
-passed by name to target_fusion, the declared outputs out); the evaluation repository beside it
-(export/repositories.py) holds the oracle `ranker_naive`. An appendable family's
-user_encoder_append is written with its config too when exported (loadable on its own; no
-`ranker_cached` or user cache is derived from a declaration yet).
+of the reference model's names (export/reference_features.py): the serving repository holds
+user_encoder, target_fusion and the `ranker` ensemble linking them (the declaration's request
+features in, user_encoder's state tensors passed by name to target_fusion, the declared outputs
+out); the evaluation repository beside it (export/repositories.py) holds the oracle
+`ranker_naive`. An appendable family's user_encoder_append is written with its config too when
+exported (loadable on its own; no `ranker_cached` or user cache is derived from a declaration
+yet).
 
 Every ONNX model's config is `native_model_config` (production flavour: the native onnxruntime
 backend) with the parameters the reference configs carry (ONNX Runtime threads, the serving
