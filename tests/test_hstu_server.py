@@ -23,6 +23,8 @@ from export.native_rules import check_repositories
 from export.repositories import evaluation_beside
 from tests.test_hstu import TOLERANCE, max_diff, random_request
 
+pytestmark = pytest.mark.server
+
 # Small: two attending layers, max_history 48, query blocks of 16 rows (a 40-event history and
 # 20 candidates each run several blocks of the attention's Loop).
 CFG = HSTUConfig(d_model=32, num_heads=2, num_layers=3, attention_dim=8, hidden_dim=8,
