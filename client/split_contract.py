@@ -50,6 +50,24 @@ NEW_PREFIX = "new_"  # encode_append's outputs for state tensors with an "L" dim
 # How much of a state tensor encode_append reads: all of it, or all but the last entry of its
 # first dim (e.g. every layer's K/V but the last, which no later event of the encoder attends to).
 APPEND_READS = ("all", "all_but_last")
+# What a feature means, so that a client can generate, edge-case and check any family's requests
+# (client/traffic.py, client/validation.py) without knowing its names. role -> (dtypes, axes):
+# item: item ids (history: the events' items, candidates: the items to score); category: the
+# category of the item on the same axis (needs an item feature there); action: the event type
+# of each history event; timestamp: unix seconds (history: non-decreasing, oldest first;
+# request: shape (1,), the request time, never before an event); duration: seconds, >= 0 (e.g.
+# dwell time); dense: real-valued features. "" declares nothing (the generator fills it by dtype).
+INTEGERS, FLOATS = ("INT64", "INT32"), ("FP32", "FP16")
+ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "item": (INTEGERS, (HISTORY, CANDIDATES)),
+    "category": (INTEGERS, (HISTORY, CANDIDATES)),
+    "action": (INTEGERS, (HISTORY,)),
+    "timestamp": (INTEGERS, (HISTORY, REQUEST)),
+    "duration": (INTEGERS + FLOATS, (HISTORY, CANDIDATES)),
+    "dense": (FLOATS, (HISTORY, CANDIDATES, REQUEST)),
+}
+# Roles that at most one feature per axis may take (the generator and the checks pair them).
+SINGLE_ROLES = ("item", "category", "action", "timestamp")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -65,7 +83,8 @@ class Feature:
     per item to score, N) or REQUEST (one per request: then `shape` is its whole fixed shape).
     For HISTORY and CANDIDATES features `shape` is the trailing fixed shape (usually empty).
     `event` marks the history features that define a user's events: the user-state cache
-    compares these to decide whether a cached state still describes the user."""
+    compares these to decide whether a cached state still describes the user. `role` says what
+    the feature means (ROLES), so that generic clients can fill and check it."""
 
     name: str
     dtype: str
@@ -73,6 +92,7 @@ class Feature:
     shape: tuple[int, ...] = ()
     event: bool = False
     doc: str = ""
+    role: str = ""
 
     @property
     def dims(self) -> tuple[int | str, ...]:
@@ -213,17 +233,37 @@ def _check_constants(kind: str, name: str, dims: Sequence[int | str],
             raise ContractError(f"{kind} {name!r}: dim {d!r} must be a positive int or a symbol")
 
 
+def _check_role(f: Feature) -> None:
+    if f.role == "":
+        return
+    if f.role not in ROLES:
+        raise ContractError(f"feature {f.name!r}: unknown role {f.role!r}; one of "
+                            f"{tuple(ROLES)} or '' (none)")
+    dtypes, axes = ROLES[f.role]
+    if f.dtype not in dtypes or f.axis not in axes:
+        raise ContractError(f"feature {f.name!r}: role {f.role!r} needs dtype in {dtypes} and "
+                            f"axis in {axes}, not {f.dtype} on {f.axis}")
+    if f.role in SINGLE_ROLES and f.axis != REQUEST and f.shape:
+        raise ContractError(f"feature {f.name!r}: role {f.role!r} is one value per "
+                            f"{'event' if f.axis == HISTORY else 'candidate'}, so no trailing "
+                            f"shape {tuple(f.shape)}")
+    if f.role == "timestamp" and f.axis == REQUEST and tuple(f.shape) != (1,):
+        raise ContractError(f"feature {f.name!r}: a request timestamp has shape (1,), not "
+                            f"{tuple(f.shape)}")
+
+
 def check_contract(contract: SplitContract) -> SplitContract:
     """Refuse a declaration the serving stack could not serve exactly; returns it unchanged.
 
     Checks: names are valid tensor names and unique (the append graph's `cached_` names too);
     every feature has a known axis and dtype, REQUEST features a fixed shape; there is at least
     one history and one candidate feature (L and N must come from somewhere) and one output;
-    event features are history features; state dims are constants and at most one "L" (never
-    "N"); `append_reads` is known and "all_but_last" has a constant first dim >= 2; outputs are
-    per candidate ("N" first); the history mask splits exactly; appending is declared only for a
-    causal mask and then needs event features (what the cache compares) and a state tensor with
-    an "L" dim (how the append knows P)."""
+    event features are history features; roles fit their dtype and axis (ROLES), at most one
+    item/category/action/timestamp per axis, a category beside an item; state dims are
+    constants and at most one "L" (never "N"); `append_reads` is known and "all_but_last" has a
+    constant first dim >= 2; outputs are per candidate ("N" first); the history mask splits
+    exactly; appending is declared only for a causal mask and then needs event features (what
+    the cache compares) and a state tensor with an "L" dim (how the append knows P)."""
     c = contract
     if not _NAME.match(c.family):
         raise ContractError(f"family {c.family!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
@@ -254,6 +294,17 @@ def check_contract(contract: SplitContract) -> SplitContract:
         if f.event and f.axis != HISTORY:
             raise ContractError(f"feature {f.name!r}: only history features can define a user's "
                                 f"events, not a {f.axis} feature")
+        _check_role(f)
+    for axis in AXES:
+        for role in SINGLE_ROLES:
+            taken = [f.name for f in c.features if f.axis == axis and f.role == role]
+            if len(taken) > 1:
+                raise ContractError(f"features {taken}: at most one {axis} feature may have "
+                                    f"role {role!r}")
+        if any(f.role == "category" for f in c._on(axis)) and \
+                not any(f.role == "item" for f in c._on(axis)):
+            raise ContractError(f"a {axis} feature has role 'category' but no {axis} feature "
+                                "has role 'item' (a category is the category of an item)")
     if not c.history_features:
         raise ContractError("no history feature: nothing defines L or the user state")
     if not c.candidate_features:

@@ -115,14 +115,17 @@ def hstu_contract(cfg: HSTUConfig) -> SplitContract:
         family=FAMILY,
         features=(
             Feature(HISTORY_ITEM_IDS, "INT64", HISTORY, event=True, doc="items of past events, "
-                    "oldest first [L]"),
-            Feature(HISTORY_ACTION_IDS, "INT64", HISTORY, event=True, doc="event type [L]"),
-            Feature(HISTORY_TIMESTAMPS, "INT64", HISTORY, event=True, doc="unix seconds [L]"),
+                    "oldest first [L]", role="item"),
+            Feature(HISTORY_ACTION_IDS, "INT64", HISTORY, event=True, doc="event type [L]",
+                    role="action"),
+            Feature(HISTORY_TIMESTAMPS, "INT64", HISTORY, event=True, doc="unix seconds [L]",
+                    role="timestamp"),
             Feature(HISTORY_DWELL, "FP32", HISTORY, event=True, doc="seconds spent on the item "
-                    "[L]; negative and non-finite values count as 0"),
-            Feature(CANDIDATE_ITEM_IDS, "INT64", CANDIDATES, doc="items to score [N]"),
+                    "[L]; negative and non-finite values count as 0", role="duration"),
+            Feature(CANDIDATE_ITEM_IDS, "INT64", CANDIDATES, doc="items to score [N]",
+                    role="item"),
             Feature(REQUEST_TIMESTAMP, "INT64", REQUEST, shape=(1,), doc="unix seconds of the "
-                    "request: the candidates' time for the time bias [1]"),
+                    "request: the candidates' time for the time bias [1]", role="timestamp"),
         ),
         # The append reads K/V of every layer but the last (no later event of the encoder
         # attends to the last layer's) and the cached timestamps (the time bias between a new

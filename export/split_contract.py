@@ -74,19 +74,14 @@ def naive_scores(model: SplitModel, request: dict[str, Tensor]) -> Tensor:
 
 def reference_contract(cfg) -> SplitContract:
     """The reference `RankingTransformer` (export/model.py) as one declaration, built from the
-    request contract it is served with (client/contract.py), so the two cannot drift apart.
+    names and specs it is served with (export/reference_features.py), so the two cannot drift
+    apart.
 
     `cfg` is its export.config.ModelConfig. The mask "full" is described too (a naive-only
     model); `check_contract` refuses it with the reason."""
-    from client import contract as cc
+    from export import reference_features as cc
 
-    axis = {**dict.fromkeys(cc.HISTORY_INPUTS, HISTORY),
-            **dict.fromkeys(cc.CANDIDATE_INPUTS, CANDIDATES)}
-    features = tuple(
-        Feature(s.name, s.dtype, axis.get(s.name, REQUEST),
-                () if s.name in axis else tuple(s.dims), event=s.name in cc.HISTORY_INPUTS,
-                doc=s.doc)
-        for s in cc.request_inputs(cfg.profile_dim))
+    features = cc.reference_features(cfg.profile_dim)
     kv = cc.user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim)
     last = cc.last_event_timestamp_spec()
     scores = cc.scores_output(cfg.num_tasks)

@@ -1,9 +1,10 @@
 """A servable pair of Triton model repositories for any split family, from its declaration.
 
 What `python -m export` writes for the reference model, derived from a `SplitContract` instead
-of `client/contract.py`: the serving repository holds user_encoder, target_fusion and the `ranker`
-ensemble linking them (the declaration's request features in, user_encoder's state tensors
-passed by name to target_fusion, the declared outputs out), the user-state cache `user_cache`
+of the reference model's names (export/reference_features.py): the serving repository holds
+user_encoder, target_fusion and the `ranker` ensemble linking them (the declaration's request
+features in, user_encoder's state tensors passed by name to target_fusion, the declared outputs
+out), the user-state cache `user_cache`
 and the `ranker_cached` ensemble through it (`cached_configs`, which export/triton_configs.py
 calls for the reference model too: one builder), and an appendable family's
 user_encoder_append; the evaluation repository beside it (export/repositories.py) holds the

@@ -28,8 +28,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client import contract as c
 from client.split_contract import CONTRACT_PARAMETER, contract_to_json
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.repositories import (
     EVALUATION_MODELS,

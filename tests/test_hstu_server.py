@@ -1,28 +1,34 @@
 """The HSTU family served by a real tritonserver through its `ranker` and `ranker_cached`
 ensembles, from its declaration: export/split_repository.py's repository pair, the local flavour
-built from its production configs unchanged, raw tritonclient gRPC requests built from the
-declared features. split (`ranker`) == naive (`ranker_naive`) within 1e-5 over an L x N grid with
-the edge cases; returning users through the user-state cache (`ranker_cached`: the declared
-state tensors user_k, user_v and user_timestamps held per user, the four event features
-compared) take every path - miss, hit, append, a rewritten past event, past max_history - each
-answer equal to ranker_naive and its `cache_path` the expected one; a request whose lengths
-disagree is refused with the guard's name by all three, and the server stays exact."""
+built from its production configs unchanged, requests sent by the project's client, which knows
+the family only from the declaration the server publishes. split (`ranker`) == naive
+(`ranker_naive`) within 1e-5 over an L x N grid with the edge cases; returning users through the
+user-state cache (`ranker_cached`: the declared state tensors user_k, user_v and user_timestamps
+held per user, the four event features compared) take every path - miss, hit, append, a
+rewritten past event, past max_history - each answer equal to ranker_naive and its `cache_path`
+the expected one; a request whose lengths disagree is refused by the client naming the features
+and, sent anyway, by all three ensembles with the guard's name, and the server stays exact;
+`python -m client validate` and `score` work against it unchanged."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
+from client.api import RankerClient, RankerError
+from client.request import RequestError
 from export.guards import length_rule
 from export.hstu import HSTUConfig, build_hstu
 from export.hstu_export import write_hstu_repositories
 from export.native_rules import check_repositories
 from export.repositories import evaluation_beside
-from export.split_contract import SplitContract
 from export.split_export import GRAPHS
 from tests.test_hstu import TOLERANCE, max_diff, random_request
+
+pytestmark = pytest.mark.server
 
 # Small: two attending layers, max_history 48, query blocks of 16 rows (a 40-event history and
 # 20 candidates each run several blocks of the attention's Loop).
@@ -32,13 +38,12 @@ CFG = HSTUConfig(d_model=32, num_heads=2, num_layers=3, attention_dim=8, hidden_
                  seed=5)
 LENGTHS = [0, 1, 40, 75]  # 40 > attention_block; 75 > max_history (the newest 48 kept)
 CANDIDATE_COUNTS = [0, 1, 20]
-USER_ID = "user_id"  # client/contract.py's: the cache's key, not a declared feature
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    """(contract, gRPC client) of a local tritonserver serving the HSTU repository pair; the
-    server is stopped by PID at the end of the module."""
+    """(the model's declaration, gRPC url) of a local tritonserver serving the HSTU repository
+    pair; the server is stopped by PID at the end of the module."""
     from local_server.triton import free_port, start_server
 
     model = build_hstu(CFG)
@@ -50,77 +55,101 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         "user_encoder_append"]
     assert [p.name for p in evaluation_beside(serving).iterdir()] == ["ranker_naive"]
     server = start_server(grpc_port=free_port(), repository=serving, timeout_s=240)
-    client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        yield model.contract(), client
+        yield model.contract(), server.grpc_url
     finally:
-        client.close()
         server.stop()
 
 
-def _inputs(contract: SplitContract, request: dict[str, np.ndarray]) -> list:
-    """Every declared feature, with its declared dtype, in order."""
-    assert set(request) == {f.name for f in contract.features}
-    inputs = []
-    for feature in contract.features:
-        value = request[feature.name]
-        tensor = grpcclient.InferInput(feature.name, list(value.shape), feature.dtype)
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
-
-
-def infer(client: grpcclient.InferenceServerClient, contract: SplitContract, model: str,
-          request: dict[str, np.ndarray]) -> np.ndarray:
-    """One raw gRPC request of the declared features."""
-    outputs = [grpcclient.InferRequestedOutput(o.name) for o in contract.outputs]
-    return client.infer(model, _inputs(contract, request),
-                        outputs=outputs).as_numpy(contract.outputs[0].name)
-
-
-def infer_cached(client: grpcclient.InferenceServerClient, contract: SplitContract,
-                 request: dict[str, np.ndarray], user_id: int) -> tuple[np.ndarray, str]:
-    """One raw ranker_cached request (the declared features + user_id): (scores, cache_path)."""
-    user = grpcclient.InferInput(USER_ID, [1], "INT64")
-    user.set_data_from_numpy(np.array([user_id], np.int64))
-    outputs = [grpcclient.InferRequestedOutput(n) for n in (contract.outputs[0].name,
-                                                             "cache_path")]
-    result = client.infer("ranker_cached", [user, *_inputs(contract, request)], outputs=outputs)
-    path = result.as_numpy("cache_path").reshape(-1)[0]
-    return result.as_numpy(contract.outputs[0].name), path.decode()
+def test_client_reads_the_family_from_the_server(served) -> None:
+    contract, url = served
+    with RankerClient(url) as client:
+        for model in ("ranker", "ranker_naive"):
+            info = client.model_info(model)
+            assert info.contract == contract
+            assert (info.num_tasks, info.task_names) == (CFG.num_tasks, CFG.task_names)
+            assert info.max_history == CFG.max_history
 
 
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("n", CANDIDATE_COUNTS)
 def test_ranker_equals_naive(served, length: int, n: int) -> None:
-    contract, client = served
+    _, url = served
     request = random_request(np.random.default_rng(100 * length + n), length, n)
-    split = infer(client, contract, "ranker", request)
-    naive = infer(client, contract, "ranker_naive", request)
+    with RankerClient(url) as client:  # a feature dict, built and checked from the declaration
+        split = client.score(request, "ranker")
+        naive = client.score(request, "ranker_naive")
     assert split.shape == (n, CFG.num_tasks)
     assert np.isfinite(split).all()
     assert max_diff(split, naive) <= TOLERANCE
 
 
 def test_bad_lengths_refused_by_name_then_exact(served) -> None:
-    contract, client = served
+    contract, url = served
     request = random_request(np.random.default_rng(9), 30, 5)
     short = {**request, "history_dwell_seconds": request["history_dwell_seconds"][:3]}
     rule = length_rule([f.name for f in contract.history_features], "L")
-    for model in ("ranker", "ranker_naive", "ranker_cached"):
-        for _ in range(2):  # twice: a cached user must not turn a refusal into an answer
-            with pytest.raises(InferenceServerException) as info:
-                if model == "ranker_cached":
-                    infer_cached(client, contract, short, user_id=99)
-                else:
-                    infer(client, contract, model, short)
-            assert rule in str(info.value), str(info.value)
-    naive = infer(client, contract, "ranker_naive", request)
-    split = infer(client, contract, "ranker", request)
-    assert split.shape == (5, CFG.num_tasks)
-    assert max_diff(split, naive) <= TOLERANCE
-    cached, path = infer_cached(client, contract, request, user_id=99)
-    assert (path, max_diff(cached, naive) <= TOLERANCE) == ("miss", True)
+    with RankerClient(url) as client, pytest.raises(RequestError) as refused:
+        client.score(short, "ranker")
+    assert "history_item_ids has 30 but history_dwell_seconds has 3" in str(refused.value)
+    with RankerClient(url, validate=False) as raw:  # sent anyway: the server's guards refuse
+        for model in ("ranker", "ranker_naive", "ranker_cached"):
+            for _ in range(2):  # twice: a cached user must not turn a refusal into an answer
+                with pytest.raises(RankerError) as info:
+                    if model == "ranker_cached":
+                        raw.score_cached(short, user_id=99)
+                    else:
+                        raw.score(short, model)
+                assert rule in str(info.value), str(info.value)
+        split = raw.score(request, "ranker")
+        naive = raw.score(request, "ranker_naive")
+        assert split.shape == (5, CFG.num_tasks)
+        assert max_diff(split, naive) <= TOLERANCE
+        cached, path, _ = raw.score_cached(request, user_id=99)
+        assert (path, max_diff(cached, naive) <= TOLERANCE) == ("miss", True)
+
+
+def test_a_feature_dict_of_lists_as_in_the_readme(served) -> None:
+    _, url = served
+    values = {"history_item_ids": [11, 12], "history_action_ids": [1, 2],
+              "history_timestamps": [1_700_000_000, 1_700_000_050],
+              "history_dwell_seconds": [3.5, 20.0], "candidate_item_ids": [7, 8, 9],
+              "request_timestamp": [1_700_000_100]}
+    with RankerClient(url) as client:
+        scores = client.score(values)
+        outputs = client.infer(values, "ranker_naive")
+        ranked = client.rank(values, task="like")
+    assert scores.shape == (3, CFG.num_tasks) and list(outputs) == ["scores"]
+    assert max_diff(scores, outputs["scores"]) <= TOLERANCE
+    assert sorted(item for item, _ in ranked) == [7, 8, 9]
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "client", "--url", url, *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_validate_and_score(served, tmp_path) -> None:
+    """The command line knows nothing of HSTU: generated requests (from the declared roles) and
+    the generic edge cases (L = 0, N = 1, L past max_history, extreme ids) through ranker and
+    ranker_naive; a saved request replays to the same ranking."""
+    _, url = served
+    validate = run_cli(url, "validate", "--count", "6")
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    assert "family hstu, max_history 48" in validate.stderr
+    assert "PASS" in validate.stdout
+    assert "oracle skipped: 0, failed: 0" in validate.stdout  # every request compared
+    assert "max_candidates = 500, not sent: candidates_1000" in validate.stdout
+    saved = tmp_path / "hstu_request.json"
+    score = run_cli(url, "score", "--history-length", "60", "--num-candidates", "8", "--top",
+                    "3", "--save-request", str(saved))
+    assert score.returncode == 0, score.stdout + score.stderr
+    assert "candidate_item_ids" in score.stdout and "click" in score.stdout
+    again = run_cli(url, "score", "--request", str(saved), "--top", "3")
+    assert again.returncode == 0, again.stderr
+    rows = [[line for line in out.splitlines() if line.strip()[:1].isdigit()]
+            for out in (score.stdout, again.stdout)]
+    assert len(rows[0]) == 3 and rows[0] == rows[1]
 
 
 def visit(history: dict[str, np.ndarray], length: int, seed: int,
@@ -141,7 +170,7 @@ def test_returning_users_through_the_cache_equal_naive(served) -> None:
     """One user's story through ranker_cached (max_history 48): every answer equals
     ranker_naive within 1e-5 and reports the path it took. Dwell times include a NaN (the
     event comparison is by content: the same NaN is the same event)."""
-    contract, client = served
+    _, url = served
     full = {n: v for n, v in random_request(np.random.default_rng(21), 80, 1).items()
             if n.startswith("history_")}
     full["history_dwell_seconds"][4] = np.nan
@@ -154,14 +183,16 @@ def test_returning_users_through_the_cache_equal_naive(served) -> None:
              (31, 10, "append"),  # then one new event after the rewrite
              (31, 3, "miss"),  # another past event changed
              (0, None, "miss"), (0, None, "hit"), (5, None, "append")]  # from no history
-    for step, (length, rewrite, expected) in enumerate(story):
-        request = visit(full, length, step, rewrite)
-        scores, path = infer_cached(client, contract, request, user_id=7)
-        naive = infer(client, contract, "ranker_naive", request)
-        assert scores.shape == naive.shape == (7, CFG.num_tasks)
-        diff = max_diff(scores, naive)
-        assert (path, diff <= TOLERANCE) == (expected, True), (step, length, path, diff)
-    request = visit(full, 5, 99)  # another user with user 7's events: never user 7's entry
-    scores, path = infer_cached(client, contract, request, user_id=8)
-    assert path == "miss"
-    assert max_diff(scores, infer(client, contract, "ranker_naive", request)) <= TOLERANCE
+    # validate=False: the client refuses non-finite floats; the graph reads a NaN dwell as 0
+    with RankerClient(url, validate=False) as client:
+        for step, (length, rewrite, expected) in enumerate(story):
+            request = visit(full, length, step, rewrite)
+            scores, path, _ = client.score_cached(request, user_id=7)
+            naive = client.score(request, "ranker_naive")
+            assert scores.shape == naive.shape == (7, CFG.num_tasks)
+            diff = max_diff(scores, naive)
+            assert (path, diff <= TOLERANCE) == (expected, True), (step, length, path, diff)
+        request = visit(full, 5, 99)  # another user with user 7's events: never user 7's entry
+        scores, path, _ = client.score_cached(request, user_id=8)
+        assert path == "miss"
+        assert max_diff(scores, client.score(request, "ranker_naive")) <= TOLERANCE

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from client import contract as c
 from client.split_contract import contract_to_json
+from export import reference_features as c
 from export.model import build_model
 from export.split_contract import reference_contract
 from tests.conftest import SMALL, random_request, small_config

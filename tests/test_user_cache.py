@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client import contract as c
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
+from export import reference_features as c
+from export.reference_features import reference_generator
 from tests.conftest import SMALL, SMALL_CACHE_BYTES
 from tests.test_bad_input import REJECTED, infer, with_
 
@@ -45,7 +46,7 @@ def client(cache_server):
 
 
 def gen(seed: int) -> RequestGenerator:
-    return RequestGenerator(seed=seed, profile_dim=SMALL["profile_dim"], num_items=50_000)
+    return reference_generator(seed=seed, profile_dim=SMALL["profile_dim"], num_items=50_000)
 
 
 def visit(client: RankerClient, user_id: int, request: RankingRequest) -> tuple[str, float]:
