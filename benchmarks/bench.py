@@ -48,9 +48,9 @@ from benchmarks.state import (
     Progress,
     State,
 )
-from client import contract
-from client.traffic import RequestGenerator
+from export import reference_features as contract
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 
 # --------------------------------------------------------------------------- machine facts
 
@@ -119,7 +119,7 @@ def grid(mode: Mode) -> list[tuple[int, int]]:
 
 
 def make_requests(st: State, seed: int) -> None:
-    gen = RequestGenerator(seed=seed, profile_dim=st.cfg.profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=st.cfg.profile_dim)
     wanted = list(grid(st.mode))
     if st.mode.sweep_point and st.mode.sweep_point not in wanted:
         wanted.append(st.mode.sweep_point)
@@ -138,7 +138,7 @@ def naive_estimate_s(st: State, sessions: direct.Sessions, n: int, length: int) 
     scaled by the FLOP model's C_naive(N, L) / C_naive(N_ref, L); without one, a single timed
     request at N = 1 first."""
     if length not in st.naive_ref:
-        req = RequestGenerator(seed=12345, profile_dim=st.cfg.profile_dim).request(length, 1)
+        req = reference_generator(seed=12345, profile_dim=st.cfg.profile_dim).request(length, 1)
         inputs = req.as_inputs()
         sessions.naive(inputs)  # warm-up
         t0 = time.perf_counter()
@@ -395,7 +395,7 @@ def run_profile(st: State) -> None:
     n, length = st.mode.profile_point
     reqs = st.requests.get((n, length))
     if reqs is None:
-        reqs = [RequestGenerator(seed=7, profile_dim=st.cfg.profile_dim)
+        reqs = [reference_generator(seed=7, profile_dim=st.cfg.profile_dim)
                 .request(length, n).as_inputs()]
     st.progress(f"ORT profile of user_encoder and target_fusion at N={n} L={length}")
     sessions = direct.Sessions(st.repository)

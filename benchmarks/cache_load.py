@@ -36,6 +36,7 @@ from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
 from export.config import ModelConfig
+from export.reference_features import profile_dim_of, reference_generator
 from export.triton_configs import install_python_models
 from local_server.triton import free_port, start_server
 
@@ -147,13 +148,13 @@ def head_of_line(url: str, gen: RequestGenerator, args: argparse.Namespace) -> d
         record = Record()
 
         def repeats(stop: float, user: int, record: Record = record) -> None:
-            own = RequestGenerator(seed=user % 10_000, profile_dim=gen.profile_dim)
+            own = reference_generator(seed=user % 10_000, profile_dim=profile_dim_of(gen.layout))
             with RankerClient(url, timeout_s=600) as client:
                 while time.monotonic() < stop:
                     visit(client, user, own.returning(users[user], 0), record)
 
         def first_visits(stop: float, record: Record = record) -> None:
-            own = RequestGenerator(seed=gen.seed + 99, profile_dim=gen.profile_dim)
+            own = reference_generator(seed=gen.seed + 99, profile_dim=profile_dim_of(gen.layout))
             with RankerClient(url, timeout_s=600) as client:
                 while time.monotonic() < stop:
                     visit(client, own.user_id(), own.request(length, n), record)
@@ -183,7 +184,8 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
     sample_every = 7
 
     def client_loop(stop: float, index: int) -> None:
-        own = RequestGenerator(seed=args.seed * 1000 + index, profile_dim=gen.profile_dim)
+        own = reference_generator(seed=args.seed * 1000 + index,
+                                  profile_dim=profile_dim_of(gen.layout))
         rng = np.random.default_rng(index)
         users: dict[int, RankingRequest] = {}
         sent = 0
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"starting tritonserver on {args.repository}")
     server = start_server(grpc_port=free_port(), metrics_port=metrics_port,
                           repository=args.repository, timeout_s=300)
-    gen = RequestGenerator(seed=args.seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
     start = snapshot()
     try:
         with RankerClient(server.grpc_url, timeout_s=600) as client:

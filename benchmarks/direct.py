@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from client import contract as c
+from export import reference_features as c
 from export.repositories import onnx_path
 from export.runtime import make_session, session_options
 

@@ -31,7 +31,8 @@ from benchmarks.user_cache import machine
 from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER, nginx_variable
 from client.request import RankingRequest
-from client.traffic import RequestGenerator, returning_traffic
+from client.traffic import returning_traffic
+from export.reference_features import profile_dim_of, reference_generator
 from local_server.fleet import Fleet, start_fleet
 from local_server.triton import MODEL_REPOSITORY, free_port
 
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def warm_up(fleet: Fleet, profile_dim: int, lengths: list[int], n: int) -> None:
     """Every path (miss, append, hit) of every model once per replica, directly, so that no
     run pays ONNX Runtime's first calls."""
-    gen = RequestGenerator(seed=999, profile_dim=profile_dim)
+    gen = reference_generator(seed=999, profile_dim=profile_dim)
     for server in fleet.replicas:
         with RankerClient(server.grpc_url, model=MODEL, timeout_s=300) as client:
             for length in lengths:
@@ -138,7 +139,7 @@ def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, profil
             seed: int) -> dict:
     urls = [s.grpc_url for s in fleet.replicas]
     fleet.nginx.reload(urls, balance=balance)
-    gen = RequestGenerator(seed=seed, profile_dim=profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=profile_dim)
     traffic = returning_traffic(gen, args.users, args.visits, args.history_lengths,
                                 args.num_candidates)
     rng = np.random.default_rng(seed)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         with RankerClient(fleet.url) as client:
-            profile_dim = client.model_info(MODEL).profile_dim
+            profile_dim = profile_dim_of(client.model_info(MODEL).contract)
         for k in args.replicas:
             while len(fleet.replicas) < k:
                 log(f"adding replica {len(fleet.replicas) + 1}")

@@ -33,12 +33,12 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.bench import write_csv
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.guards import append_rule, length_rule, limit_rule, naive_rule
 from export.model import build_model
 from export.onnx_export import export_graph
+from export.reference_features import reference_generator
 from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def gpu_memory_mib() -> float | None:
 
 def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str, np.ndarray]]]:
     """(graph, rule, request) for every guard: each request breaks exactly that rule."""
-    gen = RequestGenerator(seed=9, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=9, profile_dim=cfg.profile_dim)
     ok = gen.request(10, 4).as_inputs()
     dt = np.float16 if fp16 else np.float32
     kv = np.zeros((cfg.num_layers, 2, cfg.num_heads, 10, cfg.head_dim), dt)
@@ -102,7 +102,7 @@ def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str,
         ("ranker_naive", naive_rule(cfg.naive_max_work), candidates(long, naive_n)),
     ]
     if cfg.mask == "causal":
-        # the append graph reads the cached K/V of every layer but the last (client/contract.py)
+        # the append graph reads the cached K/V of every layer but the last (reference_features)
         full = np.zeros((cfg.num_layers - 1, *kv.shape[1:3], cfg.max_history, cfg.head_dim), dt)
         cases.append(("user_encoder_append", append_rule(cfg.max_history),
                       {**base, c.CACHED_USER_KV: full}))
@@ -123,7 +123,7 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
     path = {g: repo / g / "1" / "model.onnx" for g in graphs}
     reference = {g: session(path[g], "cpu") for g in ("user_encoder", "target_fusion")}
     rows: list[dict[str, object]] = []
-    gen = RequestGenerator(seed=3, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=3, profile_dim=cfg.profile_dim)
     for provider in args.providers:
         sessions = {g: session(path[g], provider) for g in graphs}
         active = sessions["user_encoder"].get_providers()[0]

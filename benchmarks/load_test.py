@@ -43,7 +43,7 @@ import psutil
 
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
-from client.traffic import RequestGenerator
+from export.reference_features import profile_dim_of, reference_generator
 from local_server.processes import process_label, process_tree, rss_bytes
 from local_server.triton import (
     MODEL_REPOSITORY,
@@ -147,11 +147,11 @@ def plan(
     max_candidates: int, check_every: int, largest_first: bool,
 ) -> list[list[Job]]:
     """Jobs per client: job j goes to client j % clients; client i draws its requests from
-    RequestGenerator(seed + i) and its shapes from its own RNG. Every check_every-th job is
+    reference_generator(seed + i) and its shapes from its own RNG. Every check_every-th job is
     also scored by the oracle (none if check_every is 0). With `largest_first`, each client's
     first request has the largest shape (max_history, max_candidates)."""
     per_client: list[list[Job]] = [[] for _ in range(clients)]
-    gens = [RequestGenerator(seed=seed + i, profile_dim=profile_dim) for i in range(clients)]
+    gens = [reference_generator(seed=seed + i, profile_dim=profile_dim) for i in range(clients)]
     rngs = [np.random.default_rng([seed, i]) for i in range(clients)]
     for j in range(count):
         i = j % clients
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with RankerClient(args.url, timeout_s=30.0, retries=3) as probe:
                 probe.wait_ready([MODEL, ORACLE], timeout_s=min(60.0, args.ready_timeout))
-                profile_dim = probe.model_info(MODEL).profile_dim
+                profile_dim = profile_dim_of(probe.model_info(MODEL).contract)
         except RankerError as e:
             print(f"load_test: error: {e}", file=sys.stderr)
             return 2

@@ -31,11 +31,11 @@ import numpy as np
 
 from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer
 from benchmarks.state import Progress
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import CONFIG_DIR, ModelConfig
 from export.model import build_model
 from export.onnx_export import graphs_for
+from export.reference_features import reference_generator
 from export.repositories import MODEL_REPOSITORY, onnx_path
 from export.runtime import make_session
 from export.triton_configs import config_source
@@ -177,7 +177,7 @@ def in_process(run: Run, lengths: list[int], ns: list[int], seed: int) -> None:
     sessions = {g: make_session(onnx_path(run.repository, g))
                 for g in ("user_encoder", "target_fusion", "ranker_naive")}
     sessions.update({p: make_session(run.peers_dir / p / "1" / "model.onnx") for p in PEERS})
-    gen = RequestGenerator(seed=seed, profile_dim=run.cfg.profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=run.cfg.profile_dim)
     for length in lengths:
         history = gen.request(length, 0).as_inputs()
         encoded = timed(lambda h=history: sessions["user_encoder"].run(
@@ -216,7 +216,7 @@ def through_triton(run: Run, lengths: list[int], ns: list[int], seed: int) -> No
     run.progress("starting the local tritonserver on the long repository")
     server = start_server(grpc_port=free_port(), repository=run.repository, timeout_s=300)
     try:
-        gen = RequestGenerator(seed=seed + 1, profile_dim=run.cfg.profile_dim)
+        gen = reference_generator(seed=seed + 1, profile_dim=run.cfg.profile_dim)
         with RankerClient(server.grpc_url, timeout_s=600) as client:
             for length in lengths:
                 for n in ns:

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import onnx_path
 from export.runtime import make_session
 
@@ -65,7 +65,7 @@ def reset_peak() -> bool:
 
 
 def feeds(model: str, n: int, length: int, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    request = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim).request(length, n)
+    request = reference_generator(seed=seed, profile_dim=cfg.profile_dim).request(length, n)
     inputs = request.as_inputs()
     if model == "user_encoder":
         return {k: inputs[k] for k in c.HISTORY_INPUTS}

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.perf_analyzer import write_input_data
-from client import contract as c
 from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import (
     EVALUATION_OPTION_HELP,
     MODEL_REPOSITORY,
@@ -65,7 +66,7 @@ def all_tensors(encoder: object, gen: RequestGenerator, length: int, n: int,
     cached_kv, cached_ts = encoder.run(None, {k: v[:cut] for k, v in history.items()})
     if cut == 0:
         cached_ts = np.zeros(1, dtype=np.int64)  # the contract's "no cached event"
-    # the append model reads the cached K/V of every layer but the last (client/contract.py)
+    # the append model reads the cached K/V of every layer but the last (reference_features)
     tensors.update({c.CACHED_USER_KV: cached_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: cached_ts})
     return tensors, {k: v[cut:] for k, v in history.items()}
 
@@ -79,7 +80,7 @@ def write_inputs(out: Path, repositories: list[Path], cfg: ModelConfig, length: 
     if unknown:
         raise ValueError(f"no such model in {[str(r) for r in repositories]}: {unknown}")
     encoder = make_session(onnx_path(repositories[0], "user_encoder"))
-    gen = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=cfg.profile_dim)
     rows = [all_tensors(encoder, gen, length, n, new_events) for _ in range(count)]
     out.mkdir(parents=True, exist_ok=True)
     written = {}

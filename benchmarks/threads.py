@@ -27,9 +27,9 @@ import onnxruntime as ort
 
 from benchmarks.bench import write_csv
 from benchmarks.direct import model_path
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     policies = {f"threads={t} spinning={'on' if s else 'off'}": sessions(args.repository, t, s)
                 for t in (1, cores) for s in (True, False)}
-    gen = RequestGenerator(seed=0, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=0, profile_dim=cfg.profile_dim)
     rows = []
     for point in args.points.split(","):
         length, n = (int(v) for v in point.split("x"))

@@ -35,12 +35,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from benchmarks.cpu import external_cores, snapshot
-from client import contract as c
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import copy_repositories, evaluation_beside
 from export.triton_configs import MODEL_REPOSITORY, write_configs
 from local_server.processes import rss_bytes, stub_pids
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     mem: dict = {}
     rates: dict[str, float] = {}
-    gen = RequestGenerator(seed=args.seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
     start = snapshot()
     try:
         with RankerClient(server.grpc_url, timeout_s=300) as client:

@@ -14,8 +14,11 @@ forward (the oracle):
 and, past max_history, the split against the split of the newest max_history events (what the
 declaration promises). Where the naive forward would exceed --naive-budget attention cells
 (N x (L'+1)^2), the ONNX split is compared with the torch split instead. An appendable family's
-append (encode_append, user_encoder_append) is compared with a full encode over splits of a
-history into cached + new events, and the append past max_history must be refused. Every graph
+append (encode_append, user_encoder_append) is checked in its declared form over splits of a
+history into P cached + ΔL new events: it reads what `append_reads` says of the cached state and
+returns the new events' part of each state tensor with an "L" dim (exactly ΔL along L) and the
+new value of the others; the cached part followed by the new part, as the user cache joins them,
+must equal a full encode. The append past max_history must be refused. Every graph
 must refuse a request where one feature of an axis has length 1 and the others not (what would
 otherwise broadcast into misaligned scores), more candidates than max_candidates, and name the
 guard's rule. Shapes must be the declared ones, and each graph must meet the native onnxruntime
@@ -44,7 +47,7 @@ from export.guards import append_rule, length_rule, limit_rule
 from export.native_rules import check_model
 from export.split_contract import SplitContract
 from export.split_export import export_all, graph_io, graphs_for, native_model_config
-from export.split_fuzz import SplitGraphs, history_slice, max_diff, random_request
+from export.split_fuzz import SplitGraphs, appended, history_slice, max_diff, random_request
 
 DEFAULT_TOLERANCE = 1e-5
 FULL_LENGTHS = (0, 1, 2, 7, 64, 257)  # plus max_history and max_history + 5
@@ -258,26 +261,42 @@ class Checker:
                           lambda: max_diff(onnx_scores, self.onnx_scores(request, newest)))
 
     def append(self, cached: int, new: int) -> None:
+        """A history split into `cached` events, encoded whole, and `new` ones appended in the
+        declared form: encode_append reads what `append_reads` says of the cached state and
+        returns each growing tensor's new part (exactly `new` events along L) and the others'
+        new value; the cached part + the new part (as the user cache concatenates them) must
+        equal encode_user on the whole history."""
         c, table = self.contract, self.table
         name = f"append P={cached} dL={new}"
         request = self._request(cached + new, 1)
-        history = [f.name for f in c.history_features]
-        full = self.torch_state(request)
         prefix = history_slice(c, request, slice(0, cached))
         new_events = history_slice(c, request, slice(cached, None))
+        try:
+            full = self.torch_state(request)
+        except Exception as e:
+            table.add(Row(name, "encode_user", "declared state", None, f"FAIL: {_short(e)}"))
+            return
 
-        def state_diff(got: Sequence[np.ndarray]) -> float:
-            return max(max_diff(a, b) for a, b in zip(got, full, strict=True))
+        def state_diff(cached_state: Sequence[np.ndarray], part: Sequence[np.ndarray]) -> float:
+            for s, x in zip(c.state, part, strict=True):
+                if s.grows and x.shape[s.dims.index("L")] != new:
+                    raise ValueError(f"{s.new_name} has {x.shape[s.dims.index('L')]} events "
+                                     f"along L, not the {new} new ones")
+            whole = appended(c, cached_state, part)
+            return max(max_diff(a, b) for a, b in zip(whole, full, strict=True))
 
         def torch_append() -> float:
             cached_state = self.torch_state(prefix)
-            return state_diff(self._torch("encode_append", *cached_state,
-                                          *(new_events[h] for h in history)))
+            reads = c.cached_reads(cached_state).values()
+            return state_diff(cached_state, self._torch(
+                "encode_append", *reads, *(new_events[f.name] for f in c.history_features)))
+
+        def onnx_append() -> float:
+            cached_state = self.graphs.state(prefix)
+            return state_diff(cached_state, self.graphs.append(cached_state, new_events))
 
         table.compare(name, "torch append", "torch encode_user", torch_append)
-        table.compare(name, "onnx append", "torch encode_user",
-                      lambda: state_diff(self.graphs.append(self.graphs.state(prefix),
-                                                            new_events)))
+        table.compare(name, "onnx append", "torch encode_user", onnx_append)
 
     def native_rules(self, graphs: Sequence[str]) -> None:
         """Each graph against the Triton config derived from the declaration, with the native
@@ -332,8 +351,7 @@ class Checker:
                 self.table.add(Row("append P=1", "user_encoder", "a valid request first", None,
                                    f"FAIL: {_short(e)}"))
                 return
-            feeds = {**{s.cached_name: t for s, t in zip(c.state, cached, strict=True)},
-                     **history_slice(c, request, slice(None))}
+            feeds = {**c.cached_reads(cached), **history_slice(c, request, slice(None))}
             self._refused(f"append P=1 dL={c.max_history}", "user_encoder_append", feeds,
                           append_rule(c.max_history))
 

@@ -19,8 +19,9 @@ the shipped ranker_*.json configs work here unchanged; `python -m export` remain
 model's full export (ranker_cached, ranker_base, fp16).
 
 `python -m export.family --config CONFIG [--checkpoint CKPT] --output DIR` writes DIR (serving:
-user_encoder, target_fusion, the `ranker` ensemble, user_encoder_append when declared) and
-DIR_evaluation (ranker_naive), then holds every config against its graph with the native
+user_encoder, target_fusion, the `ranker` ensemble, the user-state cache user_cache and the
+`ranker_cached` ensemble, user_encoder_append when declared, which the cache then appends with)
+and DIR_evaluation (ranker_naive), then holds every config against its graph with the native
 onnxruntime backend's load-time rules (exit 1 on a violation). Every refusal (file, import path,
 factory, declaration) exits 2 with the reason.
 """
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None, prog: str = COMMAND,
         description="Export any split model family, named in its config by import path "
                     '("model": "package.module:factory"), into two Triton model repositories: '
                     "the serving one (user_encoder, target_fusion, the `ranker` ensemble, "
+                    "the user-state cache user_cache and the `ranker_cached` ensemble, "
                     "user_encoder_append where the declaration allows appending) and the "
                     "evaluation one (ranker_naive, the exactness oracle), with production "
                     "configs derived from the model's declaration. A config without \"model\" "
@@ -222,8 +224,9 @@ def main(argv: list[str] | None = None, prog: str = COMMAND,
     p.add_argument("--output", type=Path, required=True, help="serving model repository")
     p.add_argument("--evaluation-output", type=Path, default=None, help=EVALUATION_OPTION_HELP)
     p.add_argument("--graphs", nargs="+", choices=GRAPHS, default=None,
-                   help="graphs to export (default: every graph the declaration has); `ranker` "
-                        "is written with user_encoder and target_fusion")
+                   help="graphs to export (default: every graph the declaration has); `ranker`, "
+                        "user_cache and `ranker_cached` are written with user_encoder and "
+                        "target_fusion")
     args = p.parse_args(argv)
     try:
         family = load_family(args.config, args.checkpoint, default_model)

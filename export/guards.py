@@ -54,7 +54,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from client import contract as c
+from export import reference_features as c
 from export.config import ModelConfig
 
 _PREFIX = "guard/"

@@ -4,8 +4,12 @@ The attention is one ONNX Loop over query blocks (export/hstu_attention.py): mem
 at every size.
 
 The command is the generic one, `python -m export.family --config export/configs/hstu_causal.json
---output DIR` (the config names its factory, export.hstu:from_config); `python -m
-export.hstu_export` is the same command, reading a config that names no model as an HSTU config.
+--output DIR` (the config names its factory, export.hstu:from_config): it writes the serving
+repository DIR (user_encoder, target_fusion, the `ranker` ensemble, user_encoder_append, the
+user-state cache user_cache and the `ranker_cached` ensemble) and the evaluation repository
+DIR_evaluation (ranker_naive), with production configs (native onnxruntime backend) checked
+against the graphs by export/native_rules.py. `python -m export.hstu_export` is the same command,
+reading a config that names no model as an HSTU config.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from client import contract as c
+from export import reference_features as c
 from export.attention import export_target
 from export.config import ModelConfig
 from export.guards import add_guards

@@ -35,7 +35,8 @@ from export.triton_configs import _inputs, _outputs, _set_backend
 
 GRAPHS = ("user_encoder", "target_fusion", "ranker_naive", "user_encoder_append")
 # Names of the dynamic axes in the graphs: the request's L and N, the kept history of a state
-# (user_encoder's output, L' = min(L, max_history)), the cached events P of the append's input.
+# (user_encoder's output, L' = min(L, max_history)), the cached events P of the append's inputs
+# and the new events ΔL of its outputs ("new").
 _REQUEST_AXES = {"L": "L", "N": "N"}
 
 
@@ -61,7 +62,7 @@ def graph_io(contract: SplitContract, graph: str) -> tuple[list[str], list[str]]
         "user_encoder": ([f.name for f in contract.history_features], state),
         "target_fusion": (list(contract.fusion_inputs), outputs),
         "ranker_naive": ([f.name for f in contract.features], outputs),
-        "user_encoder_append": (list(contract.append_inputs), state),
+        "user_encoder_append": (list(contract.append_inputs), list(contract.append_outputs)),
     }[graph]
 
 
@@ -74,7 +75,8 @@ def tensor_dims(contract: SplitContract, graph: str) -> dict[str, list[int | str
         dims[o.name] = list(o.dims)
     for s in contract.state:
         dims[s.name] = ["L_kept" if d == "L" else d for d in s.dims]
-        dims[s.cached_name] = ["P" if d == "L" else d for d in s.dims]
+        dims[s.cached_name] = ["P" if d == "L" else d for d in s.cached_dims]
+        dims[s.new_name] = ["new" if d == "L" else d for d in s.dims]
     return dims
 
 
@@ -84,9 +86,11 @@ def graph_specs(contract: SplitContract, graph: str) -> tuple[list[TensorSpec], 
     dtypes = {f.name: f.dtype for f in contract.features}
     dtypes.update({o.name: o.dtype for o in contract.outputs})
     for s in contract.state:
-        dtypes[s.name] = dtypes[s.cached_name] = s.dtype
+        dtypes[s.name] = dtypes[s.cached_name] = dtypes[s.new_name] = s.dtype
     docs = {t.name: t.doc for t in (*contract.features, *contract.state, *contract.outputs)}
     docs.update({s.cached_name: f"cached {s.name}" for s in contract.state})
+    docs.update({s.new_name: f"{s.name} of the new events only" for s in contract.state
+                 if s.grows})
 
     def spec(name: str) -> TensorSpec:
         return TensorSpec(name, dtypes[name], tuple(-1 if isinstance(d, str) else d
@@ -127,7 +131,7 @@ def example_inputs(contract: SplitContract, graph: str, model: SplitModel) -> tu
         state = model.encode_user(*history)
         prefix = model.encode_user(*(t[:4] for t in history))
     named = {**request, **{s.name: t for s, t in zip(contract.state, state, strict=True)},
-             **{s.cached_name: t for s, t in zip(contract.state, prefix, strict=True)}}
+             **contract.cached_reads(prefix)}
     if graph == "user_encoder_append":
         named.update({f.name: request[f.name][4:] for f in contract.history_features})
     return tuple(named[n] for n in graph_io(contract, graph)[0])
@@ -179,8 +183,8 @@ def add_contract_guards(proto: onnx.ModelProto, graph: str, contract: SplitContr
                 b.flag(b.op("Greater", [work, b.const(naive_max_work)])), rules[-1]))
     if graph == "user_encoder_append":
         # The cached length: the "L" dim of the first state tensor that has one.
-        state = next(s for s in contract.state if "L" in s.dims)
-        axis = list(state.dims).index("L")
+        state = next(s for s in contract.state if s.grows)
+        axis = list(state.cached_dims).index("L")
         cached = b.op("Shape", [state.cached_name], start=axis, end=axis + 1)
         total = b.op("Add", [cached, b.length(history[0])])
         rules.append(append_rule(contract.max_history))

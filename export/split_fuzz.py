@@ -1,13 +1,16 @@
 """Requests built from a declaration, and a family's exported graphs run in ONNX Runtime: what
 the conformance check (`python -m export.check`) and the tests share.
 
-Request values come from the declared dtype and axis alone, so any family gets them: integer
-ids over the whole range of their dtype (both extremes in every tensor of two entries or more,
-the cases a hash table or a cast gets wrong), floats from a normal distribution (negative values
-included), booleans at random. One hint is read from the names: an integer feature whose name
-ends in `timestamp` or `timestamps` holds unix seconds, so its values are drawn as a real
-history is - non-decreasing along the history, the request's (and candidates') time at or after
-the newest event - with gaps from 0 seconds to weeks.
+Requests come from the client's generator (`client.traffic.random_features`): every declared
+feature filled from its role (client/split_contract.ROLES) - item ids from a Zipf catalogue,
+action codes, non-decreasing history timestamps with the request after the newest event,
+durations, dense values - or, without a role, from its dtype. So any family gets valid requests
+and nothing here names a feature. On top, the values a fuzz needs and the traffic model never
+draws: every integer feature but timestamps and durations carries its dtype's extreme ids
+(`client.traffic.extreme_ids`: both ends of the range, -1, 0, 1, +-2^53 + 1, ...) in its first
+entries, the cases a hash table, a modulo or a cast gets wrong; `gaps` draws the history's
+timestamps from given gaps instead (e.g. at powers of two, where a log-bucketed time bias would
+flip a bucket).
 """
 
 from __future__ import annotations
@@ -18,52 +21,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.split_contract import INTEGERS, Feature
+from client.traffic import extreme_ids, random_features
 from export.runtime import make_session
-from export.split_contract import CANDIDATES, HISTORY, Feature, SplitContract
+from export.split_contract import HISTORY, SplitContract
 from export.split_export import graph_io, graphs_for
 
-TIMESTAMP_SUFFIXES = ("timestamp", "timestamps")
-# Seconds between consecutive events: same second, seconds, minutes, an hour, a day, weeks.
-GAPS = (0, 1, 5, 70, 3_600, 90_000, 2_000_000)
-EPOCH = 1_600_000_000
-_NUMPY = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP16": np.float16,
-          "BOOL": np.bool_}
+# Roles whose integers are quantities, not ids: no extreme ids there (a timestamp must not run
+# backwards, a duration is >= 0).
+QUANTITY_ROLES = ("timestamp", "duration")
 
 
-def is_timestamp(feature: Feature) -> bool:
-    """Whether a feature holds unix seconds (the naming hint above)."""
-    return feature.dtype in ("INT64", "INT32") and feature.name.endswith(TIMESTAMP_SUFFIXES)
-
-
-def _ids(rng: np.random.Generator, size: Sequence[int], dtype: str) -> np.ndarray:
-    info = np.iinfo(_NUMPY[dtype])
-    out = rng.integers(info.min, info.max, size, dtype=_NUMPY[dtype], endpoint=True)
+def _with_extremes(f: Feature, values: np.ndarray) -> np.ndarray:
+    """`values` with the dtype's extreme ids in its first entries: a quarter of them, at least
+    two (both ends of the range) where there are two."""
+    out = np.array(values)  # a writable copy
     flat = out.reshape(-1)
-    flat[:2] = (info.min, info.max)[:flat.size]
+    extremes = extreme_ids(f.dtype)
+    k = min(flat.size, len(extremes), max(2, flat.size // 4))
+    flat[:k] = extremes[:k]
     return out
 
 
+def _retimed(contract: SplitContract, request: dict[str, np.ndarray], rng: np.random.Generator,
+             gaps: Sequence[int]) -> dict[str, np.ndarray]:
+    """The timestamp features redrawn from `gaps`: the history's events that many seconds apart
+    (oldest first), the request a little after the newest event."""
+    length = len(request[contract.history_features[0].name])
+    history = 1_600_000_000 + np.cumsum(rng.choice(np.asarray(gaps, np.int64), size=length))
+    newest = int(history[-1]) if length else 1_600_000_000
+    now = newest + int(rng.integers(0, 10_000))
+    return {f.name: (history if f.axis == HISTORY else np.full(f.shape, now)).astype(
+                request[f.name].dtype)
+            for f in contract.features if f.role == "timestamp"}
+
+
 def random_request(contract: SplitContract, rng: np.random.Generator, length: int, n: int,
-                   gaps: Sequence[int] = GAPS) -> dict[str, np.ndarray]:
-    """One request of `length` history events and `n` candidates, every declared feature."""
-    sizes = {HISTORY: length, CANDIDATES: n}
-    history_times = EPOCH + np.cumsum(rng.choice(gaps, size=length)).astype(np.int64)
-    newest = int(history_times[-1]) if length else EPOCH
-    request: dict[str, np.ndarray] = {}
+                   gaps: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """One request of `length` history events and `n` candidates, every declared feature, drawn
+    from `rng` (module docstring): the client's traffic, extreme ids in every id feature, the
+    history's timestamps from `gaps` when given."""
+    request = {k: np.array(v) for k, v in random_features(contract, length, n, rng).items()}
     for f in contract.features:
-        size = [sizes[f.axis], *f.shape] if f.axis in sizes else list(f.shape)
-        if is_timestamp(f):
-            if f.axis == HISTORY:
-                values = np.broadcast_to(history_times.reshape(-1, *([1] * len(f.shape))), size)
-            else:
-                values = newest + rng.integers(0, 10_000, size)
-            request[f.name] = np.array(values, dtype=_NUMPY[f.dtype])  # a writable copy
-        elif f.dtype in ("INT64", "INT32"):
-            request[f.name] = _ids(rng, size, f.dtype)
-        elif f.dtype == "BOOL":
-            request[f.name] = rng.random(size) < 0.5
-        else:
-            request[f.name] = (rng.standard_normal(size) * 3).astype(_NUMPY[f.dtype])
+        if f.dtype in INTEGERS and f.role not in QUANTITY_ROLES:
+            request[f.name] = _with_extremes(f, request[f.name])
+    if gaps is not None:
+        request.update(_retimed(contract, request, rng, gaps))
     return request
 
 
@@ -75,6 +78,15 @@ def history_slice(contract: SplitContract, request: dict[str, np.ndarray],
                   part: slice) -> dict[str, np.ndarray]:
     """The request's history features cut to `part` (e.g. the cached prefix, the new events)."""
     return {f.name: request[f.name][part] for f in contract.history_features}
+
+
+def appended(contract: SplitContract, cached: Sequence[np.ndarray],
+             new: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The whole state after an append, as the user cache builds it: a state tensor with an "L"
+    dim is the cached part followed by the new events' part (encode_append's output), another
+    is the append's new value."""
+    return [np.concatenate([c, n], axis=s.dims.index("L")) if s.grows else np.asarray(n)
+            for s, c, n in zip(contract.state, cached, new, strict=True)]
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -116,6 +128,8 @@ class SplitGraphs:
 
     def append(self, cached: Sequence[np.ndarray],
                new_events: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """user_encoder_append: the cached state plus the new events' history features."""
-        feeds = {s.cached_name: t for s, t in zip(self.contract.state, cached, strict=True)}
-        return self.run("user_encoder_append", {**feeds, **new_events})
+        """user_encoder_append on a whole cached state (each tensor cut as its `append_reads`
+        says) and the new events' history features: per state tensor, in declaration order, the
+        new events' part (a tensor with an "L" dim) or the new value (the others)."""
+        return self.run("user_encoder_append",
+                        {**self.contract.cached_reads(cached), **new_events})

@@ -28,7 +28,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client import contract as c
+from client.split_contract import CONTRACT_PARAMETER, contract_to_json
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.repositories import (
     EVALUATION_MODELS,
@@ -114,6 +115,18 @@ def _task_names(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
     return {"task_names": mc.ModelParameter(string_value=",".join(cfg.task_names))}
 
 
+# The models a client calls with a whole request carry the family's declaration (JSON), so that
+# a client builds and checks requests from the server's own word, with no model code.
+CALLED_BY_CLIENTS = (ENSEMBLE, CACHED_ENSEMBLE, NAIVE, BASE)
+
+
+def _declaration(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
+    from export.split_contract import reference_contract
+
+    return {CONTRACT_PARAMETER: mc.ModelParameter(
+        string_value=contract_to_json(reference_contract(cfg)))}
+
+
 # ONNX Runtime threads, read by the native onnxruntime backend (and by the local stand-in, so
 # local numbers predict production ones): the graphs are sequential chains, so one inter-op
 # thread; intra-op 0 = ONNX Runtime's default (one per physical core). See README "Production".
@@ -130,6 +143,8 @@ def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dic
     if name == NAIVE:
         params["naive_max_work"] = mc.ModelParameter(string_value=str(cfg.naive_max_work))
         params["max_history"] = mc.ModelParameter(string_value=str(cfg.max_history))
+    if name in CALLED_BY_CLIENTS:
+        params.update(_declaration(cfg))
     return params
 
 
@@ -148,56 +163,25 @@ def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpe
     return config
 
 
+# user_cache's limits (export/split_repository.py's user_cache_config): more new events than
+# MAX_APPEND_EVENTS re-encode; versions are looked for within VERSION_WINDOW of the pinned one.
 MAX_APPEND_EVENTS = 256
 VERSION_WINDOW = 16
 
 
-def _user_cache(cfg: ModelConfig, history: list[c.TensorSpec], user_kv: c.TensorSpec,
-                last_ts: c.TensorSpec, cache_bytes: int) -> mc.ModelConfig:
-    """user_id + history -> user_kv, last_event_timestamp (user_encoder's outputs) and cache_path,
-    served from a per-user LRU (model_repository/user_cache/1/model.py) that calls user_encoder
-    or user_encoder_append through BLS. One CPU instance: the cache lives in that instance's
-    process, so a second instance would hold a second, colder cache; its execute hands each
-    request to the instance's own event loop and returns, so that one instance has many
-    requests in flight (no head-of-line blocking).
-    It runs the same code in both flavours (the python backend ships in the NGC container)."""
-    params = {
-        "cache_bytes": str(cache_bytes),
-        "max_history": str(cfg.max_history),
-        "encoder": USER_ENCODER,
-        # append only where it is exact (causal); a bidirectional history re-encodes on change
-        "append_model": USER_ENCODER_APPEND if cfg.appends else "",
-        # user_encoder_append attends [ΔL, P + ΔL] in plain ops: more new events than this
-        # re-encode instead (user_encoder's memory is linear in L), so no append is quadratic
-        "max_append_events": str(MAX_APPEND_EVENTS),
-        # the encoder version is asked of Triton (pb_utils.is_model_ready); when the pinned one
-        # is gone, the newest ready version within this many numbers of it is pinned
-        "version_window": str(VERSION_WINDOW),
-    }
-    return mc.ModelConfig(
-        name=USER_CACHE, backend="python", max_batch_size=0,
-        input=_inputs([c.user_id_spec(), *history]),
-        output=_outputs([user_kv, last_ts, c.cache_path_spec()]),
-        instance_group=[mc.ModelInstanceGroup(count=1, kind=_CPU)],
-        parameters={k: mc.ModelParameter(string_value=v) for k, v in params.items()},
-    )
-
-
-def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpec,
-              name: str = ENSEMBLE) -> mc.ModelConfig:
+def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec],
+              scores: c.TensorSpec) -> mc.ModelConfig:
     """request -> user_encoder (once) -> user_kv -> target_fusion (all N candidates) -> scores.
-    `ranker_cached`: request + user_id -> user_cache (reuse, append or encode) -> the same
-    target_fusion step.
+    (`ranker_cached` and `user_cache` come from the declaration: export/split_repository.py's
+    `cached_configs`.)
 
     user_kv and last_event_timestamp are internal ensemble tensors: produced once, consumed once.
     """
     step = mc.ModelEnsembling.Step
-    cached = name == CACHED_ENSEMBLE
-    encode_inputs = (c.USER_ID, *c.HISTORY_INPUTS) if cached else c.HISTORY_INPUTS
-    encode_outputs = (c.USER_KV, c.LAST_EVENT_TIMESTAMP, *((c.CACHE_PATH,) if cached else ()))
+    encode_outputs = (c.USER_KV, c.LAST_EVENT_TIMESTAMP)
     encode = step(
-        model_name=USER_CACHE if cached else USER_ENCODER, model_version=-1,
-        input_map={n: n for n in encode_inputs}, output_map={n: n for n in encode_outputs},
+        model_name=USER_ENCODER, model_version=-1,
+        input_map={n: n for n in c.HISTORY_INPUTS}, output_map={n: n for n in encode_outputs},
     )
     fuse_inputs = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
                    c.LAST_EVENT_TIMESTAMP]
@@ -205,15 +189,26 @@ def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec], scores: c.TensorSpe
         model_name=TARGET_FUSION, model_version=-1,
         input_map={n: n for n in fuse_inputs}, output_map={c.SCORES: c.SCORES},
     )
-    inputs = [c.user_id_spec(), *request] if cached else request
     return mc.ModelConfig(
-        name=name, platform="ensemble", max_batch_size=0,
-        input=_inputs(inputs),
-        output=_outputs([scores, *([c.cache_path_spec()] if cached else [])]),
+        name=ENSEMBLE, platform="ensemble", max_batch_size=0,
+        input=_inputs(request), output=_outputs([scores]),
         ensemble_scheduling=mc.ModelEnsembling(step=[encode, fuse]),
         parameters={**_task_names(cfg),
-                    "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates))},
+                    "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates)),
+                    **_declaration(cfg)},
     )
+
+
+def _cached_configs(cfg: ModelConfig, cache_bytes: int,
+                    state_dtypes: dict[str, str]) -> dict[str, mc.ModelConfig]:
+    """user_cache and ranker_cached from the reference declaration (export/split_repository.py's
+    `cached_configs`, imported here: it builds on this module)."""
+    from export.split_contract import reference_contract
+    from export.split_repository import cached_configs
+
+    return cached_configs(reference_contract(cfg), max_candidates=cfg.max_candidates,
+                          task_names=cfg.task_names, cache_bytes=cache_bytes,
+                          append=cfg.appends, state_dtypes=state_dtypes)
 
 
 def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = False,
@@ -231,8 +226,8 @@ def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = Fa
     history = [by_name[n] for n in c.HISTORY_INPUTS]
     configs = {
         ENSEMBLE: _ensemble(cfg, request, scores),
-        CACHED_ENSEMBLE: _ensemble(cfg, request, scores, CACHED_ENSEMBLE),
-        USER_CACHE: _user_cache(cfg, history, user_kv, last_ts, user_cache_bytes),
+        # the user-state cache and ranker_cached: the same builder as every other family's
+        **_cached_configs(cfg, user_cache_bytes, {c.USER_KV: user_kv.dtype}),
         USER_ENCODER: _onnx_model(USER_ENCODER, history, [user_kv, last_ts], cfg, flavour,
                                   tensorrt_fp16, response_cache),
         TARGET_FUSION: _onnx_model(TARGET_FUSION, [*fuse_inputs, user_kv, last_ts], [scores],

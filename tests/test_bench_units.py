@@ -86,3 +86,70 @@ def test_parse_passes_and_composing() -> None:
     assert comp["target_fusion"]["inference_count"] == 691
     server = pa.parse_server_total(STDOUT)
     assert server["avg_request_latency"] == 4087 and server["queue"] == 85
+
+
+# --------------------------------------------------------------------------- benchmarks.analysis
+
+def test_csv_round_trip_keeps_missing_cells_and_status_strings(tmp_path) -> None:
+    from benchmarks import analysis as an
+
+    rows = [{"model": "ranker", "n": 50, "p50_us": 1234.56789, "status": "ok"},
+            {"model": "ranker_naive", "n": 50, "p50_us": None, "status": "n/a", "extra": 1.5}]
+    an.write_csv(tmp_path / "r.csv", rows)
+    text = (tmp_path / "r.csv").read_text().splitlines()
+    assert text[0] == "model,n,p50_us,status,extra"
+    assert text[1] == "ranker,50,1234.57,ok,"  # 6 significant digits, missing = empty
+    df = an.read_csv(tmp_path / "r.csv")
+    assert an.pick(df, "status", model="ranker_naive") == "n/a"  # not read as NaN
+    assert an.pick(df, "p50_us", model="ranker_naive") is None
+    assert an.pick(df, "p50_us", model="ranker", n=50) == pytest.approx(1234.57)
+    assert an.pick(df, model="ranker_base") is None
+
+
+def test_number_formats() -> None:
+    from benchmarks import analysis as an
+
+    assert [an.fmt(x) for x in (1234.5, 12.345, 1.2345, None, "")] == \
+        ["1,234", "12.3", "1.23", "–", "–"]
+    assert an.fmt(1234.5, 1, adaptive=False, missing="-") == "1,234.5"
+    assert an.fmt(None, missing="-") == "-"
+    assert (an.ms(2500), an.pct(0.1234), an.sci(3.2e-7)) == ("2.50", "12.3 %", "3.2e-07")
+    assert an.ratio(3, 2) == 1.5
+    assert an.ratio(3, 0) is None and an.ratio(None, 2) is None and an.ratio("x", 2) is None
+
+
+def test_check_verdicts_and_margins() -> None:
+    from benchmarks import analysis as an
+
+    assert an.check(1.2, 1.0) == ("met", "+20 % headroom")
+    assert an.check(0.9, 1.0) == ("missed", "short by 10 %")
+    assert an.check(1.5, 2.0, higher=False) == ("met", "+33 % headroom")
+    assert an.check(None, 2.0) == ("not measured", "–")
+
+
+def test_table_from_frames_dicts_and_lists() -> None:
+    import pandas as pd
+
+    from benchmarks import analysis as an
+
+    df = pd.DataFrame({"n": [1, 50], "p50": [1234.5, float("nan")], "s": ["ok", "x"]})
+    assert an.table(df, {"N": "n", "p50 ms": "p50"}, {"p50": an.ms}) == \
+        "| N | p50 ms |\n|---|---|\n| 1 | 1.23 |\n| 50 | – |"
+    assert an.table(df.to_dict("records"), ["n", "s"]) == \
+        "| n | s |\n|---|---|\n| 1 | ok |\n| 50 | x |"
+    assert an.table([[1, 2.5]], ["a", "b"], {"b": "{:.3f}"}) == \
+        "| a | b |\n|---|---|\n| 1 | 2.500 |"
+    assert an.machine_table({"cores": "2"}) == "| item | value |\n|---|---|\n| cores | 2 |"
+
+
+def test_machine_and_figure(tmp_path) -> None:
+    from benchmarks import analysis as an
+
+    info = an.machine(tritonserver="2.51")
+    assert info["cores"] == str(__import__("os").cpu_count()) and info["tritonserver"] == "2.51"
+    assert info["onnxruntime"] != "not installed"
+    with an.figure(tmp_path / "p.png", ncols=2) as axes:
+        for ax in axes:
+            ax.plot([1, 10], [1, 100], label="line")
+            an.loglog(ax, "x", "y", "t")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

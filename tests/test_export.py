@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from export.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model
 from export.onnx_export import OPSET, export_graph

@@ -45,9 +45,10 @@ from export.split_export import (
     graph_specs,
     native_model_config,
 )
-from export.split_fuzz import GAPS, SplitGraphs, as_torch, max_diff
+from export.split_fuzz import SplitGraphs, appended, as_torch, max_diff
 from export.split_fuzz import random_request as fuzz_request
 from tests.conftest import SMALL
+from tests.conftest import random_request as reference_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
@@ -64,9 +65,9 @@ CONTRACT = hstu_contract(CFG)
 
 
 def random_request(rng: np.random.Generator, length: int, n: int,
-                   gaps: Sequence[int] = GAPS) -> dict[str, np.ndarray]:
-    """HSTU request tensors from its declaration (export/split_fuzz.py): ids over the whole
-    int64 range (both extremes included), non-decreasing timestamps."""
+                   gaps: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """HSTU request tensors from its declaration (export/split_fuzz.py): the client's traffic
+    by role, extreme int64 ids, non-decreasing timestamps (from `gaps` when given)."""
     return fuzz_request(CONTRACT, rng, length, n, gaps)
 
 
@@ -107,27 +108,50 @@ def test_many_candidates_in_blocks(hstu) -> None:
         assert max_diff(graphs.split(alone), together[i:i + 1]) <= 1e-6
 
 
-@pytest.mark.parametrize(("cached", "new"), [(0, 0), (0, 1), (0, 37), (1, 0), (12, 7),
-                                             (64, 65), (200, 100), (299, 1), (300, 0)])
-def test_append_equals_full_encode(hstu, cached: int, new: int) -> None:
-    model, graphs = hstu
-    request = random_request(np.random.default_rng(cached * 1000 + new), cached + new, 1)
-    history = [f.name for f in graphs.contract.history_features]
-    full = graphs.run("user_encoder", request)
-    prefix = graphs.run("user_encoder", {h: request[h][:cached] for h in history})
-    appended = graphs.run("user_encoder_append", {
-        **{s.cached_name: t for s, t in zip(graphs.contract.state, prefix, strict=True)},
-        **{h: request[h][cached:] for h in history}})
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The small causal reference model exported through its declaration (all four graphs)."""
+    model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
+    directory = tmp_path_factory.mktemp("reference")
+    export_all(model, directory, max_candidates=500, naive_max_work=2**24)
+    return model, SplitGraphs(model.contract(), directory, GRAPHS)
+
+
+APPEND_CASES = [(0, 0), (0, 1), (0, 37), (1, 0), (12, 7), (64, 65), (200, 100), (299, 1),
+                (300, 0)]
+
+
+@pytest.mark.parametrize("family", ["hstu", "reference"])
+@pytest.mark.parametrize(("cached", "new"), APPEND_CASES)
+def test_append_equals_full_encode(request, family: str, cached: int, new: int) -> None:
+    """The declared append form for both families: encode_append reads what `append_reads`
+    says of the cached state and returns the new events' part of each growing state tensor (and
+    the new value of the others); cached part + new part == encode_user on the whole history,
+    in torch and in ONNX Runtime, and the returned part has exactly ΔL events."""
+    model, graphs = request.getfixturevalue(family)
+    contract = graphs.contract
+    rng = np.random.default_rng(cached * 1000 + new)
+    req = fuzz_request(contract, rng, cached + new, 1)  # one generator for both families
+    history = [f.name for f in contract.history_features]
+    full = graphs.run("user_encoder", req)
+    prefix = graphs.run("user_encoder", {h: req[h][:cached] for h in history})
+    new_part = graphs.append(prefix, {h: req[h][cached:] for h in history})
     with torch.no_grad():
-        t = as_torch(request)
-        torch_full = model.encode_user(*(t[h] for h in history))
+        t = as_torch(req)
+        torch_full = [x.numpy() for x in model.encode_user(*(t[h] for h in history))]
         torch_prefix = model.encode_user(*(t[h][:cached] for h in history))
-        torch_appended = model.encode_append(*torch_prefix, *(t[h][cached:] for h in history))
+        torch_new = [x.numpy() for x in model.encode_append(
+            *contract.cached_reads(torch_prefix).values(), *(t[h][cached:] for h in history))]
+    for part in (new_part, torch_new):
+        for s, x in zip(contract.state, part, strict=True):
+            if s.grows:
+                assert x.shape[s.dims.index("L")] == new, s.new_name
     for state, onnx_full, onnx_app, t_full, t_app in zip(
-            graphs.contract.state, full, appended, torch_full, torch_appended, strict=True):
+            contract.state, full, appended(contract, prefix, new_part), torch_full,
+            appended(contract, [x.numpy() for x in torch_prefix], torch_new), strict=True):
         assert max_diff(onnx_app, onnx_full) <= TOLERANCE, f"onnx {state.name}"
-        assert max_diff(t_app.numpy(), t_full.numpy()) <= TOLERANCE, f"torch {state.name}"
-        assert max_diff(onnx_full, t_full.numpy()) <= TOLERANCE, f"onnx vs torch {state.name}"
+        assert max_diff(t_app, t_full) <= TOLERANCE, f"torch {state.name}"
+        assert max_diff(onnx_full, t_full) <= TOLERANCE, f"onnx vs torch {state.name}"
 
 
 def test_time_buckets_agree_at_powers_of_two(hstu) -> None:
@@ -201,12 +225,12 @@ def test_bad_inputs_are_refused(hstu) -> None:
     prefix = graphs.run("user_encoder", {h: request[h][:10] for h in names})
     big = random_request(np.random.default_rng(8), CFG.max_history, 1)
     with pytest.raises(Exception, match="running Reshape node") as info:
-        graphs.run("user_encoder_append", {
-            **{s.cached_name: t for s, t in zip(graphs.contract.state, prefix, strict=True)},
-            **{h: big[h] for h in names}})
+        graphs.run("user_encoder_append", {**graphs.contract.cached_reads(prefix),
+                                           **{h: big[h] for h in names}})
     assert append_rule(CFG.max_history) in str(info.value)
     with pytest.raises(ValueError, match="exceed max_history"), torch.no_grad():
-        model.encode_append(*(torch.from_numpy(p) for p in prefix),
+        model.encode_append(*(torch.from_numpy(p) for p in
+                              graphs.contract.cached_reads(prefix).values()),
                             *(as_torch(big)[h] for h in names))
     assert graphs.split(request).shape == (3, CFG.num_tasks)  # the next request is served
 
@@ -220,8 +244,15 @@ def test_both_families_declare_a_valid_contract() -> None:
                                     "user_v", "user_timestamps")
     assert hstu_c.appendable and {f.name for f in hstu_c.event_features} == {
         f.name for f in hstu_c.history_features}
+    assert hstu_c.append_inputs[:3] == ("cached_user_k", "cached_user_v",
+                                        "cached_user_timestamps")
+    assert hstu_c.append_outputs == ("new_user_k", "new_user_v", "new_user_timestamps")
     ref = check_contract(reference_contract(ModelConfig(**{**SMALL, "mask": "causal"})))
-    assert not ref.appendable and [s.name for s in ref.state] == ["user_kv", "last_event_timestamp"]
+    assert ref.appendable and [s.name for s in ref.state] == ["user_kv", "last_event_timestamp"]
+    assert [s.append_reads for s in ref.state] == ["all_but_last", "all"]
+    assert ref.append_outputs == ("new_user_kv", "last_event_timestamp")
+    assert not check_contract(reference_contract(
+        ModelConfig(**{**SMALL, "mask": "causal", "num_layers": 1}))).appendable
     assert not check_contract(reference_contract(
         ModelConfig(**{**SMALL, "mask": "bidirectional"}))).appendable
     with pytest.raises(ContractError, match="depends on which candidate"):
@@ -239,9 +270,7 @@ def test_reference_declaration_names_its_graphs_io(mask: str) -> None:
     contract = reference_contract(cfg)
     specs = contract_specs(cfg)
     for graph in graphs_for(cfg):
-        if graph in ("ranker_base", "user_encoder_append"):
-            # ranker_base: a benchmark reference, not part of the split; the reference's append
-            # returns only the new K/V, a form the declaration does not express yet
+        if graph == "ranker_base":  # a benchmark reference, not part of the split
             continue
         inputs, outputs = graph_specs(contract, graph)
         assert [t.name for t in inputs] == REFERENCE_GRAPHS[graph].inputs, graph
@@ -254,8 +283,6 @@ def test_reference_model_through_the_protocol() -> None:
     """The unchanged reference model, seen through SplitModel: the generic split equals its
     naive oracle, and its declared names are its forwards' argument orders."""
     model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
-    from tests.conftest import random_request as reference_request
-
     request = reference_request(np.random.default_rng(2), model.model.cfg, 40, 7)
     with torch.no_grad():
         split = split_scores(model, as_torch(request)).numpy()
@@ -270,14 +297,11 @@ def test_reference_model_exports_through_its_declaration(tmp_path: Path) -> None
     model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
     contract = model.contract()
     paths = export_all(model, tmp_path, max_candidates=50, naive_max_work=2**24)
-    assert [p.parent.parent.name for p in paths] == [
-        g for g in GRAPHS if g != "user_encoder_append"]
+    assert [p.parent.parent.name for p in paths] == list(GRAPHS)
     sessions = {p.parent.parent.name: make_session(p) for p in paths}
 
     def run(graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sessions[graph].run(None, {n: feeds[n] for n in graph_io(contract, graph)[0]})
-
-    from tests.conftest import random_request as reference_request
 
     for length, n in ((0, 3), (41, 7), (SMALL["max_history"] + 20, 17)):
         request = reference_request(np.random.default_rng(length), model.model.cfg, length, n)
@@ -335,6 +359,15 @@ BAD_DECLARATIONS = {
     "bad tensor name": (_bad(outputs=(Output("scores:0", "FP32", ("N", 2)),)),
                         "not a valid name"),
     "bad max_history": (_bad(max_history=0), "max_history"),
+    "unknown append_reads": (_bad(state=(dataclasses.replace(_C.state[0], append_reads="some"),
+                                         *_C.state[1:])), "append_reads"),
+    "all_but_last of L": (_bad(state=(*_C.state[:2], dataclasses.replace(
+        _C.state[2], append_reads="all_but_last"))), "constant >= 2"),
+    "all_but_last of 1": (_bad(state=(StateTensor("s", "FP32", (1, "L"), append_reads=
+                                                  "all_but_last"),)), "constant >= 2"),
+    "append without L state": (_bad(state=(StateTensor("s", "FP32", (4,)),)), "no state tensor "
+                               "has an 'L' dim"),
+    "new name clash": (_bad(outputs=(Output("new_user_k", "FP32", ("N", 2)),)), "unique"),
 }
 
 

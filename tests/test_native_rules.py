@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client import contract as c
+from export import reference_features as c
 from export.model import build_model
 from export.native_rules import check_model, check_repositories, check_repository
 from export.onnx_export import GRAPHS, export_graph, graphs_for

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer
-from client import contract as c
+from export import reference_features as c
 from export.model import build_model
 from export.onnx_export import export_graph
 from tests.conftest import OnnxModels, random_request, small_config

@@ -5,7 +5,10 @@ folder holding this file goes on PYTHONPATH.
 Deliberately unlike the two shipped families: history = item ids + a float rating per event,
 candidates = item id + a float price, per request = a small dense context vector; a
 BIDIRECTIONAL history (every event sees every other event, never a candidate) with softmax
-attention, so it cannot append; one score per candidate. Tiny, for tests.
+attention, so it cannot append; one score per candidate. Tiny, for tests. Its features declare
+roles (item, dense), so the project's client builds, generates and checks its requests; both
+history features are events, so `ranker_cached` holds its state per user and serves a repeated
+history as a hit (any other history is a miss: re-encoded, never appended).
 
 The split: the history's per-layer K and V (`user_k`, `user_v`) are the user state. Each
 candidate is one token that attends to the history's K/V and to its own key in one softmax;
@@ -116,12 +119,15 @@ class ByomRanker(nn.Module):
         kv = (cfg.num_layers, cfg.num_heads, "L", cfg.head_dim)
         return SplitContract(
             family="byom_bidirectional",
+            # roles (client/split_contract.ROLES) tell the project's client what each feature
+            # means, so that it can generate and check this model's requests
             features=(
-                Feature("history_item_ids", "INT64", HISTORY, event=True),
-                Feature("history_ratings", "FP32", HISTORY, event=True),
-                Feature("candidate_item_ids", "INT64", CANDIDATES),
-                Feature("candidate_prices", "FP32", CANDIDATES),
-                Feature("user_context", "FP32", REQUEST, shape=(cfg.context_dim,)),
+                Feature("history_item_ids", "INT64", HISTORY, event=True, role="item"),
+                Feature("history_ratings", "FP32", HISTORY, event=True, role="dense"),
+                Feature("candidate_item_ids", "INT64", CANDIDATES, role="item"),
+                Feature("candidate_prices", "FP32", CANDIDATES, role="dense"),
+                Feature("user_context", "FP32", REQUEST, shape=(cfg.context_dim,),
+                        role="dense"),
             ),
             state=(StateTensor("user_k", "FP32", kv), StateTensor("user_v", "FP32", kv)),
             outputs=(Output("scores", "FP32", ("N", 1)),),
