@@ -17,6 +17,7 @@ import torch
 from export import check, family
 from export.config import CONFIG_DIR
 from export.hstu import HSTUConfig, HSTUConfigError
+from tests.conftest import SMALL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BYOM_DIR = REPO_ROOT / "tests" / "byom"
@@ -60,6 +61,11 @@ def test_check_every_shipped_config(config: Path, byom_path: Path,
     for edge in ("L=0 N=0", "L=0 N=1", "L=1 N=1"):
         assert any(r.startswith(edge + " ") and r.endswith("pass") for r in rows), edge
     assert "must refuse" in out  # the length-1 broadcast and the max_candidates guards ran
+    appends = [r for r in rows if r.startswith("append") and "must refuse" not in r]
+    if family.load_family(config).contract.appendable:  # HSTU, the causal reference configs
+        assert len(appends) == 4 and all(r.endswith("pass") for r in appends), appends
+    else:
+        assert not appends, appends
     max_history = family.load_family(config).contract.max_history
     if max_history + 2 <= check.QUICK_MAX_LENGTH:
         assert any(r.startswith(f"L={max_history + 2} N=1 ") for r in rows)
@@ -79,6 +85,22 @@ def test_check_fails_a_split_that_is_not_exact(tmp_path: Path, byom_path: Path,
     assert all(r.endswith("FAIL") for r in rows if " split " in r), rows
     assert all(r.endswith("pass") for r in rows if "onnx naive" in r), rows
     assert check.main(["--config", str(config), *grid, "--tolerance", "1e-3"]) == 0
+
+
+def test_check_fails_an_append_that_is_not_exact(tmp_path: Path, byom_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A causal reference model whose append's new K/V drift 1e-4 from a full encode: every
+    append row fails (torch and ONNX, exit 1) while its split rows pass."""
+    config = tmp_path / "append.json"
+    config.write_text(json.dumps({**SMALL, "mask": "causal",
+                                  "model": "broken:append_off_by_a_bit"}))
+    assert check.main(["--config", str(config), "--quick", "--lengths", "5",
+                       "--candidates", "2"]) == 1
+    rows = capsys.readouterr().out.splitlines()
+    appends = [r for r in rows if r.startswith("append P=") and "must refuse" not in r]
+    assert len(appends) == 4 and all(r.endswith("FAIL") for r in appends), appends
+    splits = [r for r in rows if r.startswith("L=")]
+    assert splits and all(r.endswith("pass") for r in splits), splits
 
 
 def test_check_fails_a_graph_the_native_backend_would_refuse(

@@ -9,7 +9,8 @@ from typing import Any
 from byom_ranker import ByomRanker, build
 from torch import Tensor
 
-from export.split_contract import SplitContract
+from export.family import reference_model
+from export.split_contract import ReferenceSplitModel, SplitContract
 
 not_callable = 3
 
@@ -63,3 +64,17 @@ def double_scores(config: dict[str, Any], checkpoint: str | None = None) -> Byom
     broken = DoubleScores(model.cfg)
     broken.load_state_dict(model.state_dict())
     return broken.eval()
+
+
+class AppendOffByABit(ReferenceSplitModel):
+    """The causal reference model with an append that is not exact: the new events' K/V drift
+    1e-4 from a full encode (its split stays exact)."""
+
+    def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        new_kv, last_timestamp = super().encode_append(*inputs)
+        return new_kv + 1e-4, last_timestamp
+
+
+def append_off_by_a_bit(config: dict[str, Any],
+                        checkpoint: str | None = None) -> AppendOffByABit:
+    return AppendOffByABit(reference_model(config, checkpoint).model).eval()
