@@ -7,7 +7,8 @@ regenerated without re-measuring). The API, all that a new benchmark needs:
 - `write_csv(path, rows)` / `read_csv(path)`: rows (list of dicts or a DataFrame) <-> CSV; floats
   keep 6 significant digits, a missing value is an empty cell (NaN once read back).
 - `pick(df, column, **where)`: the first row matching `where` (a dict), or its `column` value.
-- `num`, `ratio`, `fmt`, `ms`, `pct`, `sci`: numbers and their printed forms ("–" when missing).
+- `num`, `ratio`, `fmt`, `ms`, `count`, `pct`, `sci`: numbers and their printed forms ("–" when
+  missing).
 - `table(df, columns, formats)`: a markdown table (a DataFrame, row dicts or row lists in).
 - `check(value, threshold, higher)`: a target's verdict ("met"/"missed"/"not measured") and margin.
 - `machine(**extra)` and `machine_table(info)`: the machine description every result carries.
@@ -38,11 +39,11 @@ Rows = pd.DataFrame | Sequence[Mapping[str, Any]]
 
 def write_csv(path: Path, rows: Rows) -> None:
     """Rows (dicts, keys in first-seen order, or a DataFrame) to CSV: floats to 6 significant
-    digits (the timings carry no more), None/NaN as an empty cell."""
+    digits (the timings carry no more), None/NaN as an empty cell, CRLF line ends."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     frame = frame.astype(object).where(frame.notna(), None)
     frame = frame.map(lambda v: f"{v:.6g}" if isinstance(v, float) else v)
-    frame.to_csv(path, index=False)
+    frame.to_csv(path, index=False, lineterminator="\r\n")  # RFC 4180, as csv.writer writes
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -123,6 +124,12 @@ def ms(us: Any) -> str:
     return MISSING if x is None else fmt(x / 1e3, 2)
 
 
+def count(v: Any) -> str:
+    """A count (read back as a float where its column has gaps) as an integer."""
+    x = num(v)
+    return MISSING if x is None else str(int(x))
+
+
 def pct(v: Any) -> str:
     """A fraction printed as a percentage."""
     x = num(v)
@@ -155,9 +162,7 @@ def _cell(v: Any, formatter: Formatter | None, missing: str) -> str:
         return missing
     if isinstance(formatter, str):
         return formatter.format(v)
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else fmt(v)
-    return str(v)
+    return fmt(v) if isinstance(v, float) else str(v)
 
 
 def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Sequence[str]
@@ -168,8 +173,8 @@ def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Seq
     `data`: a DataFrame, row dicts, or row lists (then `columns` is the list of headers).
     `columns`: header -> source column (a dict), or the columns to show under their own names;
     default: all columns. `formats`: source column (or header) -> a callable or a format string
-    ("{:.2f}"); unformatted cells: strings as they are, whole floats as integers, other floats
-    by `fmt`, missing ones as `missing`.
+    ("{:.2f}"); unformatted cells: strings and integers as they are, floats by `fmt`, missing
+    ones as `missing`.
     """
     formats = formats or {}
     if not isinstance(data, pd.DataFrame) and data and not isinstance(data[0], Mapping):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
 import json
 import math
@@ -22,13 +21,15 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import psutil
 
-from benchmarks import cpu, direct
+from benchmarks import cpu, direct, report
 from benchmarks import perf_analyzer as pa
+from benchmarks.analysis import machine, write_csv
 from benchmarks.flops import FlopModel
 from benchmarks.state import (
     CONTENDED_CORES,
@@ -52,57 +53,18 @@ from client import contract
 from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
 
-# --------------------------------------------------------------------------- machine facts
 
 def mem_available_bytes() -> int:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return int(psutil.virtual_memory().available)
 
 
 def machine_info(server_version: str) -> dict[str, str]:
-    import importlib.metadata as md
-    import os
-    import platform
-
-    import onnxruntime as ort
-
-    cpu, flags = "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags)
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
+    """analysis.machine() with the server's and perf_analyzer's versions."""
     try:
-        pa_version = pa.perf_analyzer_version()
+        pa_version = pa.perf_analyzer_version().replace("Perf Analyzer Version ", "")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         pa_version = f"unavailable ({e})"
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "simd": simd or "none listed",
-        "cores": str(os.cpu_count()),
-        "memory": f"{mem_available_bytes() / 2**30:.1f} GiB available at start",
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "onnxruntime": ort.__version__,
-        "numpy": np.__version__,
-        "tritonserver": server_version,
-        "tritonclient": version("tritonclient"),
-        "perf_analyzer": pa_version.replace("Perf Analyzer Version ", ""),
-    }
+    return machine(tritonserver=server_version, perf_analyzer=pa_version)
 
 
 def calm_now(seconds: float = 1.0) -> bool:
@@ -201,7 +163,7 @@ def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
         st.naive_ref[length] = (n, timing.p50_us / 1e6)
         st.direct.append({**direct_row("ranker_naive", n, length, "ok", timing,
                                        st.flops.naive(n, length)), **cpu.external_cores(snap)})
-        st.exactness[(n, length)] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
+        st.direct[-1]["max_abs_diff"] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
     snap = cpu.snapshot()
     timing, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
                                    m.direct_budget_s, 3, 500)
@@ -282,7 +244,7 @@ def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: in
     row.update({
         "status": res.status, "p50_us": res.p50_us, "p90_us": res.p90_us,
         "p95_us": res.p95_us, "p99_us": res.p99_us, "throughput": res.throughput,
-        "requests": res.request_count, "windows": res.passes,
+        "requests": res.stats.get(model, {}).get("inference_count"), "windows": res.passes,
         "request_count_k": s.request_count, "stability_pct": s.stability,
         "max_trials": s.max_trials, "wall_s": round(res.wall_s, 1),
         "server_queue_us": res.server.get("Server Queue"),
@@ -291,23 +253,22 @@ def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: in
         "message": res.message,
     })
     st.points.append(row)
-    if model == "ranker" and res.composing:
+    if model == "ranker" and res.stats:
         record_breakdown(st, res, n, length, concurrency)
     return res
 
 
 def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> None:
+    """The ensemble's time by part: the client's view (perf_analyzer's CSV) and Triton's
+    statistics of `ranker` and its composing models over the run."""
     base = {"n": n, "length": length, "concurrency": c, "status": res.status}
-    parts = {"client_p50": res.p50_us, "client_avg_grpc": res.avg_us}
-    for k, v in res.server.items():
-        if not k[0].isupper():
-            parts[f"ensemble_{k}"] = v
-    for model, values in res.composing.items():
+    parts = {"client_p50": res.p50_us, "client_avg_grpc": res.avg_grpc_us}
+    for model, values in res.stats.items():
+        prefix = "ensemble" if model == "ranker" else model
         for k, v in values.items():
-            parts[f"{model}_{k}"] = v
-    for part, value in parts.items():
-        if value is not None:
-            st.breakdown.append({**base, "part": part, "us": value})
+            parts[f"{prefix}_{k}"] = v
+    st.breakdown += [{**base, "part": part, "us": value} for part, value in parts.items()
+                     if value is not None]
 
 
 def benchmark_server(st: State, seed: int) -> None:
@@ -449,23 +410,6 @@ def run_memory(st: State) -> None:
         st.memory.append(row)
 
 
-def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: fmt_csv(row.get(k)) for k in keys})
-
-
-def fmt_csv(v: object) -> object:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return "" if v is None else v
-
-
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -534,37 +478,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: perf_analyzer does not run: {e}", file=sys.stderr)
         return 2
     st = State(mode=mode, cfg=cfg, flops=FlopModel.from_config(cfg), out=out, progress=progress,
-               repository=repository, config_path=args.config.resolve(), seed=args.seed,
-               keep_inputs=args.keep_inputs)
+               repository=repository, config_path=args.config.resolve())
     progress(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
              f"{mode.requests_per_point} requests per point -> {out}")
     progress("generating requests (client.traffic.RequestGenerator) and perf_analyzer inputs")
     make_requests(st, args.seed)
-    t0 = time.monotonic()
     benchmark_server(st, args.seed)
-    st.wall["server_phase_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
     run_profile(st)
     run_memory(st)
-    st.wall["profile_memory_s"] = time.monotonic() - t0
-    st.wall["total_s"] = time.monotonic() - progress.t0
-
-    from benchmarks import report as bench_report
-    from benchmarks import summary as bench_summary
-
-    progress("writing points.csv, direct.csv, summary.csv, memory.csv, report.md, speedup.png")
-    summary = bench_summary.summarise(st)
-    write_csv(out / "points.csv", st.points)
-    write_csv(out / "direct.csv", st.direct)
-    write_csv(out / "summary.csv", summary)
-    write_csv(out / "memory.csv", st.memory)
-    write_csv(out / "ensemble_breakdown.csv", st.breakdown)
-    write_csv(out / "ort_profile.csv", st.profile)
-    bench_summary.plot(st, summary, out / "speedup.png")
-    (out / "report.md").write_text(bench_report.report(st, summary))
+    progress("writing points.csv, direct.csv, memory.csv, ensemble_breakdown.csv, "
+             "ort_profile.csv, run.json; then summary.csv, report.md, speedup.png")
+    for name, rows in (("points", st.points), ("direct", st.direct), ("memory", st.memory),
+                       ("ensemble_breakdown", st.breakdown), ("ort_profile", st.profile)):
+        write_csv(out / f"{name}.csv", rows)
+    config = args.config.resolve()
+    total_s = time.monotonic() - progress.t0
+    (out / "run.json").write_text(json.dumps({
+        "mode": mode.name, "naive_limit_s": mode.naive_limit_s, "seed": args.seed,
+        "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT)
+                      else config),
+        "total_s": round(total_s, 1), "keep_inputs": args.keep_inputs, "machine": st.machine},
+        indent=1))
+    report.write(out)
     if not args.keep_inputs:
         shutil.rmtree(out / "inputs", ignore_errors=True)
-    progress(f"done in {st.wall['total_s'] / 60:.1f} min: {out / 'report.md'}")
+    progress(f"done in {total_s / 60:.1f} min: {out / 'report.md'}")
     return 0
 
 
