@@ -7,6 +7,7 @@ regenerated without re-measuring). The API, all that a new benchmark needs:
 - `write_csv(path, rows)` / `read_csv(path)`: rows (list of dicts or a DataFrame) <-> CSV; floats
   keep 6 significant digits, a missing value is an empty cell (NaN once read back).
 - `pick(df, column, **where)`: the first row matching `where` (a dict), or its `column` value.
+- `percentile_ms(seconds, q)`: a latency percentile in ms.
 - `num`, `ratio`, `fmt`, `ms`, `count`, `pct`, `sci`: numbers and their printed forms ("–" when
   missing).
 - `table(df, columns, formats)`: a markdown table (a DataFrame, row dicts or row lists in).
@@ -22,11 +23,14 @@ import importlib.metadata as md
 import math
 import os
 import platform
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import psutil
 
@@ -94,6 +98,11 @@ def num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(x) else x
+
+
+def percentile_ms(seconds: Sequence[float], q: float) -> float:
+    """The q-th percentile of latencies in seconds, in ms (NaN for no samples)."""
+    return float(np.percentile(np.asarray(seconds) * 1e3, q)) if len(seconds) else math.nan
 
 
 def ratio(a: Any, b: Any) -> float | None:
@@ -203,10 +212,26 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+# The server the benchmarks start (local_server/): its line in a machine description.
+LOCAL_SERVER = {"tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
+                                "python-backend stand-ins running ONNX Runtime)"}
+
+
+def _gpu() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "none"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({type(e).__name__})"
+    return out.stdout.strip().replace("\n", "; ") or "none"
+
+
 def machine(**extra: str) -> dict[str, str]:
     """What every result file states about where it was measured: date, CPU model and SIMD
-    flags, cores, available memory, OS and the versions that set the numbers; `extra` adds or
-    overrides items (tritonserver, perf_analyzer, gpu)."""
+    flags, cores, GPU (nvidia-smi), available memory, OS and the versions that set the numbers;
+    `extra` adds or overrides items (tritonserver, perf_analyzer, nginx; LOCAL_SERVER)."""
     cpu, flags = "unknown", set()
     # /proc/cpuinfo: psutil has no CPU model name or flags, and platform.processor() is empty
     # on Linux.
@@ -222,6 +247,7 @@ def machine(**extra: str) -> dict[str, str]:
         "cpu": cpu,
         "simd": simd or "none listed",
         "cores": str(os.cpu_count()),
+        "gpu": _gpu(),
         "memory": f"{psutil.virtual_memory().available / 2**30:.1f} GiB available at start",
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from benchmarks.analysis import percentile_ms
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
@@ -306,14 +307,8 @@ def run_phase(
 def percentiles_ms(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
-    a = np.asarray(values) * 1000.0
-    return {
-        "p50": round(float(np.percentile(a, 50)), 2),
-        "p90": round(float(np.percentile(a, 90)), 2),
-        "p99": round(float(np.percentile(a, 99)), 2),
-        "max": round(float(a.max()), 2),
-        "mean": round(float(a.mean()), 2),
-    }
+    return {**{f"p{q}": round(percentile_ms(values, q), 2) for q in (50, 90, 99)},
+            "max": round(max(values) * 1e3, 2), "mean": round(1e3 * sum(values) / len(values), 2)}
 
 
 def memory_figures(

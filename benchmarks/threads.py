@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.bench import write_csv
+from benchmarks.analysis import percentile_ms, write_csv
 from benchmarks.direct import model_path
 from client import contract as c
 from client.traffic import RequestGenerator
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in policies.items():
                 times[name].append(ranker_once(s, requests[i % len(requests)]))
         for name, values in times.items():
-            p50 = float(np.median(values)) * 1e3
+            p50 = percentile_ms(values, 50)
             rows.append({"L": length, "N": n, "policy": name, "p50_ms": round(p50, 3),
-                         "p90_ms": round(float(np.percentile(values, 90)) * 1e3, 3)})
+                         "p90_ms": round(percentile_ms(values, 90), 3)})
             print(f"L={length:<5} N={n:<5} {name:<26} p50 {p50:8.2f} ms", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
