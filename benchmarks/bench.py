@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from benchmarks import analysis as an
 from benchmarks import cpu, direct, report
 from benchmarks import perf_analyzer as pa
-from benchmarks.analysis import machine, write_csv
 from benchmarks.flops import FlopModel
 from benchmarks.state import (
     CONTENDED_CORES,
@@ -64,7 +64,7 @@ def machine_info(server_version: str) -> dict[str, str]:
         pa_version = pa.perf_analyzer_version().replace("Perf Analyzer Version ", "")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         pa_version = f"unavailable ({e})"
-    return machine(tritonserver=server_version, perf_analyzer=pa_version)
+    return an.machine(tritonserver=server_version, perf_analyzer=pa_version)
 
 
 def calm_now(seconds: float = 1.0) -> bool:
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
              "ort_profile.csv, run.json; then summary.csv, report.md, speedup.png")
     for name, rows in (("points", st.points), ("direct", st.direct), ("memory", st.memory),
                        ("ensemble_breakdown", st.breakdown), ("ort_profile", st.profile)):
-        write_csv(out / f"{name}.csv", rows)
+        an.write_csv(out / f"{name}.csv", rows)
     config = args.config.resolve()
     total_s = time.monotonic() - progress.t0
     (out / "run.json").write_text(json.dumps({

@@ -28,14 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.analysis import (
-    LOCAL_SERVER,
-    machine,
-    machine_table,
-    percentile_ms,
-    table,
-    write_csv,
-)
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
@@ -126,7 +119,7 @@ def append_cost(client: RankerClient, gen: RequestGenerator, args: argparse.Name
         user, req = gen.user_id(), gen.request(args.length - args.delta, n)
         client.score(req, "ranker_cached", user)
         visit(client, user, gen.returning(req, args.delta), record)  # append
-    hit, append, miss = (percentile_ms(record.seconds[p], 50) for p in ("hit", "append", "miss"))
+    hit, append, miss = (an.percentile_ms(record.seconds[p], 50) for p in ("hit", "append", "miss"))
     return {"hit_p50_ms": hit, "append_p50_ms": append, "miss_p50_ms": miss,
             "append_share": (append - hit) / (miss - hit), "errors": len(record.errors),
             "counts": {p: len(v) for p, v in record.seconds.items()}}
@@ -170,12 +163,12 @@ def head_of_line(url: str, gen: RequestGenerator, args: argparse.Namespace) -> d
         run_clients(workers, args.hol_seconds)
         out[phase] = record
     alone, busy = out["alone"], out["with misses"]
-    hit_alone = percentile_ms(alone.seconds["hit"], 50)
+    hit_alone = an.percentile_ms(alone.seconds["hit"], 50)
     return {"hit_p50_alone_ms": hit_alone,
-            "hit_p90_alone_ms": percentile_ms(alone.seconds["hit"], 90),
-            "hit_p50_with_misses_ms": percentile_ms(busy.seconds["hit"], 50),
-            "hit_p90_with_misses_ms": percentile_ms(busy.seconds["hit"], 90),
-            "miss_p50_ms": percentile_ms(busy.seconds["miss"], 50),
+            "hit_p90_alone_ms": an.percentile_ms(alone.seconds["hit"], 90),
+            "hit_p50_with_misses_ms": an.percentile_ms(busy.seconds["hit"], 50),
+            "hit_p90_with_misses_ms": an.percentile_ms(busy.seconds["hit"], 90),
+            "miss_p50_ms": an.percentile_ms(busy.seconds["miss"], 50),
             "hits_alone": len(alone.seconds["hit"]), "hits_with_misses": len(busy.seconds["hit"]),
             "misses": len(busy.seconds["miss"]),
             "unexpected_paths": len(alone.seconds["miss"]) + len(alone.seconds["append"])
@@ -237,8 +230,8 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
             "first_errors": record.errors[:3], "paths_reported": sent,
             "counters": counters, "counters_add_up": counters == sent and not record.errors,
             "sampled": len(chosen), "max_abs_diff_vs_naive": worst,
-            "p50_ms": {p: percentile_ms(v, 50) for p, v in record.seconds.items()},
-            "p90_ms": {p: percentile_ms(v, 90) for p, v in record.seconds.items()}}
+            "p50_ms": {p: an.percentile_ms(v, 50) for p, v in record.seconds.items()},
+            "p90_ms": {p: an.percentile_ms(v, 90) for p, v in record.seconds.items()}}
 
 
 def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict, hol: dict,
@@ -255,9 +248,9 @@ def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict,
         f"`{Path(args.config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
         f"max_history {cfg.max_history}, mask {cfg.mask}), gRPC client latency, one run, one "
         "server.", "",
-        "## Machine", "", machine_table(info), "",
+        "## Machine", "", an.machine_table(info), "",
         "## Targets", "",
-        table([
+        an.table([
             [f"append, L = {args.length}, ΔL = {args.delta}, N = {args.num_candidates}",
              "(append p50 - hit p50) <= 5 % of (miss p50 - hit p50)",
              f"({cost['append_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) / "
@@ -324,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed = mixed_load(server.grpc_url, f"127.0.0.1:{metrics_port}", gen, args)
     finally:
         server.stop()
-    info = machine(**LOCAL_SERVER)
+    info = an.machine(**an.LOCAL_SERVER)
     load = external_cores(start)
     if load:
         info["other processes' CPU during the run"] = (
@@ -340,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                       **{f"{p}_p90_ms": v for p, v in mixed["p90_ms"].items()},
                       **{f"{p}_responses": v for p, v in mixed["paths_reported"].items()},
                       **{f"{p}_counter": v for p, v in mixed["counters"].items()}}}
-    write_csv(args.out / "cache_load.csv", [
+    an.write_csv(args.out / "cache_load.csv", [
         {"measurement": measurement, "quantity": k, "value": v}
         for measurement, values in rows.items() for k, v in values.items()])
     (args.out / "cache_load.md").write_text(markdown(args, cfg, info, cost, hol, mixed))

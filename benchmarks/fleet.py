@@ -25,14 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.analysis import (
-    LOCAL_SERVER,
-    machine,
-    machine_table,
-    percentile_ms,
-    table,
-    write_csv,
-)
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
 from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER, nginx_variable
@@ -168,8 +161,8 @@ def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, profil
         "replicas": k, "balance": balance, "requests": len(traffic),
         "failed": len(result["failures"]),
         "throughput_rps": len(result["latencies"]) / result["wall_s"],
-        "p50_ms": percentile_ms(result["latencies"], 50),
-        "p99_ms": percentile_ms(result["latencies"], 99),
+        "p50_ms": an.percentile_ms(result["latencies"], 50),
+        "p99_ms": an.percentile_ms(result["latencies"], 99),
         "full_encodes_per_request": misses / served if served else float("nan"),
         "hits": hits, "appends": appends, "misses": misses,
         "checked_vs_naive": len(result["scores"]), "max_abs_diff_vs_naive": worst,
@@ -196,13 +189,13 @@ def markdown(args: argparse.Namespace, rows: list[dict], info: dict[str, str]) -
         f"each later visit a repeat or +1..10 events, N = {args.num_candidates}, "
         f"{args.concurrency} client threads; latency is one RPC at the client. "
         f"{args.check} responses per run checked against `ranker_naive`.", "",
-        "## Machine", "", machine_table(info), "",
+        "## Machine", "", an.machine_table(info), "",
         "**This machine has 2 cores, shared by every replica** (and nginx, and the client), so "
         "throughput cannot scale with replicas here: more replicas only add processes competing "
         "for the same cores. Read the throughput and latency columns as hash vs round robin at "
         "the same K; the cache column does not depend on cores.", "",
         "## Results", "",
-        table(rows, {"K": "replicas", "balance": "balance", "requests": "requests",
+        an.table(rows, {"K": "replicas", "balance": "balance", "requests": "requests",
                      "failed": "failed", "req/s": "throughput_rps", "p50 ms": "p50_ms",
                      "p99 ms": "p99_ms", "full encodes / request": "full_encodes_per_request",
                      "hits": "hits", "appends": "appends", "misses": "misses",
@@ -221,7 +214,7 @@ def markdown(args: argparse.Namespace, rows: list[dict], info: dict[str, str]) -
             pairs.append([k, f"{h['throughput_rps'] / rr['throughput_rps']:.2f}x",
                           f"{rr['p50_ms'] / h['p50_ms']:.2f}x",
                           f"{rr['full_encodes_per_request'] / h['full_encodes_per_request']:.2f}x"])
-    lines.append(table(pairs, ["K", "throughput hash / round robin", "p50 round robin / hash",
+    lines.append(an.table(pairs, ["K", "throughput hash / round robin", "p50 round robin / hash",
                                "full encodes round robin / hash"]))
     lines += ["", "With K = 1 both rules send everything to the one replica (the same paths): "
               "there the columns show this machine's noise. Two replicas can keep both cores "
@@ -250,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             for balance in order:
                 seed = args.seed * 1000 + k * 10 + (balance == "hash")
                 rows.append(measure(fleet, k, balance, args, profile_dim, seed))
-        info = machine(**LOCAL_SERVER, nginx="1.22 (Debian), one worker")
+        info = an.machine(**an.LOCAL_SERVER, nginx="1.22 (Debian), one worker")
     finally:
         fleet.stop()
     rows.sort(key=lambda r: (r["replicas"], r["balance"] != "hash"))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "fleet.csv", rows)
+    an.write_csv(args.out / "fleet.csv", rows)
     (args.out / "fleet.md").write_text(markdown(args, rows, info))
     log(f"wrote {args.out / 'fleet.csv'} and {args.out / 'fleet.md'}")
     bad = [r for r in rows if r["failed"] or r["max_abs_diff_vs_naive"] > TOLERANCE]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.analysis import machine, machine_table, sci, table, write_csv
+from benchmarks import analysis as an
 from client import contract as c
 from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
@@ -171,19 +171,19 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
 
 def write(rows: list[dict[str, object]], out: Path, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "gpu_check.csv", rows)
-    info = machine(**({"note": args.machine} if args.machine else {}))
+    an.write_csv(out / "gpu_check.csv", rows)
+    info = an.machine(**({"note": args.machine} if args.machine else {}))
     lines = ["# GPU check", "", f"Config `{args.config}`, fp16={args.fp16}, providers "
-             f"{', '.join(args.providers)}.", "", "## Machine", "", machine_table(info), "",
-             table([r for r in rows if r["check"] == "scores"],
+             f"{', '.join(args.providers)}.", "", "## Machine", "", an.machine_table(info), "",
+             an.table([r for r in rows if r["check"] == "scores"],
                    {"provider": "active_provider", "L": "L", "N": "N",
                     "max abs diff vs CPU": "max_abs_diff",
                     "user_encoder p50 ms": "user_encoder_p50_ms",
                     "target_fusion p50 ms": "target_fusion_p50_ms", "user_kv MiB": "user_kv_mib",
                     "GPU MiB": "gpu_memory_mib"},
-                   {"max_abs_diff": sci, "user_encoder_p50_ms": "{:.2f}",
+                   {"max_abs_diff": an.sci, "user_encoder_p50_ms": "{:.2f}",
                     "target_fusion_p50_ms": "{:.2f}", "user_kv_mib": "{:.1f}"}), "",
-             table([r for r in rows if r["check"] == "guard"],
+             an.table([r for r in rows if r["check"] == "guard"],
                    {"provider": "active_provider", "graph": "graph", "rule": "rule",
                     "refused, named": "ok"}), ""]
     (out / "gpu_check.md").write_text("\n".join(lines))

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from benchmarks.analysis import percentile_ms
+from benchmarks import analysis as an
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
@@ -307,7 +307,7 @@ def run_phase(
 def percentiles_ms(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
-    return {**{f"p{q}": round(percentile_ms(values, q), 2) for q in (50, 90, 99)},
+    return {**{f"p{q}": round(an.percentile_ms(values, q), 2) for q in (50, 90, 99)},
             "max": round(max(values) * 1e3, 2), "mean": round(1e3 * sum(values) / len(values), 2)}
 
 

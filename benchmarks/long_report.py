@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.analysis import figure, fmt, loglog, pick, ratio, read_csv, records, table
+from benchmarks import analysis as an
 
 Row = dict[str, object]
 LABELS = {"split": "split (user_encoder + target_fusion)", "mfalcon": "M-FALCON single pass",
@@ -17,7 +17,7 @@ LABELS = {"split": "split (user_encoder + target_fusion)", "mfalcon": "M-FALCON 
 
 
 def _f(v: object, digits: int = 1) -> str:
-    return fmt(v, digits, adaptive=False, missing="-")
+    return an.fmt(v, digits, adaptive=False, missing="-")
 
 
 def targets(rows: list[Row], memory: list[Row], facts: dict) -> list[list[object]]:
@@ -28,21 +28,21 @@ def targets(rows: list[Row], memory: list[Row], facts: dict) -> list[list[object
                                                                           "missed"), how])
 
     def p50(length: int, n: int, method: str) -> float | None:
-        return pick(rows, "p50_ms", L=length, N=n, method=method)
+        return an.pick(rows, "p50_ms", L=length, N=n, method=method)
 
     ue_1k, ue_8k = p50(1024, 1, "user_encoder"), p50(8192, 1, "user_encoder")
-    r = ratio(ue_8k, ue_1k)
+    r = an.ratio(ue_8k, ue_1k)
     add("user_encoder time L=8192 / L=1024", r, "<= 40", None if r is None else r <= 40,
         f"{_f(ue_8k)} ms / {_f(ue_1k)} ms (FLOPs grow ~38x)")
     for graph, n, length, limit, how in (
             ("user_encoder", 1, 8192, 256, "fresh process, RSS above the RSS before"),
             ("target_fusion", 1000, 16384, 512, "fresh process")):
-        peak = pick(memory, "peak_mib", graph=graph, N=n, L=length)
+        peak = an.pick(memory, "peak_mib", graph=graph, N=n, L=length)
         label = f"at L={length}" if n == 1 else f"at N={n}, L={length}"
         add(f"{graph} peak {label} (MiB)", peak, f"<= {limit}",
             None if peak is None else peak <= limit, how)
-    s1 = ratio(p50(1024, 50, "naive"), p50(1024, 50, "split"))
-    s4 = ratio(p50(4096, 50, "naive"), p50(4096, 50, "split"))
+    s1 = an.ratio(p50(1024, 50, "naive"), p50(1024, 50, "split"))
+    s4 = an.ratio(p50(4096, 50, "naive"), p50(4096, 50, "split"))
     add("speedup over naive at N=50: L=4096 vs L=1024", s4, f"> {_f(s1, 2)} (L=1024)",
         None if s1 is None or s4 is None else s4 > s1, "naive p50 / split p50, in-process")
     peers = [r for r in rows if r["method"] in ("mfalcon", "replicated") and int(r["N"]) >= 10
@@ -70,7 +70,7 @@ def report(rows: list[Row], memory: list[Row], triton: list[Row], facts: dict,
         f"{machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
         f"ONNX Runtime {machine.get('onnxruntime', '?')}, CPU). {facts.get('gpu', '')}.", "",
         "## Targets", "",
-        table(targets(rows, memory, facts), ["target", "measured", "limit", "verdict", "how"]),
+        an.table(targets(rows, memory, facts), ["target", "measured", "limit", "verdict", "how"]),
         "", "## In-process latency (ONNX Runtime, p50 ms) and exactness", "",
         "Each method's max |score difference| against the naive oracle where naive ran "
         "(else against the split, itself checked against naive at the smaller points).", "",
@@ -78,29 +78,29 @@ def report(rows: list[Row], memory: list[Row], triton: list[Row], facts: dict,
     for n in sorted({int(r["N"]) for r in rows}):  # type: ignore[call-overload]
         body = []
         for length in sorted({int(r["L"]) for r in rows}):  # type: ignore[call-overload]
-            split = pick(rows, "p50_ms", L=length, N=n, method="split")
-            cells = [length, _f(pick(rows, "p50_ms", L=length, N=n, method="user_encoder"), 2),
-                     _f(pick(rows, "p50_ms", L=length, N=n, method="target_fusion"), 2)]
+            split = an.pick(rows, "p50_ms", L=length, N=n, method="split")
+            cells = [length, _f(an.pick(rows, "p50_ms", L=length, N=n, method="user_encoder"), 2),
+                     _f(an.pick(rows, "p50_ms", L=length, N=n, method="target_fusion"), 2)]
             for method in ("split", "mfalcon", "replicated", "naive"):
-                row = pick(rows, L=length, N=n, method=method)
+                row = an.pick(rows, L=length, N=n, method=method)
                 if row["p50_ms"] is None:
                     cells.append(f"skipped: {row['note']}")
                     continue
-                extra = "" if method == "split" else f" ({_f(ratio(row['p50_ms'], split), 2)}x)"
+                extra = "" if method == "split" else f" ({_f(an.ratio(row['p50_ms'], split), 2)}x)"
                 note = f"; {row['note']}" if row["note"] else ""
                 cells.append(f"{_f(row['p50_ms'], 2)}{extra} [{row['max_diff'] or ''}{note}]")
             body.append(cells)
-        lines += [f"### N = {n}", "", table(body, ["L", "user_encoder", "target_fusion", "split",
+        lines += [f"### N = {n}", "", an.table(body, ["L", "user_encoder", "target_fusion", "split",
                                                    "M-FALCON", "replicated K/V", "naive"]), ""]
     if memory:
         graphs = list(dict.fromkeys(str(r["graph"]) for r in memory))
         lines += ["## Peak memory per graph (MiB above the RSS before the run, fresh process)", "",
-                  table([r for g in graphs for r in memory if r["graph"] == g],
+                  an.table([r for g in graphs for r in memory if r["graph"] == g],
                         {"graph": "graph", "N": "N", "L": "L", "peak MiB": "peak_mib",
                          "method": "note"}, {"peak_mib": _f}), ""]
     if triton:
         lines += ["## `ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)", "",
-                  table(triton, {"L": "L", "N": "N", "requests": "requests", "p50 ms": "p50_ms",
+                  an.table(triton, {"L": "L", "N": "N", "requests": "requests", "p50 ms": "p50_ms",
                                  "infer/s": "infer_per_s"},
                         {"p50_ms": lambda v: _f(v, 2), "infer_per_s": lambda v: _f(v, 2)}), ""]
     lines += ["## Facts", "", *[f"- {k}: {v}" for k, v in facts.items() if k != "machine"],
@@ -110,24 +110,24 @@ def report(rows: list[Row], memory: list[Row], triton: list[Row], facts: dict,
 
 def plot(rows: list[Row], memory: list[Row], out: Path) -> None:
     ns = sorted({int(r["N"]) for r in rows})  # type: ignore[call-overload]
-    with figure(out / "latency.png", ncols=len(ns), size=(5 * len(ns), 4.5)) as axes:
+    with an.figure(out / "latency.png", ncols=len(ns), size=(5 * len(ns), 4.5)) as axes:
         for ax, n in zip(axes, ns, strict=True):
             for method in ("split", "mfalcon", "replicated", "naive"):
                 pts = [(int(r["L"]), float(r["p50_ms"])) for r in rows  # type: ignore[arg-type]
                        if r["N"] == n and r["method"] == method and r["p50_ms"]]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), "o-", label=LABELS[method])
-            loglog(ax, "history length L", "p50 ms", f"N = {n}")
+            an.loglog(ax, "history length L", "p50 ms", f"N = {n}")
     if not memory:
         return
-    with figure(out / "memory.png") as (ax,):
+    with an.figure(out / "memory.png") as (ax,):
         for graph in dict.fromkeys(str(r["graph"]) for r in memory):
             for n in sorted({int(r["N"]) for r in memory if r["graph"] == graph}):  # type: ignore[call-overload]
                 pts = [(int(r["L"]), float(r["peak_mib"])) for r in memory  # type: ignore[arg-type]
                        if r["graph"] == graph and r["N"] == n and r["peak_mib"] is not None]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), "o-", label=f"{graph}, N={n}")
-        loglog(ax, "history length L", "peak MiB", "peak memory of one request, per graph", 7)
+        an.loglog(ax, "history length L", "peak MiB", "peak memory of one request, per graph", 7)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     out = p.parse_args(argv).out
     if not (out / "long_facts.json").exists():
         p.error(f"{out / 'long_facts.json'} not found: not a long_history run's folder")
-    frames = [records(read_csv(out / f)) if (out / f).exists() else [] for f in
+    frames = [an.records(an.read_csv(out / f)) if (out / f).exists() else [] for f in
               ("long_history.csv", "long_memory.csv", "long_triton.csv")]
     facts = json.loads((out / "long_facts.json").read_text())
     (out / "long_history.md").write_text(report(*frames, facts, out))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.analysis import pick, read_csv
+from benchmarks import analysis as an
 
 
 def site_packages() -> Path:
@@ -176,7 +176,7 @@ def run(model: str, url: str, input_file: Path, work_dir: Path, s: Settings,
     passes = [(float(a), float(b)) for a, b in _PASS.findall(stdout)]
     result.passes = len(passes)
     if proc.returncode == 0 and csv_file.exists() and not timed_out:
-        row = pick(read_csv(csv_file)) or {}
+        row = an.pick(an.read_csv(csv_file)) or {}
         result.status = "ok"
         result.throughput = row.get("Inferences/Second")
         for q in (50, 90, 95, 99):

@@ -17,23 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.analysis import (
-    check,
-    count,
-    figure,
-    fmt,
-    machine_table,
-    ms,
-    num,
-    pct,
-    pick,
-    ratio,
-    read_csv,
-    records,
-    sci,
-    table,
-    write_csv,
-)
+from benchmarks import analysis as an
 from benchmarks.cpu import CONTENDED_CORES
 from benchmarks.flops import (
     SEEDS_NAIVE_DROP,
@@ -78,8 +62,8 @@ class Run:
     def load(cls, out: Path) -> Run:
         info = json.loads((out / "run.json").read_text())
         mode = replace(MODES[info["mode"]], naive_limit_s=info["naive_limit_s"])
-        frames = {n: records(read_csv(out / f"{n}.csv")) if (out / f"{n}.csv").stat().st_size > 1
-                  else [] for n in CSVS}
+        frames = {n: an.records(an.read_csv(out / f"{n}.csv"))
+                  if (out / f"{n}.csv").stat().st_size > 1 else [] for n in CSVS}
         return cls(mode, ModelConfig.load(Path(info["config"])), info, frames["points"],
                    frames["direct"], frames["ensemble_breakdown"], frames["memory"],
                    frames["ort_profile"])
@@ -89,7 +73,7 @@ def write(out: Path) -> None:
     """summary.csv, speedup.png and report.md from the run's files in `out`."""
     run = Run.load(out)
     summary = summarise(run)
-    write_csv(out / "summary.csv", summary)
+    an.write_csv(out / "summary.csv", summary)
     plot(run, summary, out / "speedup.png")
     (out / "report.md").write_text(report(run, summary))
 
@@ -100,30 +84,31 @@ def summarise(run: Run) -> list[Row]:
     rows = []
     keys = list(dict.fromkeys((r["n"], r["length"], r["concurrency"]) for r in run.points))
     for n, length, c in keys:
-        pts = {m: pick(run.points, model=f"ranker{s}", n=n, length=length, concurrency=c)
+        pts = {m: an.pick(run.points, model=f"ranker{s}", n=n, length=length, concurrency=c)
                for m, s in (("ranker", ""), ("naive", "_naive"), ("base", "_base"))}
-        p50 = {m: num(x and x.get("p50_us")) for m, x in pts.items()}
-        thr = {m: num(x and x.get("throughput")) for m, x in pts.items()}
+        p50 = {m: an.num(x and x.get("p50_us")) for m, x in pts.items()}
+        thr = {m: an.num(x and x.get("throughput")) for m, x in pts.items()}
 
         def d(graph: str, col: str = "p50_us", n: int = n, length: int = length) -> object:
-            return pick(run.direct, col, model=graph, n=n, length=length)
+            return an.pick(run.direct, col, model=graph, n=n, length=length)
 
         bound = run.flops.bound(n, length)
-        speedup = ratio(p50["naive"], p50["ranker"])
+        speedup = an.ratio(p50["naive"], p50["ranker"])
         row: Row = {
             "n": n, "length": length, "concurrency": c,
             "ranker_p50_us": p50["ranker"], "naive_p50_us": p50["naive"],
             "base_p50_us": p50["base"], "ranker_thr": thr["ranker"], "naive_thr": thr["naive"],
             "base_thr": thr["base"], "speedup_p50": speedup,
-            "throughput_ratio": ratio(thr["ranker"], thr["naive"]), "flop_bound": bound,
-            "speedup_over_bound": ratio(speedup, bound),
-            "throughput_ratio_over_bound": ratio(ratio(thr["ranker"], thr["naive"]), bound),
-            "direct_split_p50_us": num(d("split")), "direct_naive_p50_us": num(d("ranker_naive")),
-            "direct_speedup": ratio(d("ranker_naive"), d("split")),
-            "ensemble_over_direct": ratio(p50["ranker"], d("split")),
-            "naive_over_direct": ratio(p50["naive"], d("ranker_naive")),
-            "base_over_direct": ratio(p50["base"], d("ranker_base")),
-            "fusion_gflops": num(d("target_fusion", "gflops")),
+            "throughput_ratio": an.ratio(thr["ranker"], thr["naive"]), "flop_bound": bound,
+            "speedup_over_bound": an.ratio(speedup, bound),
+            "throughput_ratio_over_bound": an.ratio(an.ratio(thr["ranker"], thr["naive"]), bound),
+            "direct_split_p50_us": an.num(d("split")),
+            "direct_naive_p50_us": an.num(d("ranker_naive")),
+            "direct_speedup": an.ratio(d("ranker_naive"), d("split")),
+            "ensemble_over_direct": an.ratio(p50["ranker"], d("split")),
+            "naive_over_direct": an.ratio(p50["naive"], d("ranker_naive")),
+            "base_over_direct": an.ratio(p50["base"], d("ranker_base")),
+            "fusion_gflops": an.num(d("target_fusion", "gflops")),
             "drop_naive": drop(thr["naive"], thr["base"]) if thr["naive"] and thr["base"] else None,
             "drop_shared": drop(thr["ranker"], thr["base"])
             if thr["ranker"] and thr["base"] else None,
@@ -132,15 +117,16 @@ def summarise(run: Run) -> list[Row]:
         if thr["ranker"] and thr["naive"] and thr["base"]:
             r = sequence_cost_ratio(thr["ranker"], thr["naive"], thr["base"])
             row["seq_cost_ratio"], row["drop_shared_seeds_scaled"] = r, seeds_scaled_drop(r)
-        row["max_abs_diff"] = num(d("ranker_naive", "max_abs_diff")) if c == 1 else None
+        row["max_abs_diff"] = an.num(d("ranker_naive", "max_abs_diff")) if c == 1 else None
         flags = [f"{m}: {x['status']}" for m, x in pts.items() if x and x.get("status") != "ok"]
-        loads = [num(x and x.get("ext_cpu_cores")) for x in pts.values()]
+        loads = [an.num(x and x.get("ext_cpu_cores")) for x in pts.values()]
         if c == 1:
-            loads += [num(d(g, "ext_cpu_cores")) for g in ("split", "ranker_naive", "ranker_base")]
+            loads += [an.num(d(g, "ext_cpu_cores"))
+                      for g in ("split", "ranker_naive", "ranker_base")]
         # Triton runs the same ORT graphs with the same options, so a Triton latency well below
         # the in-process one, or a naive Triton/direct far above its small overhead, means one of
         # the two measurements caught noise.
-        over_r, over_n = num(row["ensemble_over_direct"]), num(row["naive_over_direct"])
+        over_r, over_n = an.num(row["ensemble_over_direct"]), an.num(row["naive_over_direct"])
         if c == 1 and over_r is not None and over_r < CONSISTENT_RANKER[0]:
             flags.append(f"inconsistent: ranker Triton/direct {over_r:.2f}")
         if c == 1 and over_n is not None and not (
@@ -161,7 +147,7 @@ def plot(run: Run, summary: list[Row], path: Path) -> None:
     colours = ["tab:blue", "tab:red", "tab:green", "tab:purple"]
     ns_all = [int(r["n"]) for r in summary] or [1]  # type: ignore[call-overload]
     grid = np.unique(np.round(np.logspace(0, math.log10(max(1000, max(ns_all))), 200)))
-    with figure(path, size=(8.5, 6), dpi=120) as (ax,):
+    with an.figure(path, size=(8.5, 6), dpi=120) as (ax,):
         for i, length in enumerate(run.mode.lengths):
             colour = colours[i % len(colours)]
             ax.plot(grid, [run.flops.bound(int(n), length) for n in grid], "-", color=colour,
@@ -198,29 +184,29 @@ def targets(run: Run, summary: list[Row]) -> list[Row]:
 
     def add(name: str, point: str, value: float | None, threshold: float, higher: bool,
             shown: str, note: str = "") -> None:
-        verdict, margin = check(value, threshold, higher)
+        verdict, margin = an.check(value, threshold, higher)
         out.append({"target": name, "point": point, "verdict": verdict, "margin": margin,
                     "measured": shown if value is not None else "not measured", "note": note})
 
     def flags(r: Row | None) -> str:
         return "" if not r or r["status"] == "ok" else f"flags: {r['status']}"
 
-    r = pick(summary, n=50, length=1000, concurrency=1)
-    value = num(r["speedup_over_bound"]) if r else None
+    r = an.pick(summary, n=50, length=1000, concurrency=1)
+    value = an.num(r["speedup_over_bound"]) if r else None
     add(f"Speedup(N=50, L=1000) >= {TARGET_BOUND_SHARE} x FLOP bound", "N=50, L=1000", value,
-        TARGET_BOUND_SHARE, True, f"{fmt(r['speedup_p50'], 1)}x vs bound "
-        f"{fmt(r['flop_bound'], 1)}x = {fmt(value, 2)} x bound" if r else "", flags(r))
+        TARGET_BOUND_SHARE, True, f"{an.fmt(r['speedup_p50'], 1)}x vs bound "
+        f"{an.fmt(r['flop_bound'], 1)}x = {an.fmt(value, 2)} x bound" if r else "", flags(r))
     for length in run.mode.lengths:
-        r = pick(summary, n=1, length=length, concurrency=1)
-        value = num(r["speedup_p50"]) if r else None
+        r = an.pick(summary, n=1, length=length, concurrency=1)
+        value = an.num(r["speedup_p50"]) if r else None
         add(f"Speedup(N=1) >= {TARGET_N1}", f"N=1, L={length}", value, TARGET_N1, True,
-            f"{fmt(value, 2)}x", flags(r))
+            f"{an.fmt(value, 2)}x", flags(r))
     for length in run.mode.lengths:
-        r = pick(summary, n=50, length=length, concurrency=1)
-        value = num(r["ensemble_over_direct"]) if r else None
+        r = an.pick(summary, n=50, length=length, concurrency=1)
+        value = an.num(r["ensemble_over_direct"]) if r else None
         add(f"ensemble latency <= {TARGET_ENSEMBLE} x direct ORT at N=50", f"N=50, L={length}",
-            value, TARGET_ENSEMBLE, False, f"{ms(r['ranker_p50_us'])} ms / "
-            f"{ms(r['direct_split_p50_us'])} ms = {fmt(value, 2)}" if r else "")
+            value, TARGET_ENSEMBLE, False, f"{an.ms(r['ranker_p50_us'])} ms / "
+            f"{an.ms(r['direct_split_p50_us'])} ms = {an.fmt(value, 2)}" if r else "")
     return out
 
 
@@ -237,7 +223,7 @@ def report(run: Run, summary: list[Row]) -> str:
         [m.name] + (f" --seed {info['seed']}" if info["seed"] else "")
         + f"` on {info['machine'].get('date', '?')} in {info['total_s'] / 60:.1f} min. All "
         "numbers below are measured in this run unless marked as a bound or a model.", "",
-        "## Machine and versions", "", machine_table(info["machine"]), "",
+        "## Machine and versions", "", an.machine_table(info["machine"]), "",
         f"Model config: d_model {cfg.d_model}, {cfg.num_heads} heads (dh {cfg.head_dim}), "
         f"{cfg.num_layers} layers, d_ff {cfg.d_ff}, head_hidden {cfg.head_hidden}, "
         f"{cfg.num_tasks} tasks, profile {cfg.profile_dim}, mask {cfg.mask}, "
@@ -251,23 +237,23 @@ def report(run: Run, summary: list[Row]) -> str:
            "it): the baseline runs whole requests, as the traditional scheme would."), "",
         _method(m), "",
         "## Targets", "",
-        table([[t["target"], t["point"], t["measured"], f"**{t['verdict']}**", t["margin"],
+        an.table([[t["target"], t["point"], t["measured"], f"**{t['verdict']}**", t["margin"],
                 t["note"]] for t in tg],
               ["target", "point", "measured", "verdict", "margin", "note"]), "",
         "## Headline (L = 1000, concurrency 1)" if 1000 in m.lengths else "## Headline", "",
-        table([r for r in c1 if r["length"] == (1000 if 1000 in m.lengths else m.lengths[-1])],
+        an.table([r for r in c1 if r["length"] == (1000 if 1000 in m.lengths else m.lengths[-1])],
               {"N": "n", "speedup": "speedup_p50", "FLOP bound": "flop_bound",
                "speedup / bound": "speedup_over_bound",
                "ensemble / direct": "ensemble_over_direct", "drop naive": "drop_naive",
                "drop shared": "drop_shared"},
-              {"drop_naive": pct, "drop_shared": pct}), "",
+              {"drop_naive": an.pct, "drop_shared": an.pct}), "",
         "## Speedup vs the FLOP bound (concurrency 1)", "",
         "Speedup = naive p50 latency / `ranker` p50 latency (perf_analyzer, gRPC); throughput "
         "ratio = `ranker` infer/s / naive infer/s; bound = C_naive / (C_user + C_fusion) from "
         "the FLOP model below; ensemble/direct = `ranker` p50 over the in-process "
         "user_encoder + target_fusion p50 on the same requests. target_fusion GFLOP/s = "
         "C_fusion / in-process fusion p50.", "",
-        table(c1, {"L": "length", "N": "n", "ranker p50 ms": "ranker_p50_us",
+        an.table(c1, {"L": "length", "N": "n", "ranker p50 ms": "ranker_p50_us",
                    "naive p50 ms": "naive_p50_us", "base p50 ms": "base_p50_us",
                    "speedup": "speedup_p50", "thr. ratio": "throughput_ratio",
                    "FLOP bound": "flop_bound", "speedup / bound": "speedup_over_bound",
@@ -275,19 +261,20 @@ def report(run: Run, summary: list[Row]) -> str:
                    "in-process speedup": "direct_speedup",
                    "ensemble / direct": "ensemble_over_direct", "fusion GFLOP/s": "fusion_gflops",
                    "max |split-naive|": "max_abs_diff", "flags": "status"},
-              {"ranker_p50_us": ms, "naive_p50_us": ms, "base_p50_us": ms, "max_abs_diff": sci,
-               "fusion_gflops": lambda v: fmt(v, 1),
+              {"ranker_p50_us": an.ms, "naive_p50_us": an.ms, "base_p50_us": an.ms,
+               "max_abs_diff": an.sci,
+               "fusion_gflops": lambda v: an.fmt(v, 1),
                "status": lambda s: "" if s == "ok" else str(s)}), "",
         "![speedup vs N](speedup.png)", "",
         _seeds_section(m, summary), "",
         "## Latency and throughput per model (perf_analyzer, concurrency 1)", "",
-        table([r for r in run.points if r["concurrency"] == 1],
+        an.table([r for r in run.points if r["concurrency"] == 1],
               {"L": "length", "N": "n", "model": "model", "p50 ms": "p50_us", "p90 ms": "p90_us",
                "p99 ms": "p99_us", "infer/s": "throughput", "requests": "requests",
                "windows": "windows", "others' CPU (cores)": "ext_cpu_cores",
                "status": "status"},
-              {"p50_us": ms, "p90_us": ms, "p99_us": ms,
-               "requests": count, "windows": lambda v: count(v) if v else "–",
+              {"p50_us": an.ms, "p90_us": an.ms, "p99_us": an.ms,
+               "requests": an.count, "windows": lambda v: an.count(v) if v else "–",
                "status": lambda s: "not run" if s is None else str(s)}), "",
         _sweep_section(run, summary), "",
         _direct_section(run), "",
@@ -389,13 +376,13 @@ def _seeds_section(m: Mode, summary: list[Row]) -> str:
     for length in m.lengths:
         rows = [{**r, "model": seeds_model_speedup(float(r["n"]))}  # type: ignore[arg-type]
                 for r in summary if r["length"] == length and r["concurrency"] == 1]
-        out += [f"L = {length}:", "", table(rows, {
+        out += [f"L = {length}:", "", an.table(rows, {
             "N": "n", "speedup (measured)": "speedup_p50",
             "fixed-ratio model N/(0.85+0.15N)": "model", "drop naive": "drop_naive",
             "drop shared": "drop_shared", "r = seq. cost shared / naive": "seq_cost_ratio",
             "shared, seeds-scaled (naive 40 %)": "drop_shared_seeds_scaled"},
-            {"drop_naive": pct, "drop_shared": pct, "drop_shared_seeds_scaled": pct,
-             "seq_cost_ratio": lambda v: fmt(v, 4), "model": lambda v: fmt(v, 2)}), ""]
+            {"drop_naive": an.pct, "drop_shared": an.pct, "drop_shared_seeds_scaled": an.pct,
+             "seq_cost_ratio": lambda v: an.fmt(v, 4), "model": lambda v: an.fmt(v, 2)}), ""]
     out.append(f"LONGER (ByteDance, RecSys 2025) reported {SEEDS_NAIVE_DROP:.0%} -> "
                f"{SEEDS_SHARED_DROP:.1%}.")
     return "\n".join(out)
@@ -406,7 +393,7 @@ def _sweep_section(run: Run, summary: list[Row]) -> str:
     if not m.sweep_point:
         return "## Concurrency sweep\n\nNot run in this mode."
     n, length = m.sweep_point
-    rows = [pick(run.points, model=model, n=n, length=length, concurrency=c) or
+    rows = [an.pick(run.points, model=model, n=n, length=length, concurrency=c) or
             {"concurrency": c, "model": model} for c in m.sweep_concurrency
             for model in ("ranker", "ranker_naive", "ranker_base")]
     return "\n".join([
@@ -414,14 +401,15 @@ def _sweep_section(run: Run, summary: list[Row]) -> str:
         "Concurrency 1 is the grid's row at this point. One model instance per graph: "
         "concurrency overlaps the client, gRPC and the two ensemble steps, not two "
         "requests of the same graph.", "",
-        table(rows, {"concurrency": "concurrency", "model": "model", "infer/s": "throughput",
+        an.table(rows, {"concurrency": "concurrency", "model": "model", "infer/s": "throughput",
                      "p50 ms": "p50_us", "p99 ms": "p99_us", "status": "status"},
-              {"p50_us": ms, "p99_us": ms, "status": lambda s: "not run" if s is None else s}),
+              {"p50_us": an.ms, "p99_us": an.ms,
+               "status": lambda s: "not run" if s is None else s}),
         "",
-        table([r for r in summary if (r["n"], r["length"]) == (n, length)],
+        an.table([r for r in summary if (r["n"], r["length"]) == (n, length)],
               {"concurrency": "concurrency", "throughput ratio ranker/naive": "throughput_ratio",
                "drop naive": "drop_naive", "drop shared": "drop_shared"},
-              {"drop_naive": pct, "drop_shared": pct})])
+              {"drop_naive": an.pct, "drop_shared": an.pct})])
 
 
 def _direct_section(run: Run) -> str:
@@ -431,16 +419,16 @@ def _direct_section(run: Run) -> str:
     return "\n".join([
         "## In-process ONNX Runtime (model time without Triton)", "",
         "p50 per graph on the same requests; GFLOP/s = the FLOP model's count / p50.", "",
-        table(rows, {"L": "length", "N": "n", "graph": "model", "p50 ms": "p50_us",
+        an.table(rows, {"L": "length", "N": "n", "graph": "model", "p50 ms": "p50_us",
                      "p90 ms": "p90_us", "GFLOP": "gflop", "GFLOP/s": "gflops", "runs": "reps",
                      "others' CPU (cores)": "ext_cpu_cores"},
-              {"p50_us": ms, "p90_us": ms, "gflop": lambda v: fmt(v, 3),
-               "gflops": lambda v: fmt(v, 1),
-               "reps": lambda v: count(v) if num(v) is not None else str(v)})])
+              {"p50_us": an.ms, "p90_us": an.ms, "gflop": lambda v: an.fmt(v, 3),
+               "gflops": lambda v: an.fmt(v, 1),
+               "reps": lambda v: an.count(v) if an.num(v) is not None else str(v)})])
 
 
 def _mib(v: object, digits: int) -> str:
-    x = num(v)
+    x = an.num(v)
     return "–" if x is None else f"{x / 2**20:,.{digits}f}"
 
 
@@ -452,7 +440,7 @@ def _memory_section(run: Run) -> str:
            + ", ".join(f"{fm.user_kv_bytes(L) / 2**20:.2f} MiB at L={L}" for L in run.mode.lengths)
            + ". The naive model holds N such K/V sets (one per candidate) plus N score matrices "
            "[H, L+1, L+1] per layer.", "",
-           table([[r["model"], r["n"], r["length"], _mib(r.get("peak_delta_bytes"), 1),
+           an.table([[r["model"], r["n"], r["length"], _mib(r.get("peak_delta_bytes"), 1),
                    _mib(r["naive_attention_est_bytes"], 0) if r["model"] == "ranker_naive"
                    else "", f"{float(r['user_kv_bytes']) / 2**20:.2f}",  # type: ignore[arg-type]
                    _mib(r["naive_kv_bytes"], 1), r.get("method") or "", r.get("status")]
@@ -460,7 +448,7 @@ def _memory_section(run: Run) -> str:
                  ["graph", "N", "L", "peak RSS delta MiB (measured)", "naive attention est. MiB",
                   "user_kv MiB", "naive K/V copies MiB", "method", "status"])]
     peaks = {(r["model"], r["n"], r["length"]): float(r["peak_delta_bytes"])  # type: ignore[arg-type]
-             for r in run.memory if num(r.get("peak_delta_bytes")) is not None}
+             for r in run.memory if an.num(r.get("peak_delta_bytes")) is not None}
     notes = []
     for (model, n, length), naive_peak in peaks.items():
         fusion = peaks.get(("target_fusion", n, length))
@@ -485,14 +473,14 @@ def _breakdown_table(run: Run, parts: dict[str, float], n: int, length: int) -> 
             ["client avg gRPC time", parts.get("client_avg_grpc")],
             ["ensemble server avg request latency", parts.get("ensemble_avg_request_latency")]]
     for model in ("user_encoder", "target_fusion"):
-        d = num(pick(run.direct, "p50_us", model=model, n=n, length=length))
+        d = an.num(an.pick(run.direct, "p50_us", model=model, n=n, length=length))
         for part in ("queue", "compute_input", "compute_infer", "compute_output"):
             rows.append([f"{model}: {part.replace('_', ' ')}", parts.get(f"{model}_{part}")])
         rows.append([f"{model}: in-process ORT p50 (direct)", d])
         infer = parts.get(f"{model}_compute_infer")
         if infer is not None and d is not None:
             rows.append([f"{model}: compute infer - direct (Python stub + noise)", infer - d])
-    return table(rows, ["part", "us"], {"us": lambda v: fmt(v, 0)})
+    return an.table(rows, ["part", "us"], {"us": lambda v: an.fmt(v, 0)})
 
 
 def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
@@ -507,9 +495,9 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
             continue
         out += [f"### `ranker` ensemble at N={n}, L={length} (per-composing-model breakdown, "
                 "averages in us)", "", _breakdown_table(run, parts, n, length), ""]
-        s = pick(summary, n=n, length=length, concurrency=1)
-        if s and num(s["ensemble_over_direct"]) is not None:
-            direct_total = num(s["direct_split_p50_us"]) or 0.0
+        s = an.pick(summary, n=n, length=length, concurrency=1)
+        if s and an.num(s["ensemble_over_direct"]) is not None:
+            direct_total = an.num(s["direct_split_p50_us"]) or 0.0
             overhead = parts.get("client_p50", 0.0) - direct_total
             server, grpc = parts.get("ensemble_avg_request_latency"), parts.get("client_avg_grpc")
             models = ("user_encoder", "target_fusion")
@@ -518,12 +506,13 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
             queue = sum(parts.get(f"{mm}_queue", 0.0) for mm in models)
             out += [
                 f"Triton adds {overhead / 1e3:.2f} ms to {direct_total / 1e3:.2f} ms of model time "
-                f"(ensemble/direct {fmt(s['ensemble_over_direct'], 2)}): of the averages, "
-                + (f"gRPC + client marshalling {fmt((grpc or 0) - (server or 0), 0)} us, "
+                f"(ensemble/direct {an.fmt(s['ensemble_over_direct'], 2)}): of the averages, "
+                + (f"gRPC + client marshalling {an.fmt((grpc or 0) - (server or 0), 0)} us, "
                    if grpc is not None and server is not None else "")
-                + f"the composing models' queues {fmt(queue, 0)} us, their compute input + output "
+                + f"the composing models' queues {an.fmt(queue, 0)} us, their compute input + "
+                "output "
                 f"(tensors into and out of the Python-backend stubs, user_kv "
-                f"{run.flops.user_kv_bytes(length) / 2**20:.2f} MiB included) {fmt(comp_io, 0)} "
+                f"{run.flops.user_kv_bytes(length) / 2**20:.2f} MiB included) {an.fmt(comp_io, 0)} "
                 "us; the rest is the stubs' own per-call cost inside compute infer and noise.", ""]
     if run.profile:
         n, length = run.mode.profile_point
@@ -533,11 +522,11 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
             rows = [r for r in run.profile if r["graph"] == graph]
             total = sum(float(r["us_per_run"]) for r in rows)  # type: ignore[arg-type]
             out += [f"{graph} ({total / 1e3:.2f} ms of kernels per run):", "",
-                    table(rows[:8], {"op type": "op_type", "us per run": "us_per_run",
+                    an.table(rows[:8], {"op type": "op_type", "us per run": "us_per_run",
                                      "share": "share", "nodes": "nodes_per_run"},
-                          {"us_per_run": lambda v: fmt(v, 0), "share": pct,
-                           "nodes_per_run": lambda v: fmt(v, 0)}), ""]
-    rows = [r for r in summary if r["concurrency"] == 1 and num(r["speedup_over_bound"])]
+                          {"us_per_run": lambda v: an.fmt(v, 0), "share": an.pct,
+                           "nodes_per_run": lambda v: an.fmt(v, 0)}), ""]
+    rows = [r for r in summary if r["concurrency"] == 1 and an.num(r["speedup_over_bound"])]
     if rows:
         out += [
             "### Measured speedup vs the bound, decomposed", "",
@@ -552,13 +541,13 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
         trs = []
         for r in rows:
             n, length = r["n"], r["length"]
-            nv = pick(run.direct, "gflops", model="ranker_naive", n=n, length=length)
-            sp = pick(run.direct, "gflops", model="split", n=n, length=length)
+            nv = an.pick(run.direct, "gflops", model="ranker_naive", n=n, length=length)
+            sp = an.pick(run.direct, "gflops", model="split", n=n, length=length)
             over_n, over_r = r["naive_over_direct"], r["ensemble_over_direct"]
-            trs.append([length, n, fmt(r["speedup_over_bound"], 2), fmt(sp, 1), fmt(nv, 1),
-                        fmt(ratio(sp, nv), 2), fmt(over_n, 2), fmt(over_r, 2),
-                        fmt(ratio(over_n, over_r), 2)])
-        out += [table(trs, ["L", "N", "speedup / bound", "R_split GFLOP/s", "R_naive GFLOP/s",
+            trs.append([length, n, an.fmt(r["speedup_over_bound"], 2), an.fmt(sp, 1), an.fmt(nv, 1),
+                        an.fmt(an.ratio(sp, nv), 2), an.fmt(over_n, 2), an.fmt(over_r, 2),
+                        an.fmt(an.ratio(over_n, over_r), 2)])
+        out += [an.table(trs, ["L", "N", "speedup / bound", "R_split GFLOP/s", "R_naive GFLOP/s",
                             "R_split / R_naive", "naive Triton/direct", "ranker Triton/direct",
                             "overhead ratio"]), ""]
     out += ["### Missed targets and next steps", ""]
@@ -592,12 +581,12 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
 
 def _bound_miss(summary: list[Row], n: int, length: int) -> str:
     """Where a speedup/bound miss comes from: model FLOP rates vs Triton overheads."""
-    r = pick(summary, n=n, length=length, concurrency=1)
+    r = an.pick(summary, n=n, length=length, concurrency=1)
     if r is None:
         return ""
-    model = ratio(r["direct_speedup"], r["flop_bound"])
-    over_n, over_r = num(r["naive_over_direct"]), num(r["ensemble_over_direct"])
-    triton = ratio(over_n, over_r)
+    model = an.ratio(r["direct_speedup"], r["flop_bound"])
+    over_n, over_r = an.num(r["naive_over_direct"]), an.num(r["ensemble_over_direct"])
+    triton = an.ratio(over_n, over_r)
     if model is None or triton is None or over_r is None or over_n is None:
         return "Not decomposable: the in-process naive timing is missing at this point."
     text = (f"Decomposed: in-process the split reaches {model:.2f} x bound (its FLOP rate vs the "
@@ -631,9 +620,9 @@ def _profile_notes(run: Run) -> str:
         return ""
     top = {g: [r for r in run.profile if r["graph"] == g][:3]
            for g in ("user_encoder", "target_fusion")}
-    tops = {g: ", ".join(f"{r['op_type']} {pct(r['share'])}" for r in rows)
+    tops = {g: ", ".join(f"{r['op_type']} {an.pct(r['share'])}" for r in rows)
             for g, rows in top.items()}
-    hints = [f"- {OP_HINTS[str(r['op_type'])]} ({r['graph']}: {pct(r['share'])})."
+    hints = [f"- {OP_HINTS[str(r['op_type'])]} ({r['graph']}: {an.pct(r['share'])})."
              for rows in top.values() for r in rows if str(r["op_type"]) in OP_HINTS]
     return "\n".join([
         f"Model-side next steps, from the profile: user_encoder's top op types are "

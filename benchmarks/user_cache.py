@@ -32,15 +32,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from benchmarks.analysis import (
-    LOCAL_SERVER,
-    check,
-    machine,
-    machine_table,
-    percentile_ms,
-    table,
-    write_csv,
-)
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
 from client import contract as c
 from client.api import RankerClient
@@ -105,12 +97,13 @@ class Timings:
 
 
 def row(length: int, n: int, path: str, delta: int | str, t: Timings, note: str = "") -> dict:
-    ranker, cached = percentile_ms(t.ranker, 50), percentile_ms(t.cached, 50)
+    ranker, cached = an.percentile_ms(t.ranker, 50), an.percentile_ms(t.cached, 50)
     return {
         "L": length, "N": n, "path": path, "delta": delta, "requests": len(t.cached),
-        "cached_p50_ms": round(cached, 3), "cached_p90_ms": round(percentile_ms(t.cached, 90), 3),
+        "cached_p50_ms": round(cached, 3),
+        "cached_p90_ms": round(an.percentile_ms(t.cached, 90), 3),
         "ranker_p50_ms": round(ranker, 3) if t.ranker else "",
-        "ranker_p90_ms": round(percentile_ms(t.ranker, 90), 3) if t.ranker else "",
+        "ranker_p90_ms": round(an.percentile_ms(t.ranker, 90), 3) if t.ranker else "",
         "cached_over_ranker_p50": round(cached / ranker, 3) if t.ranker else "",
         "paths_seen": " ".join(f"{k}:{v}" for k, v in sorted(t.paths.items())),
         "max_abs_diff_vs_ranker": f"{t.diff:.2e}" if t.ranker else "", "note": note,
@@ -288,9 +281,9 @@ def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: 
         f"{cfg.num_heads} heads, max_history {cfg.max_history}, mask {cfg.mask}), "
         f"N = {args.num_candidates}, {args.requests} timed requests per path and model, "
         "gRPC client latency (one RPC, client side), concurrency 1.", "",
-        "## Machine", "", machine_table(info), "",
+        "## Machine", "", an.machine_table(info), "",
         "## Per path (p50 / p90 in ms)", "",
-        table([[str(r[f]) for f in FIELDS if f not in ("N", "requests", "note")] for r in rows],
+        an.table([[str(r[f]) for f in FIELDS if f not in ("N", "requests", "note")] for r in rows],
               ["L", "path", "ΔL", "ranker_cached p50", "p90", "ranker p50", "p90",
                "cached / ranker", "paths seen", "max abs diff"]),
     ]
@@ -331,11 +324,11 @@ def targets(rows: list[dict]) -> list[str]:
         if ("repeat", 0) in by and fusion:
             ratio = by[("repeat", 0)]["cached_p50_ms"] / fusion["cached_p50_ms"]
             out.append([length, "a repeat costs <= 1.3x target_fusion alone", f"{ratio:.2f}x",
-                        check(ratio, 1.3, higher=False)[0]])
+                        an.check(ratio, 1.3, higher=False)[0]])
         if ("miss", 0) in by:
             ratio = by[("miss", 0)]["cached_over_ranker_p50"]
             out.append([length, "a miss costs <= 1.1x ranker", f"{ratio:.2f}x",
-                        check(ratio, 1.1, higher=False)[0]])
+                        an.check(ratio, 1.1, higher=False)[0]])
         if ("append", 10) in by and ("repeat", 0) in by and ("miss", 0) in by:
             # Both increments over a hit, through the same ensemble: what the append adds vs
             # what a full encode adds (target_fusion alone would also count sending user_kv
@@ -345,10 +338,10 @@ def targets(rows: list[dict]) -> list[str]:
                      / (by[("miss", 0)]["cached_p50_ms"] - hit))
             out.append([length, "an append of ΔL = 10 costs <= 5 % of a full encode (the "
                         "target is set at L = 8192)", "(append p50 - repeat p50) / (miss p50 - "
-                        f"repeat p50) = {share:.1%}", check(share, 0.05, higher=False)[0]])
+                        f"repeat p50) = {share:.1%}", an.check(share, 0.05, higher=False)[0]])
     if not out:
         return []
-    return ["## Targets", "", table(out, ["L", "target", "measured", "verdict"]), ""]
+    return ["## Targets", "", an.table(out, ["L", "target", "measured", "verdict"]), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.requests)
             rows.append(row(length, args.num_candidates, "repeat, Triton response cache", 0, t,
                             "ranker with response_cache on user_encoder (exact repeats only)"))
-    info = machine(**LOCAL_SERVER)
+    info = an.machine(**an.LOCAL_SERVER)
     load = external_cores(start)
     if load:
         info["other processes' CPU during the run"] = f"{load['ext_cpu_cores']:.2f} cores"
@@ -406,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                          "than absolute times.")
     bad = [r for r in rows if r["max_abs_diff_vs_ranker"]
            and float(r["max_abs_diff_vs_ranker"]) > TOLERANCE]
-    write_csv(args.out / "user_cache.csv", rows)
+    an.write_csv(args.out / "user_cache.csv", rows)
     (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, rates, info, notes))
     for r in rows:
         log(f"L={r['L']} {r['path']:<30} ΔL={r['delta']!s:<4} cached p50 {r['cached_p50_ms']} "
