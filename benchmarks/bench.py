@@ -21,8 +21,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -53,6 +55,8 @@ from client import contract
 from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
 
+T = TypeVar("T")
+
 
 def mem_available_bytes() -> int:
     return int(psutil.virtual_memory().available)
@@ -73,6 +77,30 @@ def calm_now(seconds: float = 1.0) -> bool:
     snap = cpu.snapshot()
     time.sleep(seconds)
     return cpu.external_cores(snap).get("ext_cpu_cores", 1e9) <= CONTENDED_CORES
+
+
+def measured(st: State, fn: Callable[[], T], retry: Callable[[T], bool] = lambda _: True,
+             note: Callable[[str], None] | None = None) -> tuple[T, dict[str, float], int]:
+    """fn() with the CPU other processes used meanwhile; in modes that retry, once more when
+    that exceeded CONTENDED_CORES and a probe finds the machine calm again, keeping the attempt
+    with less outside CPU use (chosen by the contention figure, never by the result); `retry`
+    can rule a retry out by the first result (too long a run). Returns (result, load, attempts)."""
+    snap = cpu.snapshot()
+    result, load = fn(), cpu.external_cores(snap)
+    others = load.get("ext_cpu_cores", 0.0)
+    if not (st.mode.retry_contended and others > CONTENDED_CORES and retry(result)):
+        return result, load, 1
+    if not calm_now():
+        if note:
+            note(f"others used {others:.2f} cores meanwhile and still do: kept")
+        return result, load, 1
+    if note:
+        note(f"others used {others:.2f} cores meanwhile, now calm: measuring once more")
+    snap = cpu.snapshot()
+    again, load_again = fn(), cpu.external_cores(snap)
+    if load_again.get("ext_cpu_cores", 1e9) < others:
+        return again, load_again, 2
+    return result, load, 2
 
 
 def grid(mode: Mode) -> list[tuple[int, int]]:
@@ -136,15 +164,8 @@ def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
     reqs = st.requests[(n, length)]
     m = st.mode
     out: dict[str, float] = {}
-    snap = cpu.snapshot()
-    split = direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500)
-    load = cpu.external_cores(snap)
-    if m.retry_contended and load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES and calm_now():
-        snap = cpu.snapshot()
-        again = direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500)
-        load_again = cpu.external_cores(snap)
-        if load_again.get("ext_cpu_cores", 1e9) < load["ext_cpu_cores"]:
-            split, load = again, load_again
+    split, load, _ = measured(
+        st, lambda: direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500))
     flop_of = {"user_encoder": st.flops.user(length), "target_fusion": st.flops.fusion(n, length),
                "split": st.flops.split(n, length)}
     for name, timing in split.items():
@@ -154,28 +175,16 @@ def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
         st.direct.append({"model": "ranker_naive", "n": n, "length": length,
                           "status": naive_skip})
     else:
-        heavy = naive_est_s > HEAVY_S
-        snap = cpu.snapshot()
-        timing, first = direct.time_single(
+        (timing, first), load, _ = measured(st, lambda: direct.time_single(
             "ranker_naive", sessions.naive, reqs, naive_est_s, m.direct_budget_s,
-            2 if heavy else 3, 500)
+            2 if naive_est_s > HEAVY_S else 3, 500), lambda _: False)  # too slow to repeat
         out["ranker_naive"] = timing.p50_us
         st.naive_ref[length] = (n, timing.p50_us / 1e6)
         st.direct.append({**direct_row("ranker_naive", n, length, "ok", timing,
-                                       st.flops.naive(n, length)), **cpu.external_cores(snap)})
+                                       st.flops.naive(n, length)), **load})
         st.direct[-1]["max_abs_diff"] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
-    snap = cpu.snapshot()
-    timing, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
-                                   m.direct_budget_s, 3, 500)
-    base_load = cpu.external_cores(snap)
-    if (m.retry_contended and base_load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES
-            and calm_now()):
-        snap = cpu.snapshot()
-        again, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
-                                      m.direct_budget_s, 3, 500)
-        load_again = cpu.external_cores(snap)
-        if load_again.get("ext_cpu_cores", 1e9) < base_load["ext_cpu_cores"]:
-            timing, base_load = again, load_again
+    (timing, _), base_load, _ = measured(st, lambda: direct.time_single(
+        "ranker_base", sessions.base, reqs, 1e-4, m.direct_budget_s, 3, 500))
     out["ranker_base"] = timing.p50_us
     st.direct.append({**direct_row("ranker_base", n, length, "ok", timing, st.flops.base(n)),
                       **base_load})
@@ -213,32 +222,22 @@ def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: in
         return None
     s = settings_for(st, service_us or 1000.0, concurrency)
     tag = f"{model}_N{n}_L{length}_c{concurrency}"
-    st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: perf_analyzer "
-                f"K={s.request_count} -s {s.stability:g} -r {s.max_trials} ...")
-    attempts = 0
-    while True:
-        attempts += 1
-        snap = cpu.snapshot()
-        res = pa.run(model, url, st.input_files[(n, length)], st.out / "perf_analyzer", s,
-                     tag if attempts == 1 else f"{tag}_attempt{attempts}")
-        load = cpu.external_cores(snap)
-        contended = load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES
-        if attempts == 1 and contended and st.mode.retry_contended and res.wall_s < RETRY_MAX_S:
-            if calm_now():
-                st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: others used "
-                            f"{load['ext_cpu_cores']:.2f} cores meanwhile, now calm: "
-                            "measuring once more")
-                first, first_load = res, load
-                continue
-            st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: others used "
-                        f"{load['ext_cpu_cores']:.2f} cores meanwhile and still do: kept")
-        if attempts == 2 and first_load["ext_cpu_cores"] < load.get("ext_cpu_cores", 1e9):
-            res, load = first, first_load
-        break
+    label = f"{step} {model:<12} N={n} L={length} c={concurrency}"
+    st.progress(f"{label}: perf_analyzer K={s.request_count} -s {s.stability:g} "
+                f"-r {s.max_trials} ...")
+    attempt = iter(range(1, 3))
+
+    def once() -> pa.Result:
+        i = next(attempt)
+        return pa.run(model, url, st.input_files[(n, length)], st.out / "perf_analyzer", s,
+                      tag if i == 1 else f"{tag}_attempt{i}")
+
+    res, load, attempts = measured(st, once, lambda r: r.wall_s < RETRY_MAX_S,
+                                   lambda msg: st.progress(f"{label}: {msg}"))
     p50 = f"{res.p50_us / 1e3:.2f} ms" if res.p50_us is not None else "-"
     thr = f"{res.throughput:.2f}/s" if res.throughput is not None else "-"
     ext = f", others used {load['ext_cpu_cores']:.2f} cores" if load else ""
-    st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: {res.status}, "
+    st.progress(f"{label}: {res.status}, "
                 f"p50 {p50}, {thr}, {res.passes} windows, {res.wall_s:.1f} s{ext}"
                 + (f" ({res.message})" if res.message else ""))
     row.update({

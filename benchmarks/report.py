@@ -28,7 +28,7 @@ from benchmarks.flops import (
     seeds_scaled_drop,
     sequence_cost_ratio,
 )
-from benchmarks.state import MODES, Mode
+from benchmarks.state import MODES, REPO_ROOT, Mode
 from export.config import ModelConfig
 
 Row = dict[str, object]
@@ -64,7 +64,9 @@ class Run:
         mode = replace(MODES[info["mode"]], naive_limit_s=info["naive_limit_s"])
         frames = {n: an.records(an.read_csv(out / f"{n}.csv"))
                   if (out / f"{n}.csv").stat().st_size > 1 else [] for n in CSVS}
-        return cls(mode, ModelConfig.load(Path(info["config"])), info, frames["points"],
+        config = Path(info["config"])  # relative: to the repository root
+        return cls(mode, ModelConfig.load(config if config.is_absolute() else REPO_ROOT / config),
+                   info, frames["points"],
                    frames["direct"], frames["ensemble_breakdown"], frames["memory"],
                    frames["ort_profile"])
 

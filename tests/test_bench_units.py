@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from benchmarks import perf_analyzer as pa
@@ -143,3 +146,33 @@ def test_machine_and_figure(tmp_path) -> None:
             ax.plot([1, 10], [1, 100], label="line")
             an.loglog(ax, "x", "y", "t")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- committed reports
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def test_committed_bench_report_is_the_generator_output(tmp_path: Path) -> None:
+    """report.md and summary.csv of the committed run equal what benchmarks/report.py makes of
+    the committed CSVs and run.json: the report holds no figure its files do not."""
+    from benchmarks import report
+
+    for name in ("run.json", *(f"{n}.csv" for n in report.CSVS)):
+        shutil.copy(RESULTS / name, tmp_path / name)
+    report.write(tmp_path)
+    assert (tmp_path / "report.md").read_text() == (RESULTS / "report.md").read_text()
+    assert (tmp_path / "summary.csv").read_text() == (RESULTS / "summary.csv").read_text()
+    assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("run", ["long_history", "long_history_bidirectional"])
+def test_committed_long_history_report_is_the_generator_output(run: str, tmp_path: Path) -> None:
+    from benchmarks import long_report
+
+    for f in (RESULTS / run).glob("long_*.*"):
+        if f.suffix in (".csv", ".json"):
+            shutil.copy(f, tmp_path / f.name)
+    assert long_report.main([str(tmp_path)]) == 0
+    assert (tmp_path / "long_history.md").read_text() == (RESULTS / run / "long_history.md"
+                                                         ).read_text()
