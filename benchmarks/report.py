@@ -208,7 +208,7 @@ def targets(run: Run, summary: list[Row]) -> list[Row]:
         value = an.num(r["ensemble_over_direct"]) if r else None
         add(f"ensemble latency <= {TARGET_ENSEMBLE} x direct ORT at N=50", f"N=50, L={length}",
             value, TARGET_ENSEMBLE, False, f"{an.ms(r['ranker_p50_us'])} ms / "
-            f"{an.ms(r['direct_split_p50_us'])} ms = {an.fmt(value, 2)}" if r else "")
+            f"{an.ms(r['direct_split_p50_us'])} ms = {an.fmt(value, 2)}" if r else "", flags(r))
     return out
 
 
