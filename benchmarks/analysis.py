@@ -14,6 +14,7 @@ regenerated without re-measuring). The API, all that a new benchmark needs:
 - `check(value, threshold, higher)`: a target's verdict ("met"/"missed"/"not measured") and margin.
 - `machine(**extra)` and `machine_table(info)`: the machine description every result carries.
 - `figure(path, ...)` and `loglog(ax, ...)`: a matplotlib figure saved on exit (Agg backend).
+- `Progress(name)`: time-stamped progress lines for long runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,6 +203,22 @@ def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Seq
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Progress lines of a long run, stamped with the time since it started:
+    `log = Progress("bench"); log("...")` prints `[bench 01:02.3] ...`."""
+
+    def __init__(self, name: str = "bench", stream: Any = None) -> None:
+        self.name, self.stream, self.t0 = name, stream, time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        print(f"[{self.name} {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}",
+              file=self.stream or sys.stdout, flush=True)
 
 
 # --------------------------------------------------------------------------- the machine

@@ -42,8 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
 
 
-def log(message: str) -> None:
-    print(f"[cache_load] {message}", file=sys.stderr, flush=True)
+log = an.Progress("cache_load", sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

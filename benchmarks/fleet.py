@@ -39,8 +39,7 @@ MODEL = "ranker_cached"
 TOLERANCE = 1e-5
 
 
-def log(message: str) -> None:
-    print(f"[fleet] {message}", file=sys.stderr, flush=True)
+log = an.Progress("fleet", sys.stderr)
 
 
 def _ints(text: str) -> list[int]:

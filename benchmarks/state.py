@@ -4,13 +4,13 @@ and `State`, the one object the orchestration (benchmarks/bench.py) fills while 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import cpu
+from benchmarks.analysis import Progress
 from benchmarks.flops import FlopModel
 from export.config import DEFAULT_CONFIG, ModelConfig
 
@@ -77,17 +77,6 @@ HEAVY_MAX_TRIALS = 8
 MEMORY_SHARE = 0.5
 CONTENDED_CORES = cpu.CONTENDED_CORES
 RETRY_MAX_S = 30.0
-
-
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        elapsed = time.monotonic() - self.t0
-        print(f"[bench {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------- the run

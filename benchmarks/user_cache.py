@@ -52,8 +52,7 @@ FIELDS = ["L", "N", "path", "delta", "requests", "cached_p50_ms", "cached_p90_ms
           "max_abs_diff_vs_ranker", "note"]
 
 
-def log(message: str) -> None:
-    print(f"[user_cache] {message}", file=sys.stderr, flush=True)
+log = an.Progress("user_cache", sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
