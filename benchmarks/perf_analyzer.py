@@ -115,9 +115,13 @@ def model_stats(url: str) -> dict[str, dict[str, float]]:
     """Triton's cumulative statistics per model: request count and total ns of success, queue
     and compute input/infer/output."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(as_json=True)
+    try:
+        with grpcclient.InferenceServerClient(url) as client:
+            stats = client.get_inference_statistics(as_json=True)
+    except InferenceServerException:  # the server is gone: perf_analyzer's own error says why
+        return {}
     out: dict[str, dict[str, float]] = {}
     for m in stats.get("model_stats", []):
         parts = m.get("inference_stats", {})

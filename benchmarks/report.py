@@ -62,8 +62,8 @@ class Run:
     def load(cls, out: Path) -> Run:
         info = json.loads((out / "run.json").read_text())
         mode = replace(MODES[info["mode"]], naive_limit_s=info["naive_limit_s"])
-        frames = {n: an.records(an.read_csv(out / f"{n}.csv"))
-                  if (out / f"{n}.csv").stat().st_size > 1 else [] for n in CSVS}
+        frames = {n: an.records(an.read_csv(out / f"{n}.csv")) if (out / f"{n}.csv").exists()
+                  and (out / f"{n}.csv").read_text().strip() else [] for n in CSVS}
         config = Path(info["config"])  # relative: to the repository root
         return cls(mode, ModelConfig.load(config if config.is_absolute() else REPO_ROOT / config),
                    info, frames["points"],
