@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
 
 from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
@@ -123,9 +124,7 @@ def raw(url: str, model: str, tensors: dict[str, np.ndarray], outputs: list[str]
         ) -> tuple[list[np.ndarray], float]:
     inputs = []
     for name, value in tensors.items():
-        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
-                 np.dtype(np.float16): "FP16"}[value.dtype]
-        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     with grpcclient.InferenceServerClient(url) as cl:
