@@ -176,3 +176,15 @@ def test_committed_long_history_report_is_the_generator_output(run: str, tmp_pat
     assert long_report.main([str(tmp_path)]) == 0
     assert (tmp_path / "long_history.md").read_text() == (RESULTS / run / "long_history.md"
                                                          ).read_text()
+
+
+def test_rebuilding_a_report_from_a_folder_without_a_run_says_so(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture
+                                                                  ) -> None:
+    from benchmarks import long_report, report
+
+    for module, marker in ((report, "run.json"), (long_report, "long_facts.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert f"{marker} not found" in capsys.readouterr().err
