@@ -20,7 +20,6 @@ Writes <out>/cache_load.csv and <out>/cache_load.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import threading
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
-from benchmarks.user_cache import machine, pct
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
@@ -44,8 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
 
 
-def log(message: str) -> None:
-    print(f"[cache_load] {message}", file=sys.stderr, flush=True)
+log = an.Progress("cache_load", sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,7 +119,7 @@ def append_cost(client: RankerClient, gen: RequestGenerator, args: argparse.Name
         user, req = gen.user_id(), gen.request(args.length - args.delta, n)
         client.score(req, "ranker_cached", user)
         visit(client, user, gen.returning(req, args.delta), record)  # append
-    hit, append, miss = (pct(record.seconds[p], 50) for p in ("hit", "append", "miss"))
+    hit, append, miss = (an.percentile_ms(record.seconds[p], 50) for p in ("hit", "append", "miss"))
     return {"hit_p50_ms": hit, "append_p50_ms": append, "miss_p50_ms": miss,
             "append_share": (append - hit) / (miss - hit), "errors": len(record.errors),
             "counts": {p: len(v) for p, v in record.seconds.items()}}
@@ -165,11 +163,12 @@ def head_of_line(url: str, gen: RequestGenerator, args: argparse.Namespace) -> d
         run_clients(workers, args.hol_seconds)
         out[phase] = record
     alone, busy = out["alone"], out["with misses"]
-    hit_alone = pct(alone.seconds["hit"], 50)
-    return {"hit_p50_alone_ms": hit_alone, "hit_p90_alone_ms": pct(alone.seconds["hit"], 90),
-            "hit_p50_with_misses_ms": pct(busy.seconds["hit"], 50),
-            "hit_p90_with_misses_ms": pct(busy.seconds["hit"], 90),
-            "miss_p50_ms": pct(busy.seconds["miss"], 50),
+    hit_alone = an.percentile_ms(alone.seconds["hit"], 50)
+    return {"hit_p50_alone_ms": hit_alone,
+            "hit_p90_alone_ms": an.percentile_ms(alone.seconds["hit"], 90),
+            "hit_p50_with_misses_ms": an.percentile_ms(busy.seconds["hit"], 50),
+            "hit_p90_with_misses_ms": an.percentile_ms(busy.seconds["hit"], 90),
+            "miss_p50_ms": an.percentile_ms(busy.seconds["miss"], 50),
             "hits_alone": len(alone.seconds["hit"]), "hits_with_misses": len(busy.seconds["hit"]),
             "misses": len(busy.seconds["miss"]),
             "unexpected_paths": len(alone.seconds["miss"]) + len(alone.seconds["append"])
@@ -232,8 +231,8 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
             "first_errors": record.errors[:3], "paths_reported": sent,
             "counters": counters, "counters_add_up": counters == sent and not record.errors,
             "sampled": len(chosen), "max_abs_diff_vs_naive": worst,
-            "p50_ms": {p: pct(v, 50) for p, v in record.seconds.items()},
-            "p90_ms": {p: pct(v, 90) for p, v in record.seconds.items()}}
+            "p50_ms": {p: an.percentile_ms(v, 50) for p, v in record.seconds.items()},
+            "p90_ms": {p: an.percentile_ms(v, 90) for p, v in record.seconds.items()}}
 
 
 def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict, hol: dict,
@@ -250,30 +249,31 @@ def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict,
         f"`{Path(args.config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
         f"max_history {cfg.max_history}, mask {cfg.mask}), gRPC client latency, one run, one "
         "server.", "",
-        "## Machine", "", "| item | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in info.items()], "",
-        "## Targets", "", "| measurement | target | measured | verdict |", "|---|---|---|---|",
-        f"| append, L = {args.length}, ΔL = {args.delta}, N = {args.num_candidates} | "
-        f"(append p50 - hit p50) <= 5 % of (miss p50 - hit p50) | "
-        f"({cost['append_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) / "
-        f"({cost['miss_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) = {cost['append_share']:.1%} | "
-        f"{verdict(cost['append_share'] <= 0.05)} |",
-        f"| head-of-line, L = {args.length}: 3 clients of repeats + 1 of first visits | hit p90 "
-        f"<= 0.3 x miss p50 | {hol['hit_p90_with_misses_ms']:.1f} / {hol['miss_p50_ms']:.1f} = "
-        f"{hol_ratio:.2f} | {verdict(hol_ratio <= 0.3)} |",
-        f"| same | hit p50 with misses <= 2 x hit p50 alone | "
-        f"{hol['hit_p50_with_misses_ms']:.1f} / {hol['hit_p50_alone_ms']:.1f} = {slow:.2f} | "
-        f"{verdict(slow <= 2)} |",
-        f"| mixed load, {args.mixed_clients} clients, {args.mixed_seconds:.0f} s, L in "
-        f"[{args.mixed_min_length}, {args.mixed_max_length}], N = {args.mixed_candidates} | "
-        f"0 errors | {mixed['errors']} errors in {mixed['requests']} requests | "
-        f"{verdict(mixed['errors'] == 0)} |",
-        f"| same | every sampled response equals ranker_naive | {mixed['sampled']} sampled, max "
-        f"abs diff {mixed['max_abs_diff_vs_naive']:.2e} | "
-        f"{verdict(mixed['max_abs_diff_vs_naive'] <= TOLERANCE and mixed['sampled'] > 0)} |",
-        f"| same | the cache's counters add up to the requests sent | counters "
-        f"{mixed['counters']}, responses {mixed['paths_reported']} | "
-        f"{verdict(mixed['counters_add_up'])} |", "",
+        "## Machine", "", an.machine_table(info), "",
+        "## Targets", "",
+        an.table([
+            [f"append, L = {args.length}, ΔL = {args.delta}, N = {args.num_candidates}",
+             "(append p50 - hit p50) <= 5 % of (miss p50 - hit p50)",
+             f"({cost['append_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) / "
+             f"({cost['miss_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) = "
+             f"{cost['append_share']:.1%}", verdict(cost["append_share"] <= 0.05)],
+            [f"head-of-line, L = {args.length}: 3 clients of repeats + 1 of first visits",
+             "hit p90 <= 0.3 x miss p50", f"{hol['hit_p90_with_misses_ms']:.1f} / "
+             f"{hol['miss_p50_ms']:.1f} = {hol_ratio:.2f}", verdict(hol_ratio <= 0.3)],
+            ["same", "hit p50 with misses <= 2 x hit p50 alone",
+             f"{hol['hit_p50_with_misses_ms']:.1f} / {hol['hit_p50_alone_ms']:.1f} = {slow:.2f}",
+             verdict(slow <= 2)],
+            [f"mixed load, {args.mixed_clients} clients, {args.mixed_seconds:.0f} s, L in "
+             f"[{args.mixed_min_length}, {args.mixed_max_length}], N = {args.mixed_candidates}",
+             "0 errors", f"{mixed['errors']} errors in {mixed['requests']} requests",
+             verdict(mixed["errors"] == 0)],
+            ["same", "every sampled response equals ranker_naive", f"{mixed['sampled']} sampled, "
+             f"max abs diff {mixed['max_abs_diff_vs_naive']:.2e}",
+             verdict(mixed["max_abs_diff_vs_naive"] <= TOLERANCE and mixed["sampled"] > 0)],
+            ["same", "the cache's counters add up to the requests sent",
+             f"counters {mixed['counters']}, responses {mixed['paths_reported']}",
+             verdict(mixed["counters_add_up"])]],
+            ["measurement", "target", "measured", "verdict"]), "",
         "## Details", "",
         f"- Append measurement (one client, {args.requests} requests per path): paths "
         f"{cost['counts']}, {cost['errors']} errors.",
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed = mixed_load(server.grpc_url, f"127.0.0.1:{metrics_port}", gen, args)
     finally:
         server.stop()
-    info = machine()
+    info = an.machine(**an.LOCAL_SERVER)
     load = external_cores(start)
     if load:
         info["other processes' CPU during the run"] = (
@@ -334,11 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                       **{f"{p}_p90_ms": v for p, v in mixed["p90_ms"].items()},
                       **{f"{p}_responses": v for p, v in mixed["paths_reported"].items()},
                       **{f"{p}_counter": v for p, v in mixed["counters"].items()}}}
-    with open(args.out / "cache_load.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["measurement", "quantity", "value"])
-        for measurement, values in rows.items():
-            writer.writerows([measurement, k, v] for k, v in values.items())
+    an.write_csv(args.out / "cache_load.csv", [
+        {"measurement": measurement, "quantity": k, "value": v}
+        for measurement, values in rows.items() for k, v in values.items()])
     (args.out / "cache_load.md").write_text(markdown(args, cfg, info, cost, hol, mixed))
     log(f"wrote {args.out / 'cache_load.md'}")
     ok = (mixed["errors"] == 0 and mixed["counters_add_up"]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 
 from export import reference_features as c
 from export.repositories import onnx_path
@@ -150,25 +150,17 @@ def profile_ops(repository: Path, name: str, feeds: Sequence[Mapping[str, np.nda
     for i in range(reps + 1):
         sess.run(None, dict(feeds[i % len(feeds)]))
     trace = Path(sess.end_profiling())
-    events = json.loads(trace.read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    first_end = runs[0]["ts"] + runs[0]["dur"] if len(runs) > 1 else 0  # skip the first run
-    by_op: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        if e["ts"] < first_end:
-            continue
-        op = e.get("args", {}).get("op_name", "?")
-        by_op[op] += e["dur"]
-        counts[op] += 1
-    total = sum(by_op.values()) or 1.0
-    runs_timed = max(1, len(runs) - 1)
+    events = pd.DataFrame(json.loads(trace.read_text()))
     trace.unlink(missing_ok=True)
-    rows = [
-        {"graph": name, "op_type": op, "us_per_run": by_op[op] / runs_timed,
-         "share": by_op[op] / total, "nodes_per_run": counts[op] / runs_timed}
-        for op in sorted(by_op, key=by_op.get, reverse=True)
-    ]
+    runs = events[(events["cat"] == "Session") & (events["name"] == "model_run")]
+    first_end = runs["ts"].iloc[0] + runs["dur"].iloc[0] if len(runs) > 1 else 0  # skip run 1
+    kernels = events[(events["cat"] == "Node") & events["name"].str.endswith("_kernel_time")
+                     & (events["ts"] >= first_end)]
+    ops = kernels["args"].map(lambda a: a.get("op_name", "?"))
+    by_op = kernels["dur"].groupby(ops).agg(["sum", "count"]).sort_values("sum", ascending=False)
+    timed = max(1, len(runs) - 1)
+    total = by_op["sum"].sum() or 1.0
+    rows = [{"graph": name, "op_type": op, "us_per_run": float(r["sum"]) / timed,
+             "share": float(r["sum"]) / total, "nodes_per_run": float(r["count"]) / timed}
+            for op, r in by_op.iterrows()]
     return rows

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import write_csv
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
-from benchmarks.user_cache import machine
 from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER, nginx_variable
 from client.request import RankingRequest
@@ -41,8 +40,7 @@ MODEL = "ranker_cached"
 TOLERANCE = 1e-5
 
 
-def log(message: str) -> None:
-    print(f"[fleet] {message}", file=sys.stderr, flush=True)
+log = an.Progress("fleet", sys.stderr)
 
 
 def _ints(text: str) -> list[int]:
@@ -158,13 +156,13 @@ def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, profil
         for index, scores in result["scores"].items():
             expected = client.score(traffic[index][1], "ranker_naive")
             worst = max(worst, float(np.max(np.abs(scores - expected))))
-    ms = np.asarray(result["latencies"]) * 1e3
     served = hits + appends + misses
     row = {
         "replicas": k, "balance": balance, "requests": len(traffic),
         "failed": len(result["failures"]),
-        "throughput_rps": len(ms) / result["wall_s"],
-        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+        "throughput_rps": len(result["latencies"]) / result["wall_s"],
+        "p50_ms": an.percentile_ms(result["latencies"], 50),
+        "p99_ms": an.percentile_ms(result["latencies"], 99),
         "full_encodes_per_request": misses / served if served else float("nan"),
         "hits": hits, "appends": appends, "misses": misses,
         "checked_vs_naive": len(result["scores"]), "max_abs_diff_vs_naive": worst,
@@ -191,35 +189,33 @@ def markdown(args: argparse.Namespace, rows: list[dict], info: dict[str, str]) -
         f"each later visit a repeat or +1..10 events, N = {args.num_candidates}, "
         f"{args.concurrency} client threads; latency is one RPC at the client. "
         f"{args.check} responses per run checked against `ranker_naive`.", "",
-        "## Machine", "", "| item | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in info.items()], "",
+        "## Machine", "", an.machine_table(info), "",
         "**This machine has 2 cores, shared by every replica** (and nginx, and the client), so "
         "throughput cannot scale with replicas here: more replicas only add processes competing "
         "for the same cores. Read the throughput and latency columns as hash vs round robin at "
         "the same K; the cache column does not depend on cores.", "",
         "## Results", "",
-        "| K | balance | requests | failed | req/s | p50 ms | p99 ms | full encodes / request "
-        "| hits | appends | misses | max abs diff vs naive | others' CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        an.table(rows, {"K": "replicas", "balance": "balance", "requests": "requests",
+                     "failed": "failed", "req/s": "throughput_rps", "p50 ms": "p50_ms",
+                     "p99 ms": "p99_ms", "full encodes / request": "full_encodes_per_request",
+                     "hits": "hits", "appends": "appends", "misses": "misses",
+                     "max abs diff vs naive": "max_abs_diff_vs_naive",
+                     "others' CPU (cores)": "others_cpu_cores"},
+              {"throughput_rps": "{:.1f}", "p50_ms": "{:.1f}", "p99_ms": "{:.1f}",
+               "full_encodes_per_request": "{:.3f}", "max_abs_diff_vs_naive": "{:.2g}",
+               "others_cpu_cores": "{:.2f}"}, missing="-"),
+        "", "## Hash vs round robin at the same K", "",
     ]
-    for r in rows:
-        others = r["others_cpu_cores"]
-        lines.append(
-            f"| {r['replicas']} | {r['balance']} | {r['requests']} | {r['failed']} | "
-            f"{r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['full_encodes_per_request']:.3f} | {r['hits']} | {r['appends']} | "
-            f"{r['misses']} | {r['max_abs_diff_vs_naive']:.2g} | "
-            f"{'-' if others is None else f'{others:.2f}'} |")
-    lines += ["", "## Hash vs round robin at the same K", "",
-              "| K | throughput hash / round robin | p50 round robin / hash | full encodes "
-              "round robin / hash |", "|---|---|---|---|"]
+    pairs = []
     for k in sorted({r["replicas"] for r in rows}):
         pair = {r["balance"]: r for r in rows if r["replicas"] == k}
         if {"hash", "round-robin"} <= set(pair):
             h, rr = pair["hash"], pair["round-robin"]
-            lines.append(f"| {k} | {h['throughput_rps'] / rr['throughput_rps']:.2f}x | "
-                         f"{rr['p50_ms'] / h['p50_ms']:.2f}x | "
-                         f"{rr['full_encodes_per_request'] / h['full_encodes_per_request']:.2f}x |")
+            pairs.append([k, f"{h['throughput_rps'] / rr['throughput_rps']:.2f}x",
+                          f"{rr['p50_ms'] / h['p50_ms']:.2f}x",
+                          f"{rr['full_encodes_per_request'] / h['full_encodes_per_request']:.2f}x"])
+    lines.append(an.table(pairs, ["K", "throughput hash / round robin", "p50 round robin / hash",
+                               "full encodes round robin / hash"]))
     lines += ["", "With K = 1 both rules send everything to the one replica (the same paths): "
               "there the columns show this machine's noise. Two replicas can keep both cores "
               "busy, a third cannot add any.",
@@ -247,13 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             for balance in order:
                 seed = args.seed * 1000 + k * 10 + (balance == "hash")
                 rows.append(measure(fleet, k, balance, args, profile_dim, seed))
-        info = machine()
-        info["nginx"] = "1.22 (Debian), one worker"
+        info = an.machine(**an.LOCAL_SERVER, nginx="1.22 (Debian), one worker")
     finally:
         fleet.stop()
     rows.sort(key=lambda r: (r["replicas"], r["balance"] != "hash"))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "fleet.csv", rows)
+    an.write_csv(args.out / "fleet.csv", rows)
     (args.out / "fleet.md").write_text(markdown(args, rows, info))
     log(f"wrote {args.out / 'fleet.csv'} and {args.out / 'fleet.md'}")
     bad = [r for r in rows if r["failed"] or r["max_abs_diff_vs_naive"] > TOLERANCE]

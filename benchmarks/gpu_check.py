@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.bench import write_csv
+from benchmarks import analysis as an
 from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.guards import append_rule, length_rule, limit_rule, naive_rule
@@ -142,7 +142,7 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
                         t0 = time.perf_counter()
                         run(sessions[g], feeds)
                         times.append(time.perf_counter() - t0)
-                    timings[g] = float(np.median(times)) * 1e3
+                    timings[g] = an.percentile_ms(times, 50)
                 diff = float(np.abs(scores[provider] - scores["cpu"]).max())
                 rows.append({"provider": provider, "active_provider": active, "check": "scores",
                              "L": length, "N": n, "fp16": args.fp16, "max_abs_diff": diff,
@@ -171,20 +171,22 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
 
 def write(rows: list[dict[str, object]], out: Path, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "gpu_check.csv", rows)
+    an.write_csv(out / "gpu_check.csv", rows)
+    info = an.machine(**({"note": args.machine} if args.machine else {}))
     lines = ["# GPU check", "", f"Config `{args.config}`, fp16={args.fp16}, providers "
-             f"{', '.join(args.providers)}; onnxruntime {ort.__version__}. Machine: "
-             f"{args.machine}.", "",
-             "| provider | L | N | max abs diff vs CPU | user_encoder p50 ms | "
-             "target_fusion p50 ms | user_kv MiB | GPU MiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["check"] == "scores"):
-        lines.append(f"| {r['active_provider']} | {r['L']} | {r['N']} | {r['max_abs_diff']:.2e}"
-                     f" | {r['user_encoder_p50_ms']:.2f} | {r['target_fusion_p50_ms']:.2f} | "
-                     f"{r['user_kv_mib']:.1f} | {r['gpu_memory_mib']} |")
-    lines += ["", "| provider | graph | rule | refused, named |", "|---|---|---|---|"]
-    lines += [f"| {r['active_provider']} | {r['graph']} | {r['rule']} | {r['ok']} |"
-              for r in rows if r["check"] == "guard"]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+             f"{', '.join(args.providers)}.", "", "## Machine", "", an.machine_table(info), "",
+             an.table([r for r in rows if r["check"] == "scores"],
+                   {"provider": "active_provider", "L": "L", "N": "N",
+                    "max abs diff vs CPU": "max_abs_diff",
+                    "user_encoder p50 ms": "user_encoder_p50_ms",
+                    "target_fusion p50 ms": "target_fusion_p50_ms", "user_kv MiB": "user_kv_mib",
+                    "GPU MiB": "gpu_memory_mib"},
+                   {"max_abs_diff": an.sci, "user_encoder_p50_ms": "{:.2f}",
+                    "target_fusion_p50_ms": "{:.2f}", "user_kv_mib": "{:.1f}"}), "",
+             an.table([r for r in rows if r["check"] == "guard"],
+                   {"provider": "active_provider", "graph": "graph", "rule": "rule",
+                    "refused, named": "ok"}), ""]
+    (out / "gpu_check.md").write_text("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,7 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--candidates", type=int, nargs="+", default=[50, 1000])
     p.add_argument("--repeats", type=int, default=10, help="timed runs per graph and point")
-    p.add_argument("--machine", default="(describe the machine: GPU, driver, CUDA)")
+    p.add_argument("--machine", default="",
+                   help="a note on the machine beyond what is detected (CPU, GPU via nvidia-smi, "
+                        "versions)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "gpu"))
     args = p.parse_args(argv)
     available = ort.get_available_providers()

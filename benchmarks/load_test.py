@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from benchmarks import analysis as an
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
 from export.reference_features import profile_dim_of, reference_generator
@@ -306,14 +307,8 @@ def run_phase(
 def percentiles_ms(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
-    a = np.asarray(values) * 1000.0
-    return {
-        "p50": round(float(np.percentile(a, 50)), 2),
-        "p90": round(float(np.percentile(a, 90)), 2),
-        "p99": round(float(np.percentile(a, 99)), 2),
-        "max": round(float(a.max()), 2),
-        "mean": round(float(a.mean()), 2),
-    }
+    return {**{f"p{q}": round(an.percentile_ms(values, q), 2) for q in (50, 90, 99)},
+            "max": round(max(values) * 1e3, 2), "mean": round(1e3 * sum(values) / len(values), 2)}
 
 
 def memory_figures(
@@ -596,28 +591,26 @@ def _run(
 
 
 def print_report(f: dict[str, Any]) -> None:
-    lat = f["latency_ms"] or {}
-    print("load_test: ---- report ----")
-    print(f"  requests: {f['requests']} ({f['clients']} clients), completed {f['completed']}, "
-          f"errors {f['errors']}, not sent {f['not_sent']}")
-    print(f"  checked against {f['oracle']}: {f['checks']}, mismatches {f['mismatches']}, "
-          f"max abs diff {f['max_abs_diff']:.3g}")
-    print(f"  throughput: {f['throughput_rps']} req/s over {f['ranker_wall_s']} s "
-          f"(oracle checks running alongside; last check done at {f['wall_s']} s)")
+    """The figures as a markdown table (the --json file holds all of them), then the verdict."""
+    lat, mem = f["latency_ms"] or {}, f["memory"]
+    rows = [["requests", f"{f['requests']} ({f['clients']} clients), completed {f['completed']},"
+                         f" errors {f['errors']}, not sent {f['not_sent']}"],
+            [f"checked against {f['oracle']}", f"{f['checks']}, mismatches {f['mismatches']}, "
+                                              f"max abs diff {f['max_abs_diff']:.3g}"],
+            ["throughput", f"{f['throughput_rps']} req/s over {f['ranker_wall_s']} s (oracle "
+                           f"checks alongside; last check done at {f['wall_s']} s)"]]
     if lat:
-        print(f"  latency ms: p50 {lat['p50']}, p90 {lat['p90']}, p99 {lat['p99']}, "
-              f"max {lat['max']}")
-    mem = f["memory"]
-    if mem.get("measured"):
-        print(f"  server memory MiB: after warm-up {mem['after_warmup_mib']}, end "
-              f"{mem['end_mib']}, max {mem['max_mib']}, growth {mem['growth_mib']} MiB "
-              f"({mem['growth_pct']} %, limit {mem['max_growth_pct']} %)")
-    else:
-        print(f"  server memory: not measured ({mem.get('reason')})")
+        rows.append(["latency ms", ", ".join(f"{k} {lat[k]}" for k in ("p50", "p90", "p99",
+                                                                        "max"))])
+    rows.append(["server memory MiB", f"after warm-up {mem['after_warmup_mib']}, end "
+                 f"{mem['end_mib']}, max {mem['max_mib']}, growth {mem['growth_mib']} MiB "
+                 f"({mem['growth_pct']} %, limit {mem['max_growth_pct']} %)"
+                 if mem.get("measured") else f"not measured ({mem.get('reason')})"])
+    print(an.table(rows, ["figure", "value"]))
     for line in f["failures"]:
-        print(f"  FAIL: {line}")
+        print(f"FAIL: {line}")
     for sample in (f["error_samples"] + f["warmup"]["error_samples"])[:5]:
-        print(f"  error example: {sample}")
+        print(f"error example: {sample}")
     print(f"load_test: {'PASS' if f['ok'] else 'FAIL'}", flush=True)
 
 

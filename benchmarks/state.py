@@ -1,16 +1,16 @@
 """What a benchmark run is made of: the run modes (--smoke, --quick, full), the progress printer
-and `State`, the one object the orchestration (benchmarks/bench.py) fills and the report
-(benchmarks/report.py, benchmarks/report_sections.py) reads."""
+and `State`, the one object the orchestration (benchmarks/bench.py) fills while it measures
+(the report, benchmarks/report.py, reads the CSVs written from it)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import cpu
+from benchmarks.analysis import Progress
 from benchmarks.flops import FlopModel
 from export.config import DEFAULT_CONFIG, ModelConfig
 
@@ -66,6 +66,7 @@ SMOKE = Mode(
     memory_points=(("user_encoder", 5, 64), ("target_fusion", 5, 64), ("ranker_naive", 5, 64)),
     profile_point=(5, 64),
 )
+MODES = {m.name: m for m in (FULL, QUICK, SMOKE)}
 # Rough Triton overhead per request (us) added to the in-process time to size the windows.
 OVERHEAD_US = {"ranker": 1500.0, "ranker_naive": 1000.0, "ranker_base": 1000.0}
 # Heavy requests (> 1 s): fewer per window, fewer windows; the count-window floor is 1 s anyway.
@@ -76,17 +77,6 @@ HEAVY_MAX_TRIALS = 8
 MEMORY_SHARE = 0.5
 CONTENDED_CORES = cpu.CONTENDED_CORES
 RETRY_MAX_S = 30.0
-
-
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        elapsed = time.monotonic() - self.t0
-        print(f"[bench {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------- the run
@@ -107,9 +97,5 @@ class State:
     breakdown: list[dict[str, object]] = field(default_factory=list)  # ensemble_breakdown.csv
     memory: list[dict[str, object]] = field(default_factory=list)  # memory.csv
     profile: list[dict[str, object]] = field(default_factory=list)  # ort_profile.csv
-    exactness: dict[tuple[int, int], float] = field(default_factory=dict)
     naive_ref: dict[int, tuple[int, float]] = field(default_factory=dict)  # L -> (N, seconds)
     machine: dict[str, str] = field(default_factory=dict)
-    wall: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    keep_inputs: bool = False

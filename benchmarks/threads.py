@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.bench import write_csv
+from benchmarks import analysis as an
 from benchmarks.direct import model_path
 from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in policies.items():
                 times[name].append(ranker_once(s, requests[i % len(requests)]))
         for name, values in times.items():
-            p50 = float(np.median(values)) * 1e3
+            p50 = an.percentile_ms(values, 50)
             rows.append({"L": length, "N": n, "policy": name, "p50_ms": round(p50, 3),
-                         "p90_ms": round(float(np.percentile(values, 90)) * 1e3, 3)})
+                         "p90_ms": round(an.percentile_ms(values, 90), 3)})
             print(f"L={length:<5} N={n:<5} {name:<26} p50 {p50:8.2f} ms", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(args.out, rows)
+        an.write_csv(args.out, rows)
         print(f"wrote {args.out}")
     return 0
 

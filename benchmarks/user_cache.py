@@ -22,9 +22,7 @@ Writes <out>/user_cache.csv and <out>/user_cache.md (machine, method, results).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import shutil
 import sys
 import time
@@ -33,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
 
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
@@ -54,8 +54,7 @@ FIELDS = ["L", "N", "path", "delta", "requests", "cached_p50_ms", "cached_p90_ms
           "max_abs_diff_vs_ranker", "note"]
 
 
-def log(message: str) -> None:
-    print(f"[user_cache] {message}", file=sys.stderr, flush=True)
+log = an.Progress("user_cache", sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,18 +97,15 @@ class Timings:
     diff: float = 0.0
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
-
-
 def row(length: int, n: int, path: str, delta: int | str, t: Timings, note: str = "") -> dict:
-    ranker = pct(t.ranker, 50)
+    ranker, cached = an.percentile_ms(t.ranker, 50), an.percentile_ms(t.cached, 50)
     return {
         "L": length, "N": n, "path": path, "delta": delta, "requests": len(t.cached),
-        "cached_p50_ms": round(pct(t.cached, 50), 3), "cached_p90_ms": round(pct(t.cached, 90), 3),
+        "cached_p50_ms": round(cached, 3),
+        "cached_p90_ms": round(an.percentile_ms(t.cached, 90), 3),
         "ranker_p50_ms": round(ranker, 3) if t.ranker else "",
-        "ranker_p90_ms": round(pct(t.ranker, 90), 3) if t.ranker else "",
-        "cached_over_ranker_p50": round(pct(t.cached, 50) / ranker, 3) if t.ranker else "",
+        "ranker_p90_ms": round(an.percentile_ms(t.ranker, 90), 3) if t.ranker else "",
+        "cached_over_ranker_p50": round(cached / ranker, 3) if t.ranker else "",
         "paths_seen": " ".join(f"{k}:{v}" for k, v in sorted(t.paths.items())),
         "max_abs_diff_vs_ranker": f"{t.diff:.2e}" if t.ranker else "", "note": note,
     }
@@ -129,9 +125,7 @@ def raw(url: str, model: str, tensors: dict[str, np.ndarray], outputs: list[str]
         ) -> tuple[list[np.ndarray], float]:
     inputs = []
     for name, value in tensors.items():
-        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
-                 np.dtype(np.float16): "FP16"}[value.dtype]
-        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     with grpcclient.InferenceServerClient(url) as cl:
@@ -276,22 +270,6 @@ def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenera
     return t
 
 
-def machine() -> dict[str, str]:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import onnxruntime
-
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu,
-            "cores": str(os.cpu_count()), "gpu": "none",
-            "os": platform.platform(), "python": platform.python_version(),
-            "tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
-                            "python-backend stand-ins running ONNX Runtime)",
-            "onnxruntime": onnxruntime.__version__}
-
-
 def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: dict,
              rates: dict[str, float], info: dict[str, str], notes: list[str]) -> str:
     kv_bytes = cfg.num_layers * 2 * cfg.d_model * 4
@@ -302,17 +280,12 @@ def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: 
         f"{cfg.num_heads} heads, max_history {cfg.max_history}, mask {cfg.mask}), "
         f"N = {args.num_candidates}, {args.requests} timed requests per path and model, "
         "gRPC client latency (one RPC, client side), concurrency 1.", "",
-        "## Machine", "", "| item | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in info.items()], "",
+        "## Machine", "", an.machine_table(info), "",
         "## Per path (p50 / p90 in ms)", "",
-        "| L | path | ΔL | ranker_cached p50 | p90 | ranker p50 | p90 | cached / ranker | "
-        "paths seen | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|",
+        an.table([[str(r[f]) for f in FIELDS if f not in ("N", "requests", "note")] for r in rows],
+              ["L", "path", "ΔL", "ranker_cached p50", "p90", "ranker p50", "p90",
+               "cached / ranker", "paths seen", "max abs diff"]),
     ]
-    for r in rows:
-        lines.append(f"| {r['L']} | {r['path']} | {r['delta']} | {r['cached_p50_ms']} | "
-                     f"{r['cached_p90_ms']} | {r['ranker_p50_ms']} | {r['ranker_p90_ms']} | "
-                     f"{r['cached_over_ranker_p50']} | {r['paths_seen']} | "
-                     f"{r['max_abs_diff_vs_ranker']} |")
     lines += ["", "Rows `target_fusion alone` and `user_encoder alone` call those models "
               "directly (their p50 is in the ranker_cached column); `target_fusion alone` receives "
               "user_kv from the client over gRPC (2 MiB at L = 1000), which a hit does not, so a "
@@ -349,12 +322,12 @@ def targets(rows: list[dict]) -> list[str]:
         fusion = by.get(("target_fusion alone", ""))
         if ("repeat", 0) in by and fusion:
             ratio = by[("repeat", 0)]["cached_p50_ms"] / fusion["cached_p50_ms"]
-            out.append(f"| {length} | a repeat costs <= 1.3x target_fusion alone | "
-                       f"{ratio:.2f}x | {'met' if ratio <= 1.3 else 'missed'} |")
+            out.append([length, "a repeat costs <= 1.3x target_fusion alone", f"{ratio:.2f}x",
+                        an.check(ratio, 1.3, higher=False)[0]])
         if ("miss", 0) in by:
             ratio = by[("miss", 0)]["cached_over_ranker_p50"]
-            out.append(f"| {length} | a miss costs <= 1.1x ranker | {ratio:.2f}x | "
-                       f"{'met' if ratio <= 1.1 else 'missed'} |")
+            out.append([length, "a miss costs <= 1.1x ranker", f"{ratio:.2f}x",
+                        an.check(ratio, 1.1, higher=False)[0]])
         if ("append", 10) in by and ("repeat", 0) in by and ("miss", 0) in by:
             # Both increments over a hit, through the same ensemble: what the append adds vs
             # what a full encode adds (target_fusion alone would also count sending user_kv
@@ -362,14 +335,12 @@ def targets(rows: list[dict]) -> list[str]:
             hit = by[("repeat", 0)]["cached_p50_ms"]
             share = ((by[("append", 10)]["cached_p50_ms"] - hit)
                      / (by[("miss", 0)]["cached_p50_ms"] - hit))
-            verdict = "met" if share <= 0.05 else "missed"
-            out.append(f"| {length} | an append of ΔL = 10 costs <= 5 % of a full encode (the "
-                       f"issue sets it at L = 8192) | (append p50 - repeat p50) / (miss p50 - "
-                       f"repeat p50) = {share:.1%} | {verdict} |")
+            out.append([length, "an append of ΔL = 10 costs <= 5 % of a full encode (the "
+                        "target is set at L = 8192)", "(append p50 - repeat p50) / (miss p50 - "
+                        f"repeat p50) = {share:.1%}", an.check(share, 0.05, higher=False)[0]])
     if not out:
         return []
-    return ["## Targets", "", "| L | target | measured | verdict |",
-            "|---|---|---|---|", *out, ""]
+    return ["## Targets", "", an.table(out, ["L", "target", "measured", "verdict"]), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.requests)
             rows.append(row(length, args.num_candidates, "repeat, Triton response cache", 0, t,
                             "ranker with response_cache on user_encoder (exact repeats only)"))
-    info = machine()
+    info = an.machine(**an.LOCAL_SERVER)
     load = external_cores(start)
     if load:
         info["other processes' CPU during the run"] = f"{load['ext_cpu_cores']:.2f} cores"
@@ -427,10 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                          "than absolute times.")
     bad = [r for r in rows if r["max_abs_diff_vs_ranker"]
            and float(r["max_abs_diff_vs_ranker"]) > TOLERANCE]
-    with open(args.out / "user_cache.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    an.write_csv(args.out / "user_cache.csv", rows)
     (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, rates, info, notes))
     for r in rows:
         log(f"L={r['L']} {r['path']:<30} ΔL={r['delta']!s:<4} cached p50 {r['cached_p50_ms']} "
