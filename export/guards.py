@@ -34,9 +34,9 @@ Why this holds on every execution provider (onnxruntime sources, release 1.19):
   and 0 was the guard's "pass" value. `tests/test_guards.py` checks statically that no guard is a
   Gather and every guard is this string Reshape.
 
-The guard's output (a zero) is added to the first tensor of its group, so every node that reads
-that tensor waits for the guard: nothing of the request runs before the rule is checked. Cost: a
-handful of scalar ops per request.
+The guard's output (a zero) is added to the first integer tensor of its group, so every node that
+reads that tensor waits for the guard: nothing of the request runs before the rule is checked.
+Cost: a handful of scalar ops per request.
 
 Rules (from the family's declaration, export/split_contract.py; values baked in at export,
 mirrored as config parameters for clients):

@@ -1,19 +1,20 @@
 """A servable pair of Triton model repositories for any split family, from its declaration.
 
-What `python -m export` writes for the reference model, derived from a `SplitContract` instead
-of the reference model's names (export/reference_features.py): the serving repository holds
-user_encoder, target_fusion and the `ranker` ensemble linking them (the declaration's request
-features in, user_encoder's state tensors passed by name to target_fusion, the declared outputs
-out), the user-state cache `user_cache`
-and the `ranker_cached` ensemble through it (`cached_configs`, which export/triton_configs.py
-calls for the reference model too: one builder), and an appendable family's
-user_encoder_append; the evaluation repository beside it (export/repositories.py) holds the
-oracle `ranker_naive`.
+What `python -m export` writes for the reference model and `python -m export.hstu_export` for
+HSTU, all derived from a `SplitContract` (and the family's `ServingPlan`: limits, task names,
+evaluation graphs, served state dtypes): the serving repository holds user_encoder,
+target_fusion and the `ranker` ensemble linking them (the declaration's request features in,
+user_encoder's state tensors passed by name to target_fusion, the declared outputs out), the
+user-state cache `user_cache` and the `ranker_cached` ensemble through it (`cached_configs`),
+and an appendable family's user_encoder_append; the evaluation repository beside it
+(export/repositories.py) holds the oracle `ranker_naive` and the family's evaluation graphs
+(the reference model's `ranker_base`).
 
 Every ONNX model's config is `native_model_config` (production flavour: the native onnxruntime
-backend) with the parameters the reference configs carry (ONNX Runtime threads, the serving
-limits baked into the guards, the task names), so the local server builds its flavour from these
-configs unchanged and `check_repositories` holds them against the graphs.
+backend, unless another flavour is asked for) with the parameters clients read (ONNX Runtime
+threads, the serving limits baked into the guards, the task names, the declaration), so the
+local server builds its flavour from these configs unchanged and `check_repositories` holds
+them against the graphs.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the command (whose default family is the reference model of `--config`). Two fla
   the nvidia-pytriton wheel, which ships no onnxruntime backend.
 
 The `ranker` and `ranker_cached` ensembles and the `user_cache` python-backend model (the
-cross-request user K/V cache, model_repository/user_cache/1/model.py) are identical in both
+cross-request user-state cache, model_repository/user_cache/1/model.py) are identical in both
 flavours: the NGC container has the python backend too.
 
 `python -m export.triton_configs --check` exits 1 when the committed configs differ from what
@@ -58,7 +58,7 @@ TARGET_FUSION = "target_fusion"
 NAIVE = "ranker_naive"
 BASE = "ranker_base"
 USER_ENCODER_APPEND = "user_encoder_append"  # causal models only
-USER_CACHE = "user_cache"  # python backend: user_id -> cached user_kv (BLS to the encoders)
+USER_CACHE = "user_cache"  # python backend: user_id -> cached user state (BLS to the encoders)
 CACHED_ENSEMBLE = "ranker_cached"  # the request contract + user_id, through user_cache
 CORE_ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE, BASE)  # every repository has these
 ONNX_MODELS = (*CORE_ONNX_MODELS, USER_ENCODER_APPEND)
@@ -66,8 +66,8 @@ PYTHON_MODELS = (USER_CACHE,)  # code committed in model_repository/<name>/1/mod
 ALL_MODELS = (ENSEMBLE, CACHED_ENSEMBLE, *ONNX_MODELS, *PYTHON_MODELS)
 SERVING_MODELS = tuple(m for m in ALL_MODELS if m not in EVALUATION_MODELS)
 assert set(EVALUATION_MODELS) == {NAIVE, BASE}
-# user_cache's LRU bound: user_kv bytes per user x users to keep (README "ranker_cached").
-# 1 GiB keeps ~500 users at the default config's full history (2 MiB of fp32 user_kv each).
+# user_cache's LRU bound: user-state bytes per user x users to keep (README "ranker_cached").
+# 1 GiB keeps ~500 users at the default config's full history (2 MiB of fp32 K/V each).
 DEFAULT_USER_CACHE_BYTES = 1 << 30
 
 _GPU, _CPU = mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="serving model repository (default: %(default)s)")
     p.add_argument("--evaluation-repository", default=None,
                    help=EVALUATION_OPTION_HELP)
-    p.add_argument("--fp16", action="store_true", help="user_kv in fp16 (an --fp16 export)")
+    p.add_argument("--fp16", action="store_true", help="the user state in fp16 (an --fp16 export)")
     p.add_argument("--tensorrt-fp16", action="store_true",
                    help="add the TensorRT execution accelerator with FP16 precision (GPU)")
     p.add_argument("--response-cache", action="store_true",
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--cache-config local,size=BYTES): exact repeats of the whole history "
                         "skip the encoder; see README 'ranker_cached' for its limits")
     p.add_argument("--user-cache-bytes", type=int, default=DEFAULT_USER_CACHE_BYTES,
-                   help="user_cache's LRU bound in bytes: user_kv bytes per user x users to "
+                   help="user_cache's LRU bound in bytes: user-state bytes per user x users to "
                         "keep (default %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="only compare: exit 1 when a committed config differs")
