@@ -1,6 +1,6 @@
 """The reference model's request and state names: its side of the split contract.
 
-`RankingTransformer`'s features, user state and outputs by name, as its export, guards, configs,
+`RankingTransformer`'s features, user state and outputs by name, as its declaration,
 benchmarks and tests use them, and `reference_features` (its request features with their roles)
 from which `export.split_contract.reference_contract` declares it. Torch-free, so that tools and
 tests build reference requests without loading the model. The family-independent names (the
@@ -126,23 +126,3 @@ def last_event_timestamp_spec() -> TensorSpec:
         LAST_EVENT_TIMESTAMP, "INT64", (1,),
         "timestamp of the newest history event (0 when L = 0); the candidates' time gap needs it",
     )
-
-
-def new_user_kv_spec(num_layers: int, num_heads: int, head_dim: int,
-                     dtype: str = "FP32") -> TensorSpec:
-    """user_encoder_append's output: [layers, 2, H, ΔL, head_dim], the new events' K/V only."""
-    return TensorSpec(NEW_USER_KV, dtype, (num_layers, 2, num_heads, -1, head_dim),
-                      "K/V of the appended events only, to follow the cached ones")
-
-
-def cached_specs(num_layers: int, num_heads: int, head_dim: int,
-                 dtype: str = "FP32") -> list[TensorSpec]:
-    """user_encoder_append's cached inputs: the K/V of the P events already encoded in every
-    layer but the last (the only ones later events attend to), and the newest of them's
-    timestamp (0 when P = 0)."""
-    return [
-        TensorSpec(CACHED_USER_KV, dtype, (num_layers - 1, 2, num_heads, -1, head_dim),
-                   "cached K/V of the first P events, every layer but the last"),
-        TensorSpec(CACHED_LAST_EVENT_TIMESTAMP, "INT64", (1,),
-                   "timestamp of the newest cached event (0 when P = 0)"),
-    ]

@@ -4,8 +4,11 @@ client/split_contract.py, re-exported here for the export's convenience."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from client.split_contract import (  # noqa: F401  (re-exported)
@@ -57,6 +60,29 @@ class SplitModel(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ServingPlan:
+    """What an export writes for a family beyond its declaration: the serving limits its graphs'
+    guards enforce and its configs advertise (candidates per request, ranker_naive's
+    N x (L'+1)^2 work bound), its task names, its extra evaluation graphs (ranker_naive's
+    inputs and outputs under another name, e.g. a benchmark baseline; the model's
+    `evaluation_graphs` says which method each traces) and the dtypes its state is served in
+    where they differ from the declared ones (an fp16 export, `half_state`)."""
+
+    contract: SplitContract
+    max_candidates: int
+    naive_max_work: int
+    task_names: tuple[str, ...] = ()
+    evaluation_graphs: tuple[str, ...] = ()
+    state_dtypes: Mapping[str, str] = field(default_factory=dict)
+
+
+def half_state(contract: SplitContract) -> dict[str, str]:
+    """The served dtypes of an fp16 export: every FP32 state tensor as FP16 (the request
+    features and the outputs keep their declared dtypes)."""
+    return {s.name: "FP16" for s in contract.state if s.dtype == "FP32"}
+
+
 def split_scores(model: SplitModel, request: dict[str, Tensor]) -> Tensor:
     """encode_user then score_candidates on a request given by feature name: what the ensemble
     computes, in torch."""
@@ -103,10 +129,26 @@ def reference_contract(cfg) -> SplitContract:
     )
 
 
+def reference_plan(cfg, fp16: bool = False) -> ServingPlan:
+    """What `python -m export` writes for the reference model of config `cfg`: its declaration,
+    its config's serving limits and task names, its benchmark baseline `ranker_base` as an
+    evaluation graph, and with `fp16` its state served in fp16 (fp16 weights; the request and
+    the scores stay int64 / fp32)."""
+    contract = reference_contract(cfg)
+    return ServingPlan(contract, cfg.max_candidates, cfg.naive_max_work, tuple(cfg.task_names),
+                       tuple(ReferenceSplitModel.evaluation_graphs),
+                       half_state(contract) if fp16 else {})
+
+
 class ReferenceSplitModel(nn.Module):
     """`RankingTransformer` seen through the SplitModel protocol, its code unchanged: its
-    forwards already take the protocol's argument orders; this adds `contract()`. A module
-    itself, so that an export traces its weights as weights."""
+    forwards already take the protocol's argument orders; this adds `contract()`, the request's
+    contract dtypes at the boundary of an fp16 model (`user_profile` enters in the weights'
+    dtype, the scores leave as fp32, the K/V stay in the weights' dtype) and its benchmark
+    baseline `ranker_base` (`forward_base`, an evaluation graph). A module itself, so that an
+    export traces its weights as weights."""
+
+    evaluation_graphs: ClassVar[dict[str, str]] = {"ranker_base": "forward_base"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -115,17 +157,30 @@ class ReferenceSplitModel(nn.Module):
     def contract(self) -> SplitContract:
         return reference_contract(self.model.cfg)
 
+    def _dtype(self) -> torch.dtype:
+        return self.model.item_emb.weight.dtype
+
     def forward(self, *features: Tensor) -> Tensor:
-        return self.model(*features)
+        *ids, profile = features
+        return self.model(*ids, profile.to(self._dtype())).float()
+
+    def forward_base(self, *features: Tensor) -> Tensor:
+        """The request -> scores without the sequence module (the `ranker_base` baseline)."""
+        *ids, profile = features
+        return self.model.forward_base(*ids, profile.to(self._dtype())).float()
 
     def encode_user(self, *history: Tensor) -> tuple[Tensor, ...]:
-        return self.model.encode_user(*history)
+        user_kv, last = self.model.encode_user(*history)
+        return user_kv.to(self._dtype()), last
 
     def score_candidates(self, *inputs: Tensor) -> Tensor:
-        return self.model.score_candidates(*inputs)
+        *candidates, profile, user_kv, last = inputs
+        return self.model.score_candidates(*candidates, profile.to(self._dtype()), user_kv,
+                                           last).float()
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         """cached_user_kv (every layer but the last), cached_last_event_timestamp, the new
         events -> new_user_kv (the new events' K/V only), last_event_timestamp. Refused
         (SplitNotExactError) unless the mask is causal."""
-        return self.model.encode_append(*inputs)
+        new, last = self.model.encode_append(*inputs)
+        return new.to(self._dtype()), last

@@ -1,19 +1,20 @@
 """A servable pair of Triton model repositories for any split family, from its declaration.
 
-What `python -m export` writes for the reference model, derived from a `SplitContract` instead
-of the reference model's names (export/reference_features.py): the serving repository holds
-user_encoder, target_fusion and the `ranker` ensemble linking them (the declaration's request
-features in, user_encoder's state tensors passed by name to target_fusion, the declared outputs
-out), the user-state cache `user_cache`
-and the `ranker_cached` ensemble through it (`cached_configs`, which export/triton_configs.py
-calls for the reference model too: one builder), and an appendable family's
-user_encoder_append; the evaluation repository beside it (export/repositories.py) holds the
-oracle `ranker_naive`.
+What `python -m export` writes for the reference model and `python -m export.hstu_export` for
+HSTU, all derived from a `SplitContract` (and the family's `ServingPlan`: limits, task names,
+evaluation graphs, served state dtypes): the serving repository holds user_encoder,
+target_fusion and the `ranker` ensemble linking them (the declaration's request features in,
+user_encoder's state tensors passed by name to target_fusion, the declared outputs out), the
+user-state cache `user_cache` and the `ranker_cached` ensemble through it (`cached_configs`),
+and an appendable family's user_encoder_append; the evaluation repository beside it
+(export/repositories.py) holds the oracle `ranker_naive` and the family's evaluation graphs
+(the reference model's `ranker_base`).
 
 Every ONNX model's config is `native_model_config` (production flavour: the native onnxruntime
-backend) with the parameters the reference configs carry (ONNX Runtime threads, the serving
-limits baked into the guards, the task names), so the local server builds its flavour from these
-configs unchanged and `check_repositories` holds them against the graphs.
+backend, unless another flavour is asked for) with the parameters clients read (ONNX Runtime
+threads, the serving limits baked into the guards, the task names, the declaration), so the
+local server builds its flavour from these configs unchanged and `check_repositories` holds
+them against the graphs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -28,8 +30,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from client import contract as c
 from client.split_contract import CONTRACT_PARAMETER, contract_to_json
 from export.repositories import repository_of
-from export.split_contract import SplitContract, SplitModel
-from export.split_export import export_all, graph_specs, graphs_for, native_model_config
+from export.split_contract import ServingPlan, SplitContract, SplitModel
+from export.split_export import (
+    evaluation_graphs,
+    export_all,
+    graph_specs,
+    graphs_for,
+    native_model_config,
+)
 from export.triton_configs import (
     CACHED_ENSEMBLE,
     DEFAULT_USER_CACHE_BYTES,
@@ -55,11 +63,14 @@ def _params(values: dict[str, str]) -> dict[str, mc.ModelParameter]:
 
 
 def _limits(contract: SplitContract, graph: str, max_candidates: int, naive_max_work: int,
-            task_names: Sequence[str]) -> dict[str, str]:
+            task_names: Sequence[str], evaluation: Sequence[str] = ()) -> dict[str, str]:
     """The parameters clients read: task names where scores come out, the guards' limits where
-    they apply (as the reference configs mirror them, export/triton_configs.py)."""
+    they apply (export/guards.py), and the declaration (JSON) on the models a client calls with
+    a whole request (the ensembles, the oracle and the `evaluation` graphs), so that it builds
+    and checks requests from the server's own word, with no model code."""
     values: dict[str, str] = {}
-    scored = (ENSEMBLE, CACHED_ENSEMBLE, TARGET_FUSION, NAIVE)
+    called = (ENSEMBLE, CACHED_ENSEMBLE, NAIVE, *evaluation)
+    scored = (*called, TARGET_FUSION)
     if task_names and graph in scored:
         values["task_names"] = ",".join(task_names)
     if graph in scored:
@@ -67,7 +78,7 @@ def _limits(contract: SplitContract, graph: str, max_candidates: int, naive_max_
     if graph == NAIVE:
         values["naive_max_work"] = str(naive_max_work)
         values["max_history"] = str(contract.max_history)
-    if graph in (ENSEMBLE, CACHED_ENSEMBLE, NAIVE):  # what clients call: the declaration
+    if graph in called:
         values[CONTRACT_PARAMETER] = contract_to_json(contract)
     return values
 
@@ -159,27 +170,49 @@ def cached_configs(contract: SplitContract, *, max_candidates: int,
 
 def split_configs(contract: SplitContract, *, max_candidates: int, naive_max_work: int,
                   task_names: Sequence[str] = (), graphs: Sequence[str] | None = None,
-                  cache_bytes: int = DEFAULT_USER_CACHE_BYTES) -> dict[str, mc.ModelConfig]:
-    """Model name -> production config for the exported `graphs` (default: every graph the
-    declaration has), plus, when both halves of the split are there, the `ranker` ensemble,
-    the user-state cache `user_cache` (appending when user_encoder_append is exported too) and
-    the `ranker_cached` ensemble."""
-    graphs = tuple(graphs or graphs_for(contract))
+                  cache_bytes: int = DEFAULT_USER_CACHE_BYTES, evaluation: Sequence[str] = (),
+                  state_dtypes: Mapping[str, str] | None = None, flavour: str = "production",
+                  tensorrt_fp16: bool = False,
+                  response_cache: bool = False) -> dict[str, mc.ModelConfig]:
+    """Model name -> config for the exported `graphs` (default: every graph the declaration
+    has, then the `evaluation` graphs), plus, when both halves of the split are there, the
+    `ranker` ensemble, the user-state cache `user_cache` (appending when user_encoder_append is
+    exported too) and the `ranker_cached` ensemble. `state_dtypes`: the state's served dtypes
+    where they differ from the declared ones (an fp16 export); `flavour` and `tensorrt_fp16`:
+    the ONNX models' backend lines (export/triton_configs.py); `response_cache` turns Triton's
+    response cache on for user_encoder (exact repeats of the whole history; the server needs
+    `--cache-config`)."""
+    graphs = tuple(graphs or graphs_for(contract, evaluation))
     configs: dict[str, mc.ModelConfig] = {}
     for graph in graphs:
-        config = native_model_config(contract, graph)
-        values = {**_limits(contract, graph, max_candidates, naive_max_work, task_names),
-                  **ORT_THREADS}
+        config = native_model_config(contract, graph, flavour=flavour,
+                                     tensorrt_fp16=tensorrt_fp16, state_dtypes=state_dtypes)
+        values = {**_limits(contract, graph, max_candidates, naive_max_work, task_names,
+                            evaluation), **ORT_THREADS}
         for key, value in values.items():
             config.parameters[key].string_value = value
+        if response_cache and graph == USER_ENCODER:
+            config.response_cache.enable = True
         configs[graph] = config
     if USER_ENCODER in graphs and TARGET_FUSION in graphs:
         configs[ENSEMBLE] = split_ensemble(
             contract, _limits(contract, ENSEMBLE, max_candidates, naive_max_work, task_names))
         configs.update(cached_configs(contract, max_candidates=max_candidates,
                                       task_names=task_names, cache_bytes=cache_bytes,
-                                      append=USER_ENCODER_APPEND in graphs))
+                                      append=USER_ENCODER_APPEND in graphs,
+                                      state_dtypes=state_dtypes))
     return configs
+
+
+def plan_configs(plan: ServingPlan, *, graphs: Sequence[str] | None = None,
+                 **options: Any) -> dict[str, mc.ModelConfig]:
+    """`split_configs` for a family's serving plan (its limits, task names, evaluation graphs
+    and served state dtypes); `options` as split_configs' (flavour, tensorrt_fp16,
+    response_cache, cache_bytes)."""
+    return split_configs(plan.contract, max_candidates=plan.max_candidates,
+                         naive_max_work=plan.naive_max_work, task_names=plan.task_names,
+                         graphs=graphs, evaluation=plan.evaluation_graphs,
+                         state_dtypes=plan.state_dtypes, **options)
 
 
 def write_split_repositories(model: SplitModel, serving: Path, *, max_candidates: int,
@@ -188,13 +221,18 @@ def write_split_repositories(model: SplitModel, serving: Path, *, max_candidates
                              graphs: Sequence[str] | None = None, source: str = "",
                              command: str = "export.split_repository.write_split_repositories",
                              cache_bytes: int = DEFAULT_USER_CACHE_BYTES,
+                             target: str = "cpu",
+                             state_dtypes: Mapping[str, str] | None = None,
                              progress: bool = False) -> list[Path]:
-    """Export the graphs and write their configs into the repository pair: ranker_naive into
-    `evaluation` (default: the one beside `serving`), everything else into `serving` (with the
-    user cache's code when `user_cache` is written), each config headed by the `command` and
-    `source` it came from. Returns the files written."""
+    """Export the graphs (default: every graph of the declaration and the model's evaluation
+    graphs) and write their configs into the repository pair: ranker_naive and the evaluation
+    graphs into `evaluation` (default: the one beside `serving`), everything else into
+    `serving` (with the user cache's code when `user_cache` is written), each config headed by
+    the `command` and `source` it came from. `target`: what the graphs are tuned for;
+    `state_dtypes`: the state's served dtypes (an fp16 model's). Returns the files written."""
     contract = model.contract()
-    graphs = tuple(graphs or graphs_for(contract))
+    evaluation_names = tuple(evaluation_graphs(model))
+    graphs = tuple(graphs or graphs_for(contract, evaluation_names))
     if USER_ENCODER_APPEND in graphs and not contract.appendable:
         raise ValueError(f"{contract.family} declares no append: cannot export "
                          f"{USER_ENCODER_APPEND}")
@@ -202,10 +240,12 @@ def write_split_repositories(model: SplitModel, serving: Path, *, max_candidates
     for graph in graphs:
         directory = repository_of(graph, Path(serving), evaluation)
         written += export_all(model, directory, max_candidates=max_candidates,
-                              naive_max_work=naive_max_work, graphs=(graph,), progress=progress)
+                              naive_max_work=naive_max_work, graphs=(graph,), target=target,
+                              progress=progress)
     configs = split_configs(contract, max_candidates=max_candidates,
                             naive_max_work=naive_max_work, task_names=task_names, graphs=graphs,
-                            cache_bytes=cache_bytes)
+                            cache_bytes=cache_bytes, evaluation=evaluation_names,
+                            state_dtypes=state_dtypes)
     for name, config in configs.items():
         path = repository_of(name, Path(serving), evaluation) / name / "config.pbtxt"
         (path.parent / "1").mkdir(parents=True, exist_ok=True)

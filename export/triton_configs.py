@@ -1,7 +1,9 @@
-"""Triton model configs for the whole repository, generated from the model config.
+"""Triton model configs for the whole repository pair, generated from a family's declaration.
 
 One source, built with Triton's own protobuf (`model_config_pb2`) and written with
-`text_format`. Two flavours:
+`text_format`: export/split_repository.py derives every config from the family's declaration
+(export/split_contract.py), this module holds the backend lines, the text form, the files and
+the command (whose default family is the reference model of `--config`). Two flavours:
 
 * `production`: native `onnxruntime` backend on GPU instances (NGC tritonserver 24.10+). These
   are the committed `model_repository/*/config.pbtxt` (the serving models) and
@@ -11,7 +13,7 @@ One source, built with Triton's own protobuf (`model_config_pb2`) and written wi
   the nvidia-pytriton wheel, which ships no onnxruntime backend.
 
 The `ranker` and `ranker_cached` ensembles and the `user_cache` python-backend model (the
-cross-request user K/V cache, model_repository/user_cache/1/model.py) are identical in both
+cross-request user-state cache, model_repository/user_cache/1/model.py) are identical in both
 flavours: the NGC container has the python backend too.
 
 `python -m export.triton_configs --check` exits 1 when the committed configs differ from what
@@ -21,15 +23,17 @@ this generator writes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client.split_contract import CONTRACT_PARAMETER, contract_to_json
-from export import reference_features as c
+from client.contract import TensorSpec
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.repositories import (
     EVALUATION_MODELS,
@@ -39,6 +43,9 @@ from export.repositories import (
     evaluation_beside,
     repository_of,
 )
+
+if TYPE_CHECKING:
+    from export.split_contract import ServingPlan
 
 FLAVOURS = ("production", "local")
 HEADER = (
@@ -51,7 +58,7 @@ TARGET_FUSION = "target_fusion"
 NAIVE = "ranker_naive"
 BASE = "ranker_base"
 USER_ENCODER_APPEND = "user_encoder_append"  # causal models only
-USER_CACHE = "user_cache"  # python backend: user_id -> cached user_kv (BLS to the encoders)
+USER_CACHE = "user_cache"  # python backend: user_id -> cached user state (BLS to the encoders)
 CACHED_ENSEMBLE = "ranker_cached"  # the request contract + user_id, through user_cache
 CORE_ONNX_MODELS = (USER_ENCODER, TARGET_FUSION, NAIVE, BASE)  # every repository has these
 ONNX_MODELS = (*CORE_ONNX_MODELS, USER_ENCODER_APPEND)
@@ -59,8 +66,8 @@ PYTHON_MODELS = (USER_CACHE,)  # code committed in model_repository/<name>/1/mod
 ALL_MODELS = (ENSEMBLE, CACHED_ENSEMBLE, *ONNX_MODELS, *PYTHON_MODELS)
 SERVING_MODELS = tuple(m for m in ALL_MODELS if m not in EVALUATION_MODELS)
 assert set(EVALUATION_MODELS) == {NAIVE, BASE}
-# user_cache's LRU bound: user_kv bytes per user x users to keep (README "ranker_cached").
-# 1 GiB keeps ~500 users at the default config's full history (2 MiB of fp32 user_kv each).
+# user_cache's LRU bound: user-state bytes per user x users to keep (README "ranker_cached").
+# 1 GiB keeps ~500 users at the default config's full history (2 MiB of fp32 K/V each).
 DEFAULT_USER_CACHE_BYTES = 1 << 30
 
 _GPU, _CPU = mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU
@@ -68,15 +75,15 @@ _DTYPES = {"INT64": mc.TYPE_INT64, "FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16,
            "BYTES": mc.TYPE_STRING}
 
 
-def _tensor(spec: c.TensorSpec, kind: type) -> object:
+def _tensor(spec: TensorSpec, kind: type) -> object:
     return kind(name=spec.name, data_type=_DTYPES[spec.dtype], dims=list(spec.dims))
 
 
-def _inputs(specs: list[c.TensorSpec]) -> list[mc.ModelInput]:
+def _inputs(specs: list[TensorSpec]) -> list[mc.ModelInput]:
     return [_tensor(s, mc.ModelInput) for s in specs]
 
 
-def _outputs(specs: list[c.TensorSpec]) -> list[mc.ModelOutput]:
+def _outputs(specs: list[TensorSpec]) -> list[mc.ModelOutput]:
     return [_tensor(s, mc.ModelOutput) for s in specs]
 
 
@@ -111,57 +118,10 @@ def to_flavour(config: mc.ModelConfig, flavour: str, tensorrt_fp16: bool = False
     return out
 
 
-def _task_names(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
-    return {"task_names": mc.ModelParameter(string_value=",".join(cfg.task_names))}
-
-
-# The models a client calls with a whole request carry the family's declaration (JSON), so that
-# a client builds and checks requests from the server's own word, with no model code.
-CALLED_BY_CLIENTS = (ENSEMBLE, CACHED_ENSEMBLE, NAIVE, BASE)
-
-
-def _declaration(cfg: ModelConfig) -> dict[str, mc.ModelParameter]:
-    from export.split_contract import reference_contract
-
-    return {CONTRACT_PARAMETER: mc.ModelParameter(
-        string_value=contract_to_json(reference_contract(cfg)))}
-
-
 # ONNX Runtime threads, read by the native onnxruntime backend (and by the local stand-in, so
 # local numbers predict production ones): the graphs are sequential chains, so one inter-op
 # thread; intra-op 0 = ONNX Runtime's default (one per physical core). See README "Production".
 ORT_THREADS = {"intra_op_thread_count": "0", "inter_op_thread_count": "1"}
-
-
-def _parameters(cfg: ModelConfig, name: str, outputs: list[c.TensorSpec]) -> dict:
-    """task_names for models that output scores; ORT threads for every ONNX model; the serving
-    limits the graphs enforce (export/guards.py), mirrored here so that clients can read them."""
-    params = _task_names(cfg) if c.SCORES in [o.name for o in outputs] else {}
-    params.update({k: mc.ModelParameter(string_value=v) for k, v in ORT_THREADS.items()})
-    if name not in (USER_ENCODER, USER_ENCODER_APPEND):
-        params["max_candidates"] = mc.ModelParameter(string_value=str(cfg.max_candidates))
-    if name == NAIVE:
-        params["naive_max_work"] = mc.ModelParameter(string_value=str(cfg.naive_max_work))
-        params["max_history"] = mc.ModelParameter(string_value=str(cfg.max_history))
-    if name in CALLED_BY_CLIENTS:
-        params.update(_declaration(cfg))
-    return params
-
-
-def _onnx_model(name: str, inputs: list[c.TensorSpec], outputs: list[c.TensorSpec],
-                cfg: ModelConfig, flavour: str, tensorrt_fp16: bool,
-                response_cache: bool = False) -> mc.ModelConfig:
-    config = mc.ModelConfig(
-        name=name, max_batch_size=0, input=_inputs(inputs), output=_outputs(outputs),
-        parameters=_parameters(cfg, name, outputs),
-    )
-    if response_cache:
-        # Triton's own response cache (needs `--cache-config` on the server): exact repeats of
-        # every input only, CPU-resident tensors only (README "ranker_cached").
-        config.response_cache.enable = True
-    _set_backend(config, flavour, tensorrt_fp16)
-    return config
-
 
 # user_cache's limits (export/split_repository.py's user_cache_config): more new events than
 # MAX_APPEND_EVENTS re-encode; versions are looked for within VERSION_WINDOW of the pinned one.
@@ -169,79 +129,32 @@ MAX_APPEND_EVENTS = 256
 VERSION_WINDOW = 16
 
 
-def _ensemble(cfg: ModelConfig, request: list[c.TensorSpec],
-              scores: c.TensorSpec) -> mc.ModelConfig:
-    """request -> user_encoder (once) -> user_kv -> target_fusion (all N candidates) -> scores.
-    (`ranker_cached` and `user_cache` come from the declaration: export/split_repository.py's
-    `cached_configs`.)
+def serving_plan(family: Any, fp16: bool = False) -> ServingPlan:
+    """A family's serving plan (export/split_contract.py): `family` is one already, or a family
+    config that builds one (`serving_plan(fp16=...)`, as the reference ModelConfig does)."""
+    from export.split_contract import ServingPlan, half_state
 
-    user_kv and last_event_timestamp are internal ensemble tensors: produced once, consumed once.
-    """
-    step = mc.ModelEnsembling.Step
-    encode_outputs = (c.USER_KV, c.LAST_EVENT_TIMESTAMP)
-    encode = step(
-        model_name=USER_ENCODER, model_version=-1,
-        input_map={n: n for n in c.HISTORY_INPUTS}, output_map={n: n for n in encode_outputs},
-    )
-    fuse_inputs = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
-                   c.LAST_EVENT_TIMESTAMP]
-    fuse = step(
-        model_name=TARGET_FUSION, model_version=-1,
-        input_map={n: n for n in fuse_inputs}, output_map={c.SCORES: c.SCORES},
-    )
-    return mc.ModelConfig(
-        name=ENSEMBLE, platform="ensemble", max_batch_size=0,
-        input=_inputs(request), output=_outputs([scores]),
-        ensemble_scheduling=mc.ModelEnsembling(step=[encode, fuse]),
-        parameters={**_task_names(cfg),
-                    "max_candidates": mc.ModelParameter(string_value=str(cfg.max_candidates)),
-                    **_declaration(cfg)},
-    )
+    if isinstance(family, ServingPlan):
+        if fp16 and not family.state_dtypes:
+            return dataclasses.replace(family, state_dtypes=half_state(family.contract))
+        return family
+    return family.serving_plan(fp16=fp16)
 
 
-def _cached_configs(cfg: ModelConfig, cache_bytes: int,
-                    state_dtypes: dict[str, str]) -> dict[str, mc.ModelConfig]:
-    """user_cache and ranker_cached from the reference declaration (export/split_repository.py's
-    `cached_configs`, imported here: it builds on this module)."""
-    from export.split_contract import reference_contract
-    from export.split_repository import cached_configs
-
-    return cached_configs(reference_contract(cfg), max_candidates=cfg.max_candidates,
-                          task_names=cfg.task_names, cache_bytes=cache_bytes,
-                          append=cfg.appends, state_dtypes=state_dtypes)
-
-
-def build_configs(cfg: ModelConfig, flavour: str = "production", fp16: bool = False,
+def build_configs(family: Any, flavour: str = "production", fp16: bool = False,
                   tensorrt_fp16: bool = False, response_cache: bool = False,
-                  user_cache_bytes: int = DEFAULT_USER_CACHE_BYTES) -> dict[str, mc.ModelConfig]:
-    """All model configs of the repository, by model name. `response_cache` turns Triton's
+                  user_cache_bytes: int = DEFAULT_USER_CACHE_BYTES,
+                  graphs: Sequence[str] | None = None) -> dict[str, mc.ModelConfig]:
+    """All model configs of a family's repository pair, by model name, from its declaration
+    (export/split_repository.py's `plan_configs`: the ONNX models, the `ranker` and
+    `ranker_cached` ensembles and `user_cache`). `family`: a serving plan or a family config
+    (`serving_plan`); `fp16`: its state served in fp16; `response_cache` turns Triton's
     response cache on for user_encoder (the zero-code option for exact repeats)."""
-    request = c.request_inputs(cfg.profile_dim)
-    by_name = {s.name: s for s in request}
-    scores = c.scores_output(cfg.num_tasks)
-    user_kv = c.user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim,
-                             "FP16" if fp16 else "FP32")
-    last_ts = c.last_event_timestamp_spec()
-    fuse_inputs = [by_name[n] for n in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)]
-    history = [by_name[n] for n in c.HISTORY_INPUTS]
-    configs = {
-        ENSEMBLE: _ensemble(cfg, request, scores),
-        # the user-state cache and ranker_cached: the same builder as every other family's
-        **_cached_configs(cfg, user_cache_bytes, {c.USER_KV: user_kv.dtype}),
-        USER_ENCODER: _onnx_model(USER_ENCODER, history, [user_kv, last_ts], cfg, flavour,
-                                  tensorrt_fp16, response_cache),
-        TARGET_FUSION: _onnx_model(TARGET_FUSION, [*fuse_inputs, user_kv, last_ts], [scores],
-                                   cfg, flavour, tensorrt_fp16),
-        NAIVE: _onnx_model(NAIVE, request, [scores], cfg, flavour, tensorrt_fp16),
-        BASE: _onnx_model(BASE, request, [scores], cfg, flavour, tensorrt_fp16),
-    }
-    if cfg.appends:
-        cached = c.cached_specs(cfg.num_layers, cfg.num_heads, cfg.head_dim, user_kv.dtype)
-        new_kv = c.new_user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, user_kv.dtype)
-        configs[USER_ENCODER_APPEND] = _onnx_model(
-            USER_ENCODER_APPEND, [*cached, *history],
-            [new_kv, last_ts], cfg, flavour, tensorrt_fp16)
-    return configs
+    from export.split_repository import plan_configs
+
+    return plan_configs(serving_plan(family, fp16), graphs=graphs, flavour=flavour,
+                        tensorrt_fp16=tensorrt_fp16, response_cache=response_cache,
+                        cache_bytes=user_cache_bytes)
 
 
 def to_text(config: mc.ModelConfig, source: str = "") -> str:
@@ -267,12 +180,13 @@ def install_python_models(repository: Path) -> list[Path]:
     return copied
 
 
-def write_configs(cfg: ModelConfig, repository: Path, source: str,
-                  evaluation: Path | None = None, **kwargs: object) -> list[Path]:
-    """Every config into its repository: the serving models into `repository`, the oracle and
-    the baseline into `evaluation` (default: the evaluation repository beside it)."""
+def write_configs(family: Any, repository: Path, source: str,
+                  evaluation: Path | None = None, **kwargs: Any) -> list[Path]:
+    """Every config of `family` (build_configs' first argument, `kwargs` its options) into its
+    repository: the serving models into `repository`, the oracle and the baseline into
+    `evaluation` (default: the evaluation repository beside it)."""
     written = []
-    for name, config in build_configs(cfg, **kwargs).items():
+    for name, config in build_configs(family, **kwargs).items():
         path = repository_of(name, repository, evaluation) / name / "config.pbtxt"
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parent / "1").mkdir(exist_ok=True)
@@ -281,12 +195,12 @@ def write_configs(cfg: ModelConfig, repository: Path, source: str,
     return written + install_python_models(repository)
 
 
-def stale_configs(cfg: ModelConfig, repository: Path, source: str,
+def stale_configs(family: Any, repository: Path, source: str,
                   evaluation: Path | None = None) -> list[str]:
     """Names of models whose committed config.pbtxt differs from the generator's output, or
     that sit in the wrong repository of the pair (an oracle in the serving one)."""
     stale = []
-    for name, config in build_configs(cfg).items():
+    for name, config in build_configs(family).items():
         path = repository_of(name, repository, evaluation) / name / "config.pbtxt"
         if not path.exists() or path.read_text() != to_text(config, source):
             stale.append(name)
@@ -313,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="serving model repository (default: %(default)s)")
     p.add_argument("--evaluation-repository", default=None,
                    help=EVALUATION_OPTION_HELP)
-    p.add_argument("--fp16", action="store_true", help="user_kv in fp16 (an --fp16 export)")
+    p.add_argument("--fp16", action="store_true", help="the user state in fp16 (an --fp16 export)")
     p.add_argument("--tensorrt-fp16", action="store_true",
                    help="add the TensorRT execution accelerator with FP16 precision (GPU)")
     p.add_argument("--response-cache", action="store_true",
@@ -321,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--cache-config local,size=BYTES): exact repeats of the whole history "
                         "skip the encoder; see README 'ranker_cached' for its limits")
     p.add_argument("--user-cache-bytes", type=int, default=DEFAULT_USER_CACHE_BYTES,
-                   help="user_cache's LRU bound in bytes: user_kv bytes per user x users to "
+                   help="user_cache's LRU bound in bytes: user-state bytes per user x users to "
                         "keep (default %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="only compare: exit 1 when a committed config differs")

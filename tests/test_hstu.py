@@ -259,24 +259,41 @@ def test_both_families_declare_a_valid_contract() -> None:
         check_contract(reference_contract(ModelConfig(**{**SMALL, "mask": "full"})))
 
 
-@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
-def test_reference_declaration_names_its_graphs_io(mask: str) -> None:
-    """The reference declaration, read generically, gives the reference export's own graph
-    inputs and outputs (export/onnx_export.GRAPHS) and its Triton tensor shapes."""
-    from export.onnx_export import GRAPHS as REFERENCE_GRAPHS
-    from export.onnx_export import contract_specs, graphs_for
+@pytest.mark.parametrize(("mask", "fp16"), [("causal", False), ("causal", True),
+                                             ("bidirectional", False)])
+def test_reference_graphs_keep_their_names(mask: str, fp16: bool) -> None:
+    """The reference graphs, exported from the declaration, keep the inputs and outputs (names,
+    order, dtypes, Triton dims) that clients, the benchmarks and the committed configs have
+    always used; an fp16 export serves user_kv in fp16 and nothing else."""
+    from export.split_export import graphs_for
 
     cfg = ModelConfig(**{**SMALL, "mask": mask})
-    contract = reference_contract(cfg)
-    specs = contract_specs(cfg)
-    for graph in graphs_for(cfg):
-        if graph == "ranker_base":  # a benchmark reference, not part of the split
-            continue
-        inputs, outputs = graph_specs(contract, graph)
-        assert [t.name for t in inputs] == REFERENCE_GRAPHS[graph].inputs, graph
-        assert [t.name for t in outputs] == REFERENCE_GRAPHS[graph].outputs, graph
-        for t in (*inputs, *outputs):
-            assert (t.dtype, t.dims) == (specs[t.name].dtype, specs[t.name].dims), t.name
+    plan = cfg.serving_plan(fp16=fp16)
+    layers, heads, dh, kv = cfg.num_layers, cfg.num_heads, cfg.head_dim, "FP16" if fp16 else "FP32"
+    history = [("history_item_ids", "INT64", (-1,)), ("history_action_ids", "INT64", (-1,)),
+               ("history_timestamps", "INT64", (-1,))]
+    request = [*history, ("candidate_item_ids", "INT64", (-1,)),
+               ("candidate_category_ids", "INT64", (-1,)), ("request_timestamp", "INT64", (1,)),
+               ("user_profile", "FP32", (cfg.profile_dim,))]
+    scores = [("scores", "FP32", (-1, cfg.num_tasks))]
+    user_kv = ("user_kv", kv, (layers, 2, heads, -1, dh))
+    last = ("last_event_timestamp", "INT64", (1,))
+    expected = {
+        "user_encoder": (history, [user_kv, last]),
+        "target_fusion": ([*request[3:], user_kv, last], scores),
+        "ranker_naive": (request, scores),
+        "ranker_base": (request, scores),
+        "user_encoder_append": (
+            [("cached_user_kv", kv, (layers - 1, 2, heads, -1, dh)),
+             ("cached_last_event_timestamp", "INT64", (1,)), *history],
+            [("new_user_kv", kv, (layers, 2, heads, -1, dh)), last]),
+    }
+    graphs = graphs_for(plan.contract, plan.evaluation_graphs)
+    assert set(graphs) == set(expected) - (set() if cfg.appends else {"user_encoder_append"})
+    for graph in graphs:
+        inputs, outputs = graph_specs(plan.contract, graph, plan.state_dtypes)
+        assert [(t.name, t.dtype, t.dims) for t in inputs] == expected[graph][0], graph
+        assert [(t.name, t.dtype, t.dims) for t in outputs] == expected[graph][1], graph
 
 
 def test_reference_model_through_the_protocol() -> None:
@@ -297,7 +314,7 @@ def test_reference_model_exports_through_its_declaration(tmp_path: Path) -> None
     model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
     contract = model.contract()
     paths = export_all(model, tmp_path, max_candidates=50, naive_max_work=2**24)
-    assert [p.parent.parent.name for p in paths] == list(GRAPHS)
+    assert [p.parent.parent.name for p in paths] == [*GRAPHS, "ranker_base"]
     sessions = {p.parent.parent.name: make_session(p) for p in paths}
 
     def run(graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
