@@ -25,9 +25,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from client.contract import TensorSpec
 from export.attention import export_target
+from export.config_parts import _inputs, _outputs, _set_backend
 from export.guards import add_guards
 from export.split_contract import SplitContract, SplitModel, check_contract
-from export.triton_configs import _inputs, _outputs, _set_backend
 
 OPSET = 17  # LayerNormalization is a single op from 17; <= 20 keeps NGC 24.10 happy.
 
