@@ -1,18 +1,10 @@
-"""perf_analyzer benchmark: the shared-K/V `ranker` ensemble vs `ranker_naive` (history re-encoded
-per candidate) and `ranker_base` (no sequence module), across N candidates and L history events,
-against the FLOP bound. Run it through scripts/bench.sh; see --help.
-
-Steps: generate realistic requests per point (client.traffic.RequestGenerator); start a local
-tritonserver (gRPC only, free port); per point, in-process ONNX Runtime timings of the same ONNX
-files, then perf_analyzer against ranker, ranker_naive, ranker_base in turn (so drift hits all
-alike); a small concurrency sweep; stop the server; ORT profile of the split's graphs; peak memory
-per model in fresh subprocesses; write points.csv, summary.csv, report.md and speedup.png.
-"""
+"""perf_analyzer benchmark: `ranker` (shared user K/V) vs `ranker_naive` and `ranker_base` across
+N and L, against the FLOP bound (scripts/bench.sh; the method: benchmarks/README.md). Measures,
+writes the run's CSVs and run.json, then benchmarks/report.py turns them into the report."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -51,7 +43,6 @@ from benchmarks.state import (
     Progress,
     State,
 )
-from export import reference_features as contract
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.reference_features import reference_generator
 
@@ -351,26 +342,6 @@ def server_version(url: str) -> str:
         client.close()
 
 
-def run_profile(st: State) -> None:
-    n, length = st.mode.profile_point
-    reqs = st.requests.get((n, length))
-    if reqs is None:
-        reqs = [reference_generator(seed=7, profile_dim=st.cfg.profile_dim)
-                .request(length, n).as_inputs()]
-    st.progress(f"ORT profile of user_encoder and target_fusion at N={n} L={length}")
-    sessions = direct.Sessions(st.repository)
-    enc_feeds = [{k: r[k] for k in contract.HISTORY_INPUTS} for r in reqs]
-    fus_feeds = [sessions.fusion_inputs(r, sessions.encode(r)) for r in reqs]
-    del sessions
-    work = st.out / "ort_profile"
-    work.mkdir(parents=True, exist_ok=True)
-    for name, feeds in (("user_encoder", enc_feeds), ("target_fusion", fus_feeds)):
-        for row in direct.profile_ops(st.repository, name, feeds, work):
-            st.profile.append({**row, "n": n, "length": length})
-    with contextlib.suppress(OSError):
-        work.rmdir()
-
-
 def run_memory(st: State) -> None:
     for model, n, length in st.mode.memory_points:
         row: dict[str, object] = {"model": model, "n": n, "length": length,
@@ -416,8 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="scripts/bench.sh",
         description="Benchmark the shared-K/V `ranker` ensemble against `ranker_naive` and "
         "`ranker_base` with perf_analyzer (gRPC, realistic generated requests) on a local "
-        "tritonserver it starts and stops itself, plus in-process ONNX Runtime timings, an ORT "
-        "profile and peak memory; compares the measured speedup with the FLOP bound. Full run: "
+        "tritonserver it starts and stops itself, plus in-process ONNX Runtime timings "
+        "and peak memory; compares the measured speedup with the FLOP bound. Full run: "
         "N in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep (about 15-30 min on 2 "
         "cores). Writes points.csv, summary.csv, direct.csv, memory.csv, report.md, speedup.png "
         "into --out.",
@@ -483,12 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     progress("generating requests (client.traffic.RequestGenerator) and perf_analyzer inputs")
     make_requests(st, args.seed)
     benchmark_server(st, args.seed)
-    run_profile(st)
     run_memory(st)
     progress("writing points.csv, direct.csv, memory.csv, ensemble_breakdown.csv, "
-             "ort_profile.csv, run.json; then summary.csv, report.md, speedup.png")
+             "run.json; then summary.csv, report.md, speedup.png")
     for name, rows in (("points", st.points), ("direct", st.direct), ("memory", st.memory),
-                       ("ensemble_breakdown", st.breakdown), ("ort_profile", st.profile)):
+                       ("ensemble_breakdown", st.breakdown)):
         an.write_csv(out / f"{name}.csv", rows)
     config = args.config.resolve()
     total_s = time.monotonic() - progress.t0
