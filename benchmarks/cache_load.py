@@ -1,21 +1,6 @@
-"""The user K/V cache under concurrent traffic, through a real tritonserver it starts itself.
-
-Three measurements, one run, one server (`ranker_cached`, the path of every request read from
-its own `cache_path` output):
-
-* append cost (one client): at L, a miss (first visit), a hit (repeat) and an append of ΔL
-  events (a user cached with L - ΔL events comes back with L); the target is
-  (append p50 - hit p50) <= 5 % of (miss p50 - hit p50);
-* head-of-line: three clients send repeats of three cached users of L events, first alone,
-  then while a fourth client sends first visits of L events back to back; targets:
-  hit p90 with misses <= 0.3 x miss p50, hit p50 with misses <= 2 x hit p50 alone;
-* mixed load: eight clients of returning users (repeats, appends of 1-10 events, first visits
-  of L in [--mixed-min-length, --mixed-max-length]) for --mixed-seconds; targets: no error,
-  every sampled response equal to ranker_naive (checked after the load, so the oracle does not
-  slow it), and user_cache's counters (its metrics) adding up to the requests sent, per path.
-
-Writes <out>/cache_load.csv and <out>/cache_load.md.
-"""
+"""The user K/V cache under concurrent traffic, one server: the append cost (one client), head-of-
+line blocking (3 clients of hits, alone and beside a 4th sending first visits) and a mixed
+8-client returning-user load checked against ranker_naive and the cache's own counters."""
 
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
-"""Fleet benchmark: returning-user traffic through nginx in front of 1, 2 and 3 local replicas,
-consistent hashing on the user id against round robin, side by side.
-
-For each replica count K the fleet (local_server.fleet: real tritonservers, Debian's nginx)
-serves the same kind of traffic twice, with new users each time: once with nginx hashing on the
-user-id header, once in round robin. C client threads (each owning its users, so a user's
-visits keep their order) send `client.traffic.returning_traffic` to ranker_cached. Per run:
-throughput, client-side p50/p99 latency of one RPC, and full encodes per request (user_cache's
-misses / requests, summed over the replicas' Prometheus counters), plus hits and appends.
-A few responses per run are checked against ranker_naive (after the timed run).
-
-On a machine with few cores the replicas share the same cores, so throughput cannot grow with
-K there; the cache figures (full encodes per request) do not depend on cores.
-
-Writes <out>/fleet.csv and <out>/fleet.md. `python -m benchmarks.fleet --help`.
-"""
+"""Fleet benchmark: returning-user traffic to ranker_cached through nginx in front of 1, 2, 3
+local replicas (local_server.fleet), consistent hashing on the user id vs round robin, side by
+side: throughput, client p50/p99, full encodes per request (user_cache's counters over the
+replicas), a few responses checked against ranker_naive. Replicas share this machine's cores, so
+throughput cannot scale here; the cache figures do not depend on cores."""
 
 from __future__ import annotations
 

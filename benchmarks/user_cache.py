@@ -1,23 +1,7 @@
-"""Returning-user traffic: ranker_cached (the user K/V cache) against ranker, per path.
-
-For each history length L (default 1000; 8192 only where the config's max_history allows it)
-the script times, through a real tritonserver over gRPC, on the same requests:
-
-* miss: a user seen for the first time (ranker_cached encodes and stores);
-* repeat: the same history again with new candidates (hit: no encoder runs);
-* append ΔL: a user cached with L - ΔL events comes back with L (user_encoder_append);
-* the references: target_fusion alone (the floor of a hit) and user_encoder alone;
-* optionally Triton's own response cache on user_encoder (the zero-code option) on a repeat.
-
-Every timed ranker_cached request is checked: its path (the response's own `cache_path`
-output) and its scores against ranker's (exact to 1e-5; ranker equals ranker_naive,
-tests/test_server.py). Memory per cached user comes from user_cache's own metrics (bytes held
-per user) and from the user_cache stub's RSS growth. One more line simulates two replicas with
-and without user affinity (the replica is a namespace of user ids on one server, so both see
-the same cache code): the share of requests served without a full encode.
-
-Writes <out>/user_cache.csv and <out>/user_cache.md (machine, method, results).
-"""
+"""Returning-user traffic: ranker_cached (the user K/V cache) against ranker, per path, through a
+real tritonserver: miss, repeat, append ΔL, target_fusion / user_encoder alone, Triton's response
+cache on a repeat, memory per cached user, two replicas with and without user affinity. Every
+ranker_cached response is checked against ranker (1e-5) and its path read from `cache_path`."""
 
 from __future__ import annotations
 
