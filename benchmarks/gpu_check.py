@@ -1,10 +1,11 @@
 """The exported graphs on a GPU's execution providers, checked against the CPU's scores.
 
 `scripts/gpu_check.sh` (README, "Production (NGC container, GPU)"): exports the gpu-target
-graphs (or takes --repository); per provider (CUDA, TensorRT where offered) compares user_encoder + target_fusion scores with the
-CPU EP's at every (L, N) (fp32 1e-4, fp16 5e-3), sends each guard's bad request and checks it is
-refused by name, times both graphs and records user_kv bytes and GPU memory. Writes
-gpu_check.csv and gpu_check.md; `--cpu` runs the same path on the CPU EP (CI checks the script).
+graphs (or takes --repository); per provider (CUDA, TensorRT where offered) compares
+user_encoder + target_fusion scores with the CPU EP's at every (L, N) (fp32 1e-4, fp16 5e-3),
+sends each guard's bad request and checks it is refused by name, times both graphs and records
+user_kv bytes and GPU memory. Writes gpu_check.csv and gpu_check.md; `--cpu` runs the same path
+on the CPU EP (CI checks the script).
 """
 
 from __future__ import annotations
