@@ -383,16 +383,9 @@ def run_memory(st: State) -> None:
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="scripts/bench.sh",
-        description="Benchmark the shared-K/V `ranker` ensemble against `ranker_naive` and "
-        "`ranker_base` with perf_analyzer (gRPC, realistic generated requests) on a local "
-        "tritonserver it starts and stops itself, plus in-process ONNX Runtime timings "
-        "and peak memory; compares the measured speedup with the FLOP bound. Full run: "
-        "N in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep (about 15-30 min on 2 "
-        "cores). Writes points.csv, summary.csv, direct.csv, memory.csv, report.md, speedup.png "
-        "into --out.",
-    )
+    p = argparse.ArgumentParser(prog="scripts/bench.sh", description=__doc__ + " Full run: N "
+                                "in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep "
+                                "(15-30 min on 2 cores).")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
@@ -403,12 +396,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default build/bench/<timestamp>; the committed full run "
                    "is benchmarks/results)")
     p.add_argument("--seed", type=int, default=0, help="request generator seed (default 0)")
-    p.add_argument("--naive-limit-s", type=float, default=None,
-                   help="skip ranker_naive where one request would take longer than this "
-                   "(default 20 s, --quick 2 s)")
-    p.add_argument("--keep-inputs", action="store_true",
-                   help="keep the perf_analyzer input files in OUT/inputs (by default they are "
-                   "deleted at the end: the same --seed regenerates them)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="model config the ONNX files were exported from (FLOP model)")
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
@@ -425,10 +412,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     mode = SMOKE if args.smoke else QUICK if args.quick else FULL
-    if args.naive_limit_s is not None:
-        from dataclasses import replace
-
-        mode = replace(mode, naive_limit_s=args.naive_limit_s)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (args.out or REPO_ROOT / "build" / "bench" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -466,11 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode.name, "naive_limit_s": mode.naive_limit_s, "seed": args.seed,
         "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT)
                       else config),
-        "total_s": round(total_s, 1), "keep_inputs": args.keep_inputs, "machine": st.machine},
+        "total_s": round(total_s, 1), "machine": st.machine},
         indent=1))
     report.write(out)
-    if not args.keep_inputs:
-        shutil.rmtree(out / "inputs", ignore_errors=True)
+    shutil.rmtree(out / "inputs", ignore_errors=True)  # the same --seed regenerates them
     progress(f"done in {total_s / 60:.1f} min: {out / 'report.md'}")
     return 0
 
