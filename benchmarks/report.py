@@ -242,13 +242,6 @@ def report(run: Run, summary: list[Row]) -> str:
         an.table([[t["target"], t["point"], t["measured"], f"**{t['verdict']}**", t["margin"],
                 t["note"]] for t in tg],
               ["target", "point", "measured", "verdict", "margin", "note"]), "",
-        "## Headline (L = 1000, concurrency 1)" if 1000 in m.lengths else "## Headline", "",
-        an.table([r for r in c1 if r["length"] == (1000 if 1000 in m.lengths else m.lengths[-1])],
-              {"N": "n", "speedup": "speedup_p50", "FLOP bound": "flop_bound",
-               "speedup / bound": "speedup_over_bound",
-               "ensemble / direct": "ensemble_over_direct", "drop naive": "drop_naive",
-               "drop shared": "drop_shared"},
-              {"drop_naive": an.pct, "drop_shared": an.pct}), "",
         "## Speedup vs the FLOP bound (concurrency 1)", "",
         "Speedup = naive p50 / `ranker` p50 (perf_analyzer, gRPC); bound = C_naive / (C_user + "
         "C_fusion); ensemble/direct = `ranker` p50 / in-process split p50.", "",
