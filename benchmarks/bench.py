@@ -264,12 +264,11 @@ def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> 
 def benchmark_server(st: State, seed: int) -> None:
     from local_server.triton import free_port, start_server
 
-    m = st.mode
-    pts = grid(m)
-    sweep = []
-    if m.sweep_point:
-        sweep = [c for c in m.sweep_concurrency if c != 1 or m.sweep_point not in pts]
-    total = len(pts) * len(MODELS) + len(sweep) * len(MODELS)
+    m, pts = st.mode, grid(st.mode)
+    # (N, L, concurrency): the grid at concurrency 1, then the sweep at its point
+    work = [(n, length, 1) for n, length in pts] + [
+        (*m.sweep_point, c) for c in m.sweep_concurrency
+        if m.sweep_point and (c != 1 or m.sweep_point not in pts)]
     st.progress(f"loading ONNX Runtime sessions for the in-process timings ({st.repository})")
     sessions = direct.Sessions(st.repository)
     st.progress("starting tritonserver (local flavour, gRPC only, free port)")
@@ -280,48 +279,30 @@ def benchmark_server(st: State, seed: int) -> None:
                 f"{time.monotonic() - t0:.1f} s: models {', '.join(server.models)}")
     try:
         st.machine = machine_info(server_version(server.grpc_url))
-        i = 0
-        service: dict[tuple[int, int], dict[str, float]] = {}
-        for n, length in pts:
-            st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
-            est = naive_estimate_s(st, sessions, n, length)
-            skip = naive_skip_reason(st, est, n, length, 1)
-            d = run_direct(st, sessions, n, length, skip, est)
-            service[(n, length)] = d
-            st.progress(
-                f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms "
-                f"(encoder {d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
-                + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
-                   f"naive {skip}, ")
-                + f"base {d['ranker_base']/1e3:.2f} ms")
-            for model in MODELS:
-                i += 1
-                key = "split" if model == "ranker" else model
-                svc = d.get(key)
-                run_pa(st, server.grpc_url, model, n, length, 1,
-                       None if svc is None else svc + OVERHEAD_US[model],
-                       skip if model == "ranker_naive" else "", f"[{i}/{total}]")
-        if sweep:
-            n, length = m.sweep_point
+        service: dict[tuple[int, int], tuple[dict[str, float], str]] = {}
+        for i, (n, length, c) in enumerate(work):
             if (n, length) not in service:
+                st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
                 est = naive_estimate_s(st, sessions, n, length)
                 skip = naive_skip_reason(st, est, n, length, 1)
-                service[(n, length)] = run_direct(st, sessions, n, length, skip, est)
-            d = service[(n, length)]
-            for c in sweep:
+                d = run_direct(st, sessions, n, length, skip, est)
+                service[(n, length)] = d, skip
+                st.progress(
+                    f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms (encoder "
+                    f"{d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
+                    + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
+                       f"naive {skip}, ") + f"base {d['ranker_base']/1e3:.2f} ms")
+            d, skip = service[(n, length)]
+            if c > 1:
                 st.progress(f"concurrency sweep N={n} L={length}: concurrency {c}")
-                for model in MODELS:
-                    i += 1
-                    key = "split" if model == "ranker" else model
-                    skip = ""
-                    if model == "ranker_naive":
-                        est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(
-                            st, sessions, n, length)
-                        skip = naive_skip_reason(st, est, n, length, c)
-                    svc = d.get(key)
-                    run_pa(st, server.grpc_url, model, n, length, c,
-                           None if svc is None else svc + OVERHEAD_US[model], skip,
-                           f"[{i}/{total}]")
+                est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(st, sessions, n, length)
+                skip = naive_skip_reason(st, est, n, length, c)
+            for j, model in enumerate(MODELS):
+                svc = d.get("split" if model == "ranker" else model)
+                run_pa(st, server.grpc_url, model, n, length, c,
+                       None if svc is None else svc + OVERHEAD_US[model],
+                       skip if model == "ranker_naive" else "",
+                       f"[{i * len(MODELS) + j + 1}/{len(work) * len(MODELS)}]")
     finally:
         code = server.stop()
         st.progress(f"stopped tritonserver pid {server.pid} (exit code {code})")
