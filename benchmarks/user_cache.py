@@ -1,7 +1,7 @@
 """Returning-user traffic: ranker_cached (the user K/V cache) against ranker, per path, through a
 real tritonserver: miss, repeat, append ΔL, target_fusion / user_encoder alone, Triton's response
-cache on a repeat, memory per cached user, two replicas with and without user affinity. Every
-ranker_cached response is checked against ranker (1e-5) and its path read from `cache_path`."""
+cache on a repeat, memory per cached user. Every ranker_cached response is checked against ranker
+(1e-5) and its path read from `cache_path`."""
 
 from __future__ import annotations
 
@@ -81,10 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deltas", default="1,10,100", help="appended events ΔL")
     p.add_argument("--num-candidates", type=int, default=50, help="N")
     p.add_argument("--requests", type=int, default=15, help="timed requests per path and model")
-    p.add_argument("--replica-users", type=int, default=40,
-                   help="users of the 2-replica simulation, 0 to skip")
-    p.add_argument("--replica-visits", type=int, default=5, help="visits per user there")
-    p.add_argument("--replica-length", type=int, default=200, help="history length there")
     p.add_argument("--no-response-cache", action="store_true",
                    help="skip Triton's response cache (a second server)")
     p.add_argument("--seed", type=int, default=0, help="traffic seed")
@@ -213,34 +209,6 @@ def memory_per_user(client: RankerClient, server: object, metrics: str, gen: Req
             "evictions": evictions}
 
 
-def replicas(client: RankerClient, metrics: str, gen: RequestGenerator, users: int,
-             visits: int, length: int, n: int = 10) -> dict[str, float]:
-    """Two replicas, simulated as two user-id namespaces on one server's user_cache: with
-    affinity a user always goes to replica hash(user) % 2; without, to a random one. Each
-    visit repeats the history (half the time) or appends 1-10 events. Returns the share of
-    requests served without a full encode (hits + appends) for each routing."""
-    rng = np.random.default_rng(gen.seed + 7)
-    rates = {}
-    for mode in ("affinity", "random"):
-        histories = {u: gen.request(length, n) for u in range(users)}
-        order = [u for u in range(users) for _ in range(visits)]
-        rng.shuffle(order)
-        before = fetch_cache_stats(metrics)
-        for u in order:
-            replica = u % 2 if mode == "affinity" else int(rng.integers(2))
-            key = (1 << 50) * (2 if mode == "random" else 1) + (replica << 40) + u
-            req = histories[u]
-            client.score(req, "ranker_cached", key)
-            grow = int(rng.integers(1, 11)) if rng.random() < 0.5 else 0
-            histories[u] = gen.returning(req, grow)
-        after = fetch_cache_stats(metrics)
-        served = after.requests - before.requests
-        reused = (after.hits + after.appends) - (before.hits + before.appends)
-        rates[mode] = reused / served
-        log(f"2 replicas, {mode} routing: {reused}/{served} requests without a full encode")
-    return rates
-
-
 def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenerator,
                           length: int, n: int, count: int) -> Timings:
     """Triton's own response cache on user_encoder, on a second server: an exact repeat of the
@@ -275,7 +243,7 @@ def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenera
 
 
 def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: dict,
-             rates: dict[str, float], start: Snapshot | None, notes: list[str]) -> str:
+             start: Snapshot | None, notes: list[str]) -> str:
     kv_bytes = cfg.num_layers * 2 * cfg.d_model * 4
     lines = [
         *header("ranker_cached: returning-user benchmark", "user_cache", args.config, cfg, start,
@@ -301,14 +269,6 @@ def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: 
                      "evictions while adding users); ")
                   + f"the formula `layers x 2 x L x d_model x 4` gives "
                   f"{kv_bytes * mem['L'] / 2**20:.3f} MiB of fp32 user_kv.", ""]
-    if rates:
-        lines += ["## Two replicas", "",
-                  f"{args.replica_users} users x {args.replica_visits} visits (half repeats, "
-                  f"half +1..10 events), L = {args.replica_length}: requests served without a "
-                  f"full encode: **{rates['affinity']:.0%} with user affinity** (replica = "
-                  f"hash(user_id) mod 2), **{rates['random']:.0%} with random routing**. "
-                  "Simulated as two user-id namespaces of one user_cache (same code, no "
-                  "evictions).", ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
@@ -361,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     mem: dict = {}
-    rates: dict[str, float] = {}
     gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
     start = snapshot()
     with serving(args.repository) as (server, metrics), \
@@ -370,9 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_length(client, gen, length, args, deltas)
             log(f"L={length}: memory per cached user")
             mem = {"L": length, **memory_per_user(client, server, metrics, gen, length)}
-        if args.replica_users:
-            rates = replicas(client, metrics, gen, args.replica_users, args.replica_visits,
-                             args.replica_length)
     if not args.no_response_cache:
         for length in lengths:
             log(f"L={length}: Triton response cache on user_encoder, repeat x{args.requests}")
@@ -388,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rows if r["max_abs_diff_vs_ranker"]
            and float(r["max_abs_diff_vs_ranker"]) > TOLERANCE]
     an.write_csv(args.out / "user_cache.csv", rows)
-    (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, rates, start, notes))
+    (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, start, notes))
     log(f"wrote {args.out / 'user_cache.csv'} and {args.out / 'user_cache.md'}")
     if bad:
         log(f"FAIL: scores differ from ranker beyond {TOLERANCE}: {bad}")
