@@ -464,29 +464,11 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
     if not missed:
         out.append("No target missed in this run.")
     for t in missed:
-        out.append(f"- **{t['target']}** at {t['point']}: {t['measured']} ({t['margin']})."
-                   + (" " + _bound_miss(summary, 50, 1000)
-                      if str(t["target"]).startswith("Speedup(N=50") else ""))
+        out.append(f"- **{t['target']}** at {t['point']}: {t['measured']} ({t['margin']}).")
     if missed:
         out += ["", "Where each miss points and the next steps: benchmarks/README.md, section "
                 "Method."]
     return "\n".join(out)
-
-
-def _bound_miss(summary: list[Row], n: int, length: int) -> str:
-    """Where a speedup/bound miss comes from: model FLOP rates vs Triton overheads."""
-    r = an.pick(summary, n=n, length=length, concurrency=1)
-    if r is None:
-        return ""
-    model = an.ratio(r["direct_speedup"], r["flop_bound"])
-    over_n, over_r = an.num(r["naive_over_direct"]), an.num(r["ensemble_over_direct"])
-    triton = an.ratio(over_n, over_r)
-    if model is None or triton is None or over_r is None or over_n is None:
-        return "Not decomposable: the in-process naive timing is missing at this point."
-    return (f"Decomposed: in-process the split reaches {model:.2f} x bound (its FLOP rate vs the "
-            f"naive graph's); Triton then multiplies by {triton:.2f} (ranker {over_r:.2f} x its "
-            f"model time, naive {over_n:.2f} x), giving {model * triton:.2f}: the larger loss is "
-            + ("Triton's." if triton < model else "the model's."))
 
 
 def _formulas(run: Run) -> str:
