@@ -63,7 +63,9 @@ def sample_memory(server_pid: int) -> MemorySample:
 
 def find_server_pid(url: str) -> int | None:
     """PID of the local tritonserver listening on `url`'s port (by its command line)."""
-    port = url.rpartition(":")[2]
+    host, _, port = url.rpartition(":")
+    if host not in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0"):
+        return None  # a remote server: its memory is not this machine's to read
     for proc in psutil.process_iter(["cmdline"]):
         argv = proc.info["cmdline"] or []
         if argv and Path(argv[0]).name == "tritonserver" and f"--grpc-port={port}" in argv:
@@ -205,8 +207,8 @@ def run_phase(name: str, per_client: list[list[Job]], args: argparse.Namespace,
     for t in clients + checkers:
         t.start()
     join_by = deadline + max(args.timeout, args.check_timeout) + 60
-    while any(t.is_alive() for t in clients) and time.monotonic() < join_by:
-        time.sleep(0.2)
+    while (alive := [t for t in clients if t.is_alive()]) and time.monotonic() < join_by:
+        alive[0].join(0.2)  # wakes as soon as that client is done
         if tick:
             tick(time.monotonic() - start)
         if time.monotonic() - last >= 10:
