@@ -1,20 +1,11 @@
 """Result CSVs -> markdown tables and plots: the one analysis module every benchmark writes with.
 
-A benchmark measures, writes its rows with `write_csv`, and builds its report from those rows as
-pandas DataFrames (`read_csv` gives the same frame back from a committed CSV, so a report can be
-regenerated without re-measuring). The API, all that a new benchmark needs:
-
-- `write_csv(path, rows)` / `read_csv(path)`: rows (list of dicts or a DataFrame) <-> CSV; floats
-  keep 6 significant digits, a missing value is an empty cell (NaN once read back).
-- `pick(df, column, **where)`: the first row matching `where` (a dict), or its `column` value.
-- `percentile_ms(seconds, q)`: a latency percentile in ms.
-- `num`, `ratio`, `fmt`, `ms`, `count`, `pct`, `sci`: numbers and their printed forms ("–" when
-  missing).
-- `table(df, columns, formats)`: a markdown table (a DataFrame, row dicts or row lists in).
-- `check(value, threshold, higher)`: a target's verdict ("met"/"missed"/"not measured") and margin.
-- `machine(**extra)` and `machine_table(info)`: the machine description every result carries.
-- `figure(path, ...)` and `loglog(ax, ...)`: a matplotlib figure saved on exit (Agg backend).
-- `Progress(name)`: time-stamped progress lines for long runs.
+A benchmark writes its rows with `write_csv` and builds its report from them as DataFrames;
+`read_csv` gives the same frame back from a committed CSV, so every report can be regenerated
+without measuring. Beside them: `pick` (a row or value by column equality), number formats
+(`num`, `ratio`, `fmt`, `ms`, `count`, `pct`, `sci`), `table` (markdown), `check` (a target's
+verdict and margin), `machine`/`machine_table` (what every result states about its machine),
+`figure`/`loglog` (matplotlib), `Progress` (time-stamped progress lines).
 """
 
 from __future__ import annotations

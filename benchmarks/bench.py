@@ -1,18 +1,10 @@
-"""perf_analyzer benchmark: the shared-K/V `ranker` ensemble vs `ranker_naive` (history re-encoded
-per candidate) and `ranker_base` (no sequence module), across N candidates and L history events,
-against the FLOP bound. Run it through scripts/bench.sh; see --help.
-
-Steps: generate realistic requests per point (client.traffic.RequestGenerator); start a local
-tritonserver (gRPC only, free port); per point, in-process ONNX Runtime timings of the same ONNX
-files, then perf_analyzer against ranker, ranker_naive, ranker_base in turn (so drift hits all
-alike); a small concurrency sweep; stop the server; ORT profile of the split's graphs; peak memory
-per model in fresh subprocesses; write points.csv, summary.csv, report.md and speedup.png.
-"""
+"""perf_analyzer benchmark: `ranker` (shared user K/V) vs `ranker_naive` and `ranker_base` across
+N and L, against the FLOP bound (scripts/bench.sh; the method: benchmarks/README.md). Measures,
+writes the run's CSVs and run.json, then benchmarks/report.py turns them into the report."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -51,7 +43,6 @@ from benchmarks.state import (
     Progress,
     State,
 )
-from export import reference_features as contract
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.reference_features import reference_generator
 
@@ -273,12 +264,11 @@ def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> 
 def benchmark_server(st: State, seed: int) -> None:
     from local_server.triton import free_port, start_server
 
-    m = st.mode
-    pts = grid(m)
-    sweep = []
-    if m.sweep_point:
-        sweep = [c for c in m.sweep_concurrency if c != 1 or m.sweep_point not in pts]
-    total = len(pts) * len(MODELS) + len(sweep) * len(MODELS)
+    m, pts = st.mode, grid(st.mode)
+    # (N, L, concurrency): the grid at concurrency 1, then the sweep at its point
+    work = [(n, length, 1) for n, length in pts] + [
+        (*m.sweep_point, c) for c in m.sweep_concurrency
+        if m.sweep_point and (c != 1 or m.sweep_point not in pts)]
     st.progress(f"loading ONNX Runtime sessions for the in-process timings ({st.repository})")
     sessions = direct.Sessions(st.repository)
     st.progress("starting tritonserver (local flavour, gRPC only, free port)")
@@ -289,48 +279,30 @@ def benchmark_server(st: State, seed: int) -> None:
                 f"{time.monotonic() - t0:.1f} s: models {', '.join(server.models)}")
     try:
         st.machine = machine_info(server_version(server.grpc_url))
-        i = 0
-        service: dict[tuple[int, int], dict[str, float]] = {}
-        for n, length in pts:
-            st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
-            est = naive_estimate_s(st, sessions, n, length)
-            skip = naive_skip_reason(st, est, n, length, 1)
-            d = run_direct(st, sessions, n, length, skip, est)
-            service[(n, length)] = d
-            st.progress(
-                f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms "
-                f"(encoder {d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
-                + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
-                   f"naive {skip}, ")
-                + f"base {d['ranker_base']/1e3:.2f} ms")
-            for model in MODELS:
-                i += 1
-                key = "split" if model == "ranker" else model
-                svc = d.get(key)
-                run_pa(st, server.grpc_url, model, n, length, 1,
-                       None if svc is None else svc + OVERHEAD_US[model],
-                       skip if model == "ranker_naive" else "", f"[{i}/{total}]")
-        if sweep:
-            n, length = m.sweep_point
+        service: dict[tuple[int, int], tuple[dict[str, float], str]] = {}
+        for i, (n, length, c) in enumerate(work):
             if (n, length) not in service:
+                st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
                 est = naive_estimate_s(st, sessions, n, length)
                 skip = naive_skip_reason(st, est, n, length, 1)
-                service[(n, length)] = run_direct(st, sessions, n, length, skip, est)
-            d = service[(n, length)]
-            for c in sweep:
+                d = run_direct(st, sessions, n, length, skip, est)
+                service[(n, length)] = d, skip
+                st.progress(
+                    f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms (encoder "
+                    f"{d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
+                    + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
+                       f"naive {skip}, ") + f"base {d['ranker_base']/1e3:.2f} ms")
+            d, skip = service[(n, length)]
+            if c > 1:
                 st.progress(f"concurrency sweep N={n} L={length}: concurrency {c}")
-                for model in MODELS:
-                    i += 1
-                    key = "split" if model == "ranker" else model
-                    skip = ""
-                    if model == "ranker_naive":
-                        est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(
-                            st, sessions, n, length)
-                        skip = naive_skip_reason(st, est, n, length, c)
-                    svc = d.get(key)
-                    run_pa(st, server.grpc_url, model, n, length, c,
-                           None if svc is None else svc + OVERHEAD_US[model], skip,
-                           f"[{i}/{total}]")
+                est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(st, sessions, n, length)
+                skip = naive_skip_reason(st, est, n, length, c)
+            for j, model in enumerate(MODELS):
+                svc = d.get("split" if model == "ranker" else model)
+                run_pa(st, server.grpc_url, model, n, length, c,
+                       None if svc is None else svc + OVERHEAD_US[model],
+                       skip if model == "ranker_naive" else "",
+                       f"[{i * len(MODELS) + j + 1}/{len(work) * len(MODELS)}]")
     finally:
         code = server.stop()
         st.progress(f"stopped tritonserver pid {server.pid} (exit code {code})")
@@ -349,26 +321,6 @@ def server_version(url: str) -> str:
         return f"unknown ({type(e).__name__})"
     finally:
         client.close()
-
-
-def run_profile(st: State) -> None:
-    n, length = st.mode.profile_point
-    reqs = st.requests.get((n, length))
-    if reqs is None:
-        reqs = [reference_generator(seed=7, profile_dim=st.cfg.profile_dim)
-                .request(length, n).as_inputs()]
-    st.progress(f"ORT profile of user_encoder and target_fusion at N={n} L={length}")
-    sessions = direct.Sessions(st.repository)
-    enc_feeds = [{k: r[k] for k in contract.HISTORY_INPUTS} for r in reqs]
-    fus_feeds = [sessions.fusion_inputs(r, sessions.encode(r)) for r in reqs]
-    del sessions
-    work = st.out / "ort_profile"
-    work.mkdir(parents=True, exist_ok=True)
-    for name, feeds in (("user_encoder", enc_feeds), ("target_fusion", fus_feeds)):
-        for row in direct.profile_ops(st.repository, name, feeds, work):
-            st.profile.append({**row, "n": n, "length": length})
-    with contextlib.suppress(OSError):
-        work.rmdir()
 
 
 def run_memory(st: State) -> None:
@@ -412,16 +364,9 @@ def run_memory(st: State) -> None:
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="scripts/bench.sh",
-        description="Benchmark the shared-K/V `ranker` ensemble against `ranker_naive` and "
-        "`ranker_base` with perf_analyzer (gRPC, realistic generated requests) on a local "
-        "tritonserver it starts and stops itself, plus in-process ONNX Runtime timings, an ORT "
-        "profile and peak memory; compares the measured speedup with the FLOP bound. Full run: "
-        "N in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep (about 15-30 min on 2 "
-        "cores). Writes points.csv, summary.csv, direct.csv, memory.csv, report.md, speedup.png "
-        "into --out.",
-    )
+    p = argparse.ArgumentParser(prog="scripts/bench.sh", description=__doc__ + " Full run: N "
+                                "in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep "
+                                "(15-30 min on 2 cores).")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
@@ -432,12 +377,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default build/bench/<timestamp>; the committed full run "
                    "is benchmarks/results)")
     p.add_argument("--seed", type=int, default=0, help="request generator seed (default 0)")
-    p.add_argument("--naive-limit-s", type=float, default=None,
-                   help="skip ranker_naive where one request would take longer than this "
-                   "(default 20 s, --quick 2 s)")
-    p.add_argument("--keep-inputs", action="store_true",
-                   help="keep the perf_analyzer input files in OUT/inputs (by default they are "
-                   "deleted at the end: the same --seed regenerates them)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="model config the ONNX files were exported from (FLOP model)")
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
@@ -454,10 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     mode = SMOKE if args.smoke else QUICK if args.quick else FULL
-    if args.naive_limit_s is not None:
-        from dataclasses import replace
-
-        mode = replace(mode, naive_limit_s=args.naive_limit_s)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (args.out or REPO_ROOT / "build" / "bench" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -483,12 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     progress("generating requests (client.traffic.RequestGenerator) and perf_analyzer inputs")
     make_requests(st, args.seed)
     benchmark_server(st, args.seed)
-    run_profile(st)
     run_memory(st)
     progress("writing points.csv, direct.csv, memory.csv, ensemble_breakdown.csv, "
-             "ort_profile.csv, run.json; then summary.csv, report.md, speedup.png")
+             "run.json; then summary.csv, report.md, speedup.png")
     for name, rows in (("points", st.points), ("direct", st.direct), ("memory", st.memory),
-                       ("ensemble_breakdown", st.breakdown), ("ort_profile", st.profile)):
+                       ("ensemble_breakdown", st.breakdown)):
         an.write_csv(out / f"{name}.csv", rows)
     config = args.config.resolve()
     total_s = time.monotonic() - progress.t0
@@ -496,11 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         "mode": mode.name, "naive_limit_s": mode.naive_limit_s, "seed": args.seed,
         "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT)
                       else config),
-        "total_s": round(total_s, 1), "keep_inputs": args.keep_inputs, "machine": st.machine},
+        "total_s": round(total_s, 1), "machine": st.machine},
         indent=1))
     report.write(out)
-    if not args.keep_inputs:
-        shutil.rmtree(out / "inputs", ignore_errors=True)
+    shutil.rmtree(out / "inputs", ignore_errors=True)  # the same --seed regenerates them
     progress(f"done in {total_s / 60:.1f} min: {out / 'report.md'}")
     return 0
 

@@ -1,21 +1,6 @@
-"""The user K/V cache under concurrent traffic, through a real tritonserver it starts itself.
-
-Three measurements, one run, one server (`ranker_cached`, the path of every request read from
-its own `cache_path` output):
-
-* append cost (one client): at L, a miss (first visit), a hit (repeat) and an append of ΔL
-  events (a user cached with L - ΔL events comes back with L); the target is
-  (append p50 - hit p50) <= 5 % of (miss p50 - hit p50);
-* head-of-line: three clients send repeats of three cached users of L events, first alone,
-  then while a fourth client sends first visits of L events back to back; targets:
-  hit p90 with misses <= 0.3 x miss p50, hit p50 with misses <= 2 x hit p50 alone;
-* mixed load: eight clients of returning users (repeats, appends of 1-10 events, first visits
-  of L in [--mixed-min-length, --mixed-max-length]) for --mixed-seconds; targets: no error,
-  every sampled response equal to ranker_naive (checked after the load, so the oracle does not
-  slow it), and user_cache's counters (its metrics) adding up to the requests sent, per path.
-
-Writes <out>/cache_load.csv and <out>/cache_load.md.
-"""
+"""The user K/V cache under concurrent traffic, one server: the append cost (one client), head-of-
+line blocking (3 clients of hits, alone and beside a 4th sending first visits) and a mixed
+8-client returning-user load checked against ranker_naive and the cache's own counters."""
 
 from __future__ import annotations
 
@@ -29,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import analysis as an
-from benchmarks.cpu import external_cores, snapshot
+from benchmarks.cpu import Snapshot, snapshot
+from benchmarks.user_cache import header, log, serving
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
@@ -37,46 +23,33 @@ from client.traffic import RequestGenerator
 from export.config import ModelConfig
 from export.reference_features import profile_dim_of, reference_generator
 from export.triton_configs import install_python_models
-from local_server.triton import free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
 
 
-log = an.Progress("cache_load", sys.stderr)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.cache_load",
-        description="ranker_cached under concurrent traffic: append cost, head-of-line "
-                    "blocking (hits of 3 clients while a 4th sends misses) and a mixed "
-                    "8-client returning-user load checked against ranker_naive.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cache_load", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=str(REPO_ROOT / "export/configs/ranker_causal_long.json"),
-                   help="model config of the export (default %(default)s)")
+                   help="model config of the export")
     p.add_argument("--repository", type=Path, default=REPO_ROOT / "build" / "long",
-                   help="its exported repository (default %(default)s)")
-    p.add_argument("--length", type=int, default=8192,
-                   help="L of the append and head-of-line measurements (default %(default)s)")
-    p.add_argument("--delta", type=int, default=10, help="appended events ΔL (default %(default)s)")
-    p.add_argument("--num-candidates", type=int, default=50, help="N (default %(default)s)")
-    p.add_argument("--requests", type=int, default=8,
-                   help="timed requests per path in the append measurement (default %(default)s)")
-    p.add_argument("--hol-seconds", type=float, default=30.0,
-                   help="seconds of each head-of-line phase (default %(default)s)")
-    p.add_argument("--mixed-seconds", type=float, default=120.0,
-                   help="seconds of the mixed load (default %(default)s)")
-    p.add_argument("--mixed-clients", type=int, default=8, help="(default %(default)s)")
-    p.add_argument("--mixed-min-length", type=int, default=500, help="(default %(default)s)")
-    p.add_argument("--mixed-max-length", type=int, default=4000, help="(default %(default)s)")
-    p.add_argument("--mixed-candidates", type=int, default=20,
-                   help="N of the mixed load (default %(default)s)")
-    p.add_argument("--samples", type=int, default=16,
-                   help="mixed-load responses checked against ranker_naive (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="traffic seed (default %(default)s)")
-    p.add_argument("--out", type=Path,
-                   default=REPO_ROOT / "benchmarks" / "results" / "user_cache_concurrency",
-                   help="output folder (default %(default)s)")
+                   help="its exported repository")
+    p.add_argument("--length", type=int, default=8192, help="L of append and head-of-line")
+    p.add_argument("--delta", type=int, default=10, help="appended events ΔL")
+    p.add_argument("--num-candidates", type=int, default=50, help="N")
+    p.add_argument("--requests", type=int, default=8, help="timed requests per path (append)")
+    p.add_argument("--hol-seconds", type=float, default=30.0, help="each head-of-line phase")
+    p.add_argument("--mixed-seconds", type=float, default=120.0, help="the mixed load")
+    p.add_argument("--mixed-clients", type=int, default=8, help="clients of the mixed load")
+    p.add_argument("--mixed-min-length", type=int, default=500, help="its shortest first visit")
+    p.add_argument("--mixed-max-length", type=int, default=4000, help="its longest first visit")
+    p.add_argument("--mixed-candidates", type=int, default=20, help="its N")
+    p.add_argument("--samples", type=int, default=16, help="mixed-load responses checked")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed")
+    p.add_argument("--out", type=Path, help="output folder",
+                   default=REPO_ROOT / "benchmarks" / "results" / "user_cache_concurrency")
     return p.parse_args(argv)
 
 
@@ -235,8 +208,8 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
             "p90_ms": {p: an.percentile_ms(v, 90) for p, v in record.seconds.items()}}
 
 
-def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict, hol: dict,
-             mixed: dict) -> str:
+def markdown(args: argparse.Namespace, cfg: ModelConfig, start: Snapshot | None, cost: dict,
+             hol: dict, mixed: dict) -> str:
     hol_ratio = hol["hit_p90_with_misses_ms"] / hol["miss_p50_ms"]
     slow = hol["hit_p50_with_misses_ms"] / hol["hit_p50_alone_ms"]
 
@@ -244,12 +217,8 @@ def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict,
         return "met" if ok else "missed"
 
     lines = [
-        "# ranker_cached under concurrent traffic", "",
-        f"`python -m benchmarks.cache_load` ({time.strftime('%Y-%m-%d')}), config "
-        f"`{Path(args.config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
-        f"max_history {cfg.max_history}, mask {cfg.mask}), gRPC client latency, one run, one "
-        "server.", "",
-        "## Machine", "", an.machine_table(info), "",
+        *header("ranker_cached under concurrent traffic", "cache_load", args.config, cfg, start,
+                "gRPC client latency, one run, one server."),
         "## Targets", "",
         an.table([
             [f"append, L = {args.length}, ΔL = {args.delta}, N = {args.num_candidates}",
@@ -301,13 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     install_python_models(args.repository)  # serve the user_cache code of this checkout
-    metrics_port = free_port()
-    log(f"starting tritonserver on {args.repository}")
-    server = start_server(grpc_port=free_port(), metrics_port=metrics_port,
-                          repository=args.repository, timeout_s=300)
     gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
     start = snapshot()
-    try:
+    with serving(args.repository) as (server, metrics):
         with RankerClient(server.grpc_url, timeout_s=600) as client:
             for _ in range(2):  # ONNX Runtime's first calls of each model
                 user, req = gen.user_id(), gen.request(args.length - args.delta, 4)
@@ -315,14 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.score(gen.returning(req, args.delta), "ranker_cached", user)
             cost = append_cost(client, gen, args)
         hol = head_of_line(server.grpc_url, gen, args)
-        mixed = mixed_load(server.grpc_url, f"127.0.0.1:{metrics_port}", gen, args)
-    finally:
-        server.stop()
-    info = an.machine(**an.LOCAL_SERVER)
-    load = external_cores(start)
-    if load:
-        info["other processes' CPU during the run"] = (
-            f"{load['ext_cpu_cores']:.2f} cores (the machine was shared with other work)")
+        mixed = mixed_load(server.grpc_url, metrics, gen, args)
     rows = {"append": {**{k: v for k, v in cost.items() if k != "counts"},
                        **{f"{p}_count": v for p, v in cost["counts"].items()}},
             "head_of_line": hol,
@@ -337,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     an.write_csv(args.out / "cache_load.csv", [
         {"measurement": measurement, "quantity": k, "value": v}
         for measurement, values in rows.items() for k, v in values.items()])
-    (args.out / "cache_load.md").write_text(markdown(args, cfg, info, cost, hol, mixed))
+    (args.out / "cache_load.md").write_text(markdown(args, cfg, start, cost, hol, mixed))
     log(f"wrote {args.out / 'cache_load.md'}")
     ok = (mixed["errors"] == 0 and mixed["counters_add_up"]
           and mixed["max_abs_diff_vs_naive"] <= TOLERANCE and not hol["errors"])

@@ -1,23 +1,18 @@
 """In-process ONNX Runtime timings of the served ONNX files (the same sessions options as the
-Triton python backend: export.runtime.make_session), to tell model time from Triton overhead,
-and an ORT profile of the split's two graphs (per op type).
-"""
+Triton python backend: export.runtime.make_session), to tell model time from Triton overhead."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import pandas as pd
 
 from export import reference_features as c
 from export.repositories import onnx_path
-from export.runtime import make_session, session_options
+from export.runtime import make_session
 
 MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
 FUSION_REQUEST_INPUTS = (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)
@@ -134,33 +129,3 @@ def time_single(name: str, fn: Callable[[Mapping[str, np.ndarray]], object],
         if i == 0:
             first = result
     return Timing(name, samples), first
-
-
-# --------------------------------------------------------------------------- ORT profiling
-
-def profile_ops(repository: Path, name: str, feeds: Sequence[Mapping[str, np.ndarray]],
-                work_dir: Path, reps: int = 5) -> list[dict[str, object]]:
-    """Per op type: total kernel time (us) per run and share of the graph, from ORT's profiler
-    (session options of export.runtime plus enable_profiling), first run excluded."""
-    so = session_options()
-    so.enable_profiling = True
-    so.profile_file_prefix = str(work_dir / f"ort_profile_{name}")
-    sess = ort.InferenceSession(str(model_path(repository, name)), so,
-                                providers=["CPUExecutionProvider"])
-    for i in range(reps + 1):
-        sess.run(None, dict(feeds[i % len(feeds)]))
-    trace = Path(sess.end_profiling())
-    events = pd.DataFrame(json.loads(trace.read_text()))
-    trace.unlink(missing_ok=True)
-    runs = events[(events["cat"] == "Session") & (events["name"] == "model_run")]
-    first_end = runs["ts"].iloc[0] + runs["dur"].iloc[0] if len(runs) > 1 else 0  # skip run 1
-    kernels = events[(events["cat"] == "Node") & events["name"].str.endswith("_kernel_time")
-                     & (events["ts"] >= first_end)]
-    ops = kernels["args"].map(lambda a: a.get("op_name", "?"))
-    by_op = kernels["dur"].groupby(ops).agg(["sum", "count"]).sort_values("sum", ascending=False)
-    timed = max(1, len(runs) - 1)
-    total = by_op["sum"].sum() or 1.0
-    rows = [{"graph": name, "op_type": op, "us_per_run": float(r["sum"]) / timed,
-             "share": float(r["sum"]) / total, "nodes_per_run": float(r["count"]) / timed}
-            for op, r in by_op.iterrows()]
-    return rows

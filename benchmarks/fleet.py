@@ -1,19 +1,8 @@
-"""Fleet benchmark: returning-user traffic through nginx in front of 1, 2 and 3 local replicas,
-consistent hashing on the user id against round robin, side by side.
-
-For each replica count K the fleet (local_server.fleet: real tritonservers, Debian's nginx)
-serves the same kind of traffic twice, with new users each time: once with nginx hashing on the
-user-id header, once in round robin. C client threads (each owning its users, so a user's
-visits keep their order) send `client.traffic.returning_traffic` to ranker_cached. Per run:
-throughput, client-side p50/p99 latency of one RPC, and full encodes per request (user_cache's
-misses / requests, summed over the replicas' Prometheus counters), plus hits and appends.
-A few responses per run are checked against ranker_naive (after the timed run).
-
-On a machine with few cores the replicas share the same cores, so throughput cannot grow with
-K there; the cache figures (full encodes per request) do not depend on cores.
-
-Writes <out>/fleet.csv and <out>/fleet.md. `python -m benchmarks.fleet --help`.
-"""
+"""Fleet benchmark: returning-user traffic to ranker_cached through nginx in front of 1, 2, 3
+local replicas (local_server.fleet), consistent hashing on the user id vs round robin, side by
+side: throughput, client p50/p99, full encodes per request (user_cache's counters over the
+replicas), a few responses checked against ranker_naive. Replicas share this machine's cores, so
+throughput cannot scale here; the cache figures do not depend on cores."""
 
 from __future__ import annotations
 
@@ -48,28 +37,22 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.fleet",
-        description="Returning-user traffic through nginx and 1..K local tritonservers, "
-                    "consistent hashing on the user id vs round robin: throughput, p50/p99, "
-                    "full encodes per request. Needs nginx (scripts/setup.sh) and an exported "
-                    "repository (python -m export).")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__ + " Needs "
+                                "nginx (scripts/setup.sh) and an export (python -m export).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
-                   help="model repository every replica serves (default %(default)s)")
-    p.add_argument("--replicas", type=_ints, default=[1, 2, 3], metavar="K,K,...",
-                   help="replica counts, ascending (default 1,2,3)")
-    p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
-    p.add_argument("--users", type=int, default=64, help="users per run (default 64)")
-    p.add_argument("--visits", type=int, default=6, help="visits per user (default 6)")
-    p.add_argument("--history-lengths", type=_ints, default=[200, 500, 900], metavar="L,L,...",
-                   help="first-visit history lengths, drawn per user (default 200,500,900); "
-                        "later visits add up to 10 events each")
-    p.add_argument("--num-candidates", type=int, default=50, help="N (default 50)")
-    p.add_argument("--check", type=int, default=2,
-                   help="responses per run compared with ranker_naive (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="traffic seed (default 0)")
+                   help="model repository every replica serves")
+    p.add_argument("--replicas", type=_ints, default="1,2,3", help="replica counts, ascending")
+    p.add_argument("--concurrency", type=int, default=8, help="client threads")
+    p.add_argument("--users", type=int, default=64, help="users per run")
+    p.add_argument("--visits", type=int, default=6, help="visits per user")
+    p.add_argument("--history-lengths", type=_ints, default="200,500,900",
+                   help="first-visit history lengths, drawn per user (later visits add 0-10)")
+    p.add_argument("--num-candidates", type=int, default=50, help="N")
+    p.add_argument("--check", type=int, default=2, help="responses per run checked vs naive")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "fleet",
-                   help="results directory (default %(default)s)")
+                   help="results directory")
     args = p.parse_args(argv)
     if not args.replicas or args.replicas != sorted(args.replicas) or args.replicas[0] < 1:
         p.error("--replicas must be ascending counts >= 1")

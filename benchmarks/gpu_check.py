@@ -1,21 +1,11 @@
 """The exported graphs on a GPU's execution providers, checked against the CPU's scores.
 
-`bash scripts/gpu_check.sh` (this module) on a machine with an NVIDIA GPU and onnxruntime-gpu:
-
-1. exports the model config's graphs for the gpu target (fp32, and fp16 with --fp16), or takes
-   an exported repository (--repository);
-2. for each provider (CUDA, and TensorRT where ONNX Runtime offers it): runs user_encoder +
-   target_fusion on requests at every (L, N) of the grid and compares the scores with the same
-   graphs on the CPU EP (max abs difference; fp32 is held to 1e-4, fp16 to 5e-3);
-3. sends one request that breaks each guard (export/guards.py) to the provider and checks that
-   it is refused with the rule's name - the check that an out-of-range Gather failed on CUDA;
-4. times user_encoder and target_fusion per point (p50 of session.run, inputs and outputs in
-   host memory, as Triton's python-backend stand-in would move them) and records user_kv's
-   bytes and the process's GPU memory (nvidia-smi) after each point.
-
-Results: `gpu_check.csv` (one row per provider x check) and `gpu_check.md` under --out. With
-`--cpu` it runs the same steps on the CPU EP against itself: that checks this script (CI runs
-it), not a GPU.
+`scripts/gpu_check.sh` (README, "Production (NGC container, GPU)"): exports the gpu-target
+graphs (or takes --repository); per provider (CUDA, TensorRT where offered) compares
+user_encoder + target_fusion scores with the CPU EP's at every (L, N) (fp32 1e-4, fp16 5e-3),
+sends each guard's bad request and checks it is refused by name, times both graphs and records
+user_kv bytes and GPU memory. Writes gpu_check.csv and gpu_check.md; `--cpu` runs the same path
+on the CPU EP (CI checks the script).
 """
 
 from __future__ import annotations

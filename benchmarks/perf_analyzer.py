@@ -1,11 +1,6 @@
-"""perf_analyzer (tritonclient 2.51 wheel) as the benchmark runs it: its binary and libraries,
-input files, one run, and its figures from its own CSV (`-f`, `--verbose-csv`) plus Triton's
-statistics API (per-model queue and compute, the ensemble's composing models included).
-
-perf_analyzer writes no CSV when it gives up stabilising (exit 2): that run keeps the last
-window's throughput and p50 from its per-window `Pass [i]` lines (the only record of them),
-flagged `unstable`; nothing is filled in that perf_analyzer did not print.
-"""
+"""perf_analyzer (tritonclient 2.51 wheel) as the benchmark runs it: binary, input files, one
+run, its figures from its own CSV (`-f --verbose-csv`) and Triton's statistics API. A run that
+gives up stabilising writes no CSV: it keeps the last window's `Pass` line, flagged `unstable`."""
 
 from __future__ import annotations
 

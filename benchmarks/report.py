@@ -1,7 +1,7 @@
 """report.md, summary.csv and speedup.png of a benchmark run, from the run's CSVs alone.
 
 benchmarks/bench.py measures and writes points.csv, direct.csv, ensemble_breakdown.csv,
-memory.csv, ort_profile.csv and run.json (mode, seed, config, machine, wall time); this module
+memory.csv and run.json (mode, seed, config, machine, wall time); this module
 turns them into the summary rows, the targets, the plot and the report, with
 benchmarks/analysis.py. `python -m benchmarks.report DIR` regenerates them from a committed run.
 """
@@ -38,7 +38,7 @@ TARGET_ENSEMBLE = 1.3  # ensemble latency <= 1.3 x direct ORT at N=50
 # Plausible Triton/in-process latency ratios; outside them a point is flagged `inconsistent`.
 CONSISTENT_RANKER = (0.9, math.inf)
 CONSISTENT_NAIVE = (0.85, 1.6)
-CSVS = ("points", "direct", "ensemble_breakdown", "memory", "ort_profile")
+CSVS = ("points", "direct", "ensemble_breakdown", "memory")
 
 
 @dataclass
@@ -52,7 +52,6 @@ class Run:
     direct: list[Row]
     breakdown: list[Row]
     memory: list[Row]
-    profile: list[Row]
 
     @property
     def flops(self) -> FlopModel:
@@ -67,8 +66,7 @@ class Run:
         config = Path(info["config"])  # relative: to the repository root
         return cls(mode, ModelConfig.load(config if config.is_absolute() else REPO_ROOT / config),
                    info, frames["points"],
-                   frames["direct"], frames["ensemble_breakdown"], frames["memory"],
-                   frames["ort_profile"])
+                   frames["direct"], frames["ensemble_breakdown"], frames["memory"])
 
 
 def write(out: Path) -> None:
@@ -244,13 +242,6 @@ def report(run: Run, summary: list[Row]) -> str:
         an.table([[t["target"], t["point"], t["measured"], f"**{t['verdict']}**", t["margin"],
                 t["note"]] for t in tg],
               ["target", "point", "measured", "verdict", "margin", "note"]), "",
-        "## Headline (L = 1000, concurrency 1)" if 1000 in m.lengths else "## Headline", "",
-        an.table([r for r in c1 if r["length"] == (1000 if 1000 in m.lengths else m.lengths[-1])],
-              {"N": "n", "speedup": "speedup_p50", "FLOP bound": "flop_bound",
-               "speedup / bound": "speedup_over_bound",
-               "ensemble / direct": "ensemble_over_direct", "drop naive": "drop_naive",
-               "drop shared": "drop_shared"},
-              {"drop_naive": an.pct, "drop_shared": an.pct}), "",
         "## Speedup vs the FLOP bound (concurrency 1)", "",
         "Speedup = naive p50 / `ranker` p50 (perf_analyzer, gRPC); bound = C_naive / (C_user + "
         "C_fusion); ensemble/direct = `ranker` p50 / in-process split p50.", "",
@@ -451,18 +442,6 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
                 f"(tensors into and out of the Python-backend stubs, user_kv "
                 f"{run.flops.user_kv_bytes(length) / 2**20:.2f} MiB included) {an.fmt(comp_io, 0)} "
                 "us; the rest is the stubs' own per-call cost inside compute infer and noise.", ""]
-    if run.profile:
-        n, length = run.mode.profile_point
-        out += [f"### ORT profile at N={n}, L={length} (kernel time per op type, "
-                "first run excluded)", ""]
-        for graph in ("user_encoder", "target_fusion"):
-            rows = [r for r in run.profile if r["graph"] == graph]
-            total = sum(float(r["us_per_run"]) for r in rows)  # type: ignore[arg-type]
-            out += [f"{graph} ({total / 1e3:.2f} ms of kernels per run):", "",
-                    an.table(rows[:8], {"op type": "op_type", "us per run": "us_per_run",
-                                     "share": "share", "nodes": "nodes_per_run"},
-                          {"us_per_run": lambda v: an.fmt(v, 0), "share": an.pct,
-                           "nodes_per_run": lambda v: an.fmt(v, 0)}), ""]
     rows = [r for r in summary if r["concurrency"] == 1 and an.num(r["speedup_over_bound"])]
     if rows:
         out += ["### Measured speedup vs the bound, decomposed", "",
@@ -485,40 +464,11 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
     if not missed:
         out.append("No target missed in this run.")
     for t in missed:
-        out.append(f"- **{t['target']}** at {t['point']}: {t['measured']} ({t['margin']})."
-                   + (" " + _bound_miss(summary, 50, 1000)
-                      if str(t["target"]).startswith("Speedup(N=50") else ""))
+        out.append(f"- **{t['target']}** at {t['point']}: {t['measured']} ({t['margin']}).")
     if missed:
         out += ["", "Where each miss points and the next steps: benchmarks/README.md, section "
                 "Method."]
-    out += ["", _profile_notes(run)]
     return "\n".join(out)
-
-
-def _bound_miss(summary: list[Row], n: int, length: int) -> str:
-    """Where a speedup/bound miss comes from: model FLOP rates vs Triton overheads."""
-    r = an.pick(summary, n=n, length=length, concurrency=1)
-    if r is None:
-        return ""
-    model = an.ratio(r["direct_speedup"], r["flop_bound"])
-    over_n, over_r = an.num(r["naive_over_direct"]), an.num(r["ensemble_over_direct"])
-    triton = an.ratio(over_n, over_r)
-    if model is None or triton is None or over_r is None or over_n is None:
-        return "Not decomposable: the in-process naive timing is missing at this point."
-    return (f"Decomposed: in-process the split reaches {model:.2f} x bound (its FLOP rate vs the "
-            f"naive graph's); Triton then multiplies by {triton:.2f} (ranker {over_r:.2f} x its "
-            f"model time, naive {over_n:.2f} x), giving {model * triton:.2f}: the larger loss is "
-            + ("Triton's." if triton < model else "the model's."))
-
-
-def _profile_notes(run: Run) -> str:
-    if not run.profile:
-        return ""
-    tops = {g: ", ".join(f"{r['op_type']} {an.pct(r['share'])}"
-                         for r in [r for r in run.profile if r["graph"] == g][:3])
-            for g in ("user_encoder", "target_fusion")}
-    return (f"Top op types from the profile: user_encoder {tops['user_encoder']}; "
-            f"target_fusion {tops['target_fusion']}.")
 
 
 def _formulas(run: Run) -> str:

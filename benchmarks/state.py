@@ -36,7 +36,6 @@ class Mode:
     sweep_point: tuple[int, int] | None  # (N, L) of the concurrency sweep
     sweep_concurrency: tuple[int, ...]
     memory_points: tuple[tuple[str, int, int], ...]  # (model, N, L), each in a fresh process
-    profile_point: tuple[int, int]  # (N, L) of the ORT profile
     # Measure again (once) when other processes used more than CONTENDED_CORES meanwhile and the
     # run took under RETRY_MAX_S; the attempt with the least outside CPU use is kept.
     retry_contended: bool = False
@@ -49,7 +48,7 @@ FULL = Mode(
     memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 100, 1000),
                    ("ranker_naive", 100, 1000), ("target_fusion", 1000, 1000),
                    ("ranker_naive", 1000, 1000)),
-    profile_point=(50, 1000), retry_contended=True,
+    retry_contended=True,
 )
 QUICK = Mode(
     name="quick", ns=(1, 10, 50), lengths=(256, 1000), requests_per_point=4,
@@ -57,14 +56,12 @@ QUICK = Mode(
     direct_budget_s=0.4, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
     memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 50, 1000),
                    ("ranker_naive", 50, 1000), ("target_fusion", 1000, 1000)),
-    profile_point=(50, 1000),
 )
 SMOKE = Mode(
     name="smoke", ns=(5,), lengths=(64,), requests_per_point=2,
     window_s=1.0, k_min=3, stability=50.0, max_trials=3, naive_limit_s=20.0,
     direct_budget_s=0.2, sweep_point=None, sweep_concurrency=(),
     memory_points=(("user_encoder", 5, 64), ("target_fusion", 5, 64), ("ranker_naive", 5, 64)),
-    profile_point=(5, 64),
 )
 MODES = {m.name: m for m in (FULL, QUICK, SMOKE)}
 # Rough Triton overhead per request (us) added to the in-process time to size the windows.
@@ -96,6 +93,5 @@ class State:
     direct: list[dict[str, object]] = field(default_factory=list)  # direct.csv
     breakdown: list[dict[str, object]] = field(default_factory=list)  # ensemble_breakdown.csv
     memory: list[dict[str, object]] = field(default_factory=list)  # memory.csv
-    profile: list[dict[str, object]] = field(default_factory=list)  # ort_profile.csv
     naive_ref: dict[int, tuple[int, float]] = field(default_factory=dict)  # L -> (N, seconds)
     machine: dict[str, str] = field(default_factory=dict)

@@ -1,16 +1,8 @@
-"""ONNX Runtime thread policy for the two ensemble steps, measured in one process.
+"""ONNX Runtime thread policy for the two ensemble steps, measured in one process (README,
+"Production (NGC container, GPU)"): user_encoder and target_fusion alternate, per-session pools
+with spinning (the native backend's default) or without (the local stand-in), at 1 and all
+intra-op threads, interleaved so the machine's noise hits every policy alike.
 
-In the `ranker` ensemble, user_encoder and target_fusion take turns on the same cores. With
-ONNX Runtime's defaults each session owns an intra-op pool whose threads spin for a while after
-each run; the idle session's spinning then competes with the busy one. Triton's native
-onnxruntime backend (r24.10) has no per-model switch for spinning; its server-wide
-`--backend-config=onnxruntime,enable-global-threadpool=true` gives all models one shared pool.
-ONNX Runtime's Python API (1.19) has no global pool, so this script measures the policies it can
-build, side by side, alternating within one run: per-session pools with spinning (the native
-backend's default), per-session pools without spinning (the local stand-in), at 1 and all
-intra-op threads. Writes a CSV; see --help.
-
-    scripts/bench.sh is the full benchmark; this one is run on its own:
     PYTHONPATH=. .venv/bin/python -m benchmarks.threads --out benchmarks/results/threads.csv
 """
 
