@@ -1,17 +1,11 @@
 """Result CSVs -> markdown tables and plots: the one analysis module every benchmark writes with.
 
-A benchmark measures, writes its rows with `write_csv`, and builds its report from those rows as
-pandas DataFrames (`read_csv` gives the same frame back from a committed CSV, so a report can be
-regenerated without re-measuring). The API, all that a new benchmark needs:
-
-- `write_csv(path, rows)` / `read_csv(path)`: rows (list of dicts or a DataFrame) <-> CSV; floats
-  keep 6 significant digits, a missing value is an empty cell (NaN once read back).
-- `pick(df, column, **where)`: the first row matching `where` (a dict), or its `column` value.
-- `num`, `ratio`, `fmt`, `ms`, `pct`, `sci`: numbers and their printed forms ("–" when missing).
-- `table(df, columns, formats)`: a markdown table (a DataFrame, row dicts or row lists in).
-- `check(value, threshold, higher)`: a target's verdict ("met"/"missed"/"not measured") and margin.
-- `machine(**extra)` and `machine_table(info)`: the machine description every result carries.
-- `figure(path, ...)` and `loglog(ax, ...)`: a matplotlib figure saved on exit (Agg backend).
+A benchmark writes its rows with `write_csv` and builds its report from them as DataFrames;
+`read_csv` gives the same frame back from a committed CSV, so every report can be regenerated
+without measuring. Beside them: `pick` (a row or value by column equality), number formats
+(`num`, `ratio`, `fmt`, `ms`, `count`, `pct`, `sci`), `table` (markdown), `check` (a target's
+verdict and margin), `machine`/`machine_table` (what every result states about its machine),
+`figure`/`loglog` (matplotlib), `Progress` (time-stamped progress lines).
 """
 
 from __future__ import annotations
@@ -21,11 +15,16 @@ import importlib.metadata as md
 import math
 import os
 import platform
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import psutil
 
@@ -38,11 +37,11 @@ Rows = pd.DataFrame | Sequence[Mapping[str, Any]]
 
 def write_csv(path: Path, rows: Rows) -> None:
     """Rows (dicts, keys in first-seen order, or a DataFrame) to CSV: floats to 6 significant
-    digits (the timings carry no more), None/NaN as an empty cell."""
+    digits (the timings carry no more), None/NaN as an empty cell, CRLF line ends."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     frame = frame.astype(object).where(frame.notna(), None)
     frame = frame.map(lambda v: f"{v:.6g}" if isinstance(v, float) else v)
-    frame.to_csv(path, index=False)
+    frame.to_csv(path, index=False, lineterminator="\r\n")  # RFC 4180, as csv.writer writes
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -95,6 +94,11 @@ def num(v: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
+def percentile_ms(seconds: Sequence[float], q: float) -> float:
+    """The q-th percentile of latencies in seconds, in ms (NaN for no samples)."""
+    return float(np.percentile(np.asarray(seconds) * 1e3, q)) if len(seconds) else math.nan
+
+
 def ratio(a: Any, b: Any) -> float | None:
     """a / b, or None when either is missing or b is 0."""
     x, y = num(a), num(b)
@@ -121,6 +125,12 @@ def ms(us: Any) -> str:
     """Microseconds printed as milliseconds."""
     x = num(us)
     return MISSING if x is None else fmt(x / 1e3, 2)
+
+
+def count(v: Any) -> str:
+    """A count (read back as a float where its column has gaps) as an integer."""
+    x = num(v)
+    return MISSING if x is None else str(int(x))
 
 
 def pct(v: Any) -> str:
@@ -155,9 +165,7 @@ def _cell(v: Any, formatter: Formatter | None, missing: str) -> str:
         return missing
     if isinstance(formatter, str):
         return formatter.format(v)
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else fmt(v)
-    return str(v)
+    return fmt(v) if isinstance(v, float) else str(v)
 
 
 def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Sequence[str]
@@ -168,8 +176,8 @@ def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Seq
     `data`: a DataFrame, row dicts, or row lists (then `columns` is the list of headers).
     `columns`: header -> source column (a dict), or the columns to show under their own names;
     default: all columns. `formats`: source column (or header) -> a callable or a format string
-    ("{:.2f}"); unformatted cells: strings as they are, whole floats as integers, other floats
-    by `fmt`, missing ones as `missing`.
+    ("{:.2f}"); unformatted cells: strings and integers as they are, floats by `fmt`, missing
+    ones as `missing`.
     """
     formats = formats or {}
     if not isinstance(data, pd.DataFrame) and data and not isinstance(data[0], Mapping):
@@ -188,6 +196,22 @@ def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Seq
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Progress lines of a long run, stamped with the time since it started:
+    `log = Progress("bench"); log("...")` prints `[bench 01:02.3] ...`."""
+
+    def __init__(self, name: str = "bench", stream: Any = None) -> None:
+        self.name, self.stream, self.t0 = name, stream, time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        print(f"[{self.name} {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}",
+              file=self.stream or sys.stdout, flush=True)
+
+
 # --------------------------------------------------------------------------- the machine
 
 
@@ -198,10 +222,26 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+# The server the benchmarks start (local_server/): its line in a machine description.
+LOCAL_SERVER = {"tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
+                                "python-backend stand-ins running ONNX Runtime)"}
+
+
+def _gpu() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "none"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({type(e).__name__})"
+    return out.stdout.strip().replace("\n", "; ") or "none"
+
+
 def machine(**extra: str) -> dict[str, str]:
     """What every result file states about where it was measured: date, CPU model and SIMD
-    flags, cores, available memory, OS and the versions that set the numbers; `extra` adds or
-    overrides items (tritonserver, perf_analyzer, gpu)."""
+    flags, cores, GPU (nvidia-smi), available memory, OS and the versions that set the numbers;
+    `extra` adds or overrides items (tritonserver, perf_analyzer, nginx; LOCAL_SERVER)."""
     cpu, flags = "unknown", set()
     # /proc/cpuinfo: psutil has no CPU model name or flags, and platform.processor() is empty
     # on Linux.
@@ -217,6 +257,7 @@ def machine(**extra: str) -> dict[str, str]:
         "cpu": cpu,
         "simd": simd or "none listed",
         "cores": str(os.cpu_count()),
+        "gpu": _gpu(),
         "memory": f"{psutil.virtual_memory().available / 2**30:.1f} GiB available at start",
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -1,19 +1,10 @@
-"""perf_analyzer benchmark: the shared-K/V `ranker` ensemble vs `ranker_naive` (history re-encoded
-per candidate) and `ranker_base` (no sequence module), across N candidates and L history events,
-against the FLOP bound. Run it through scripts/bench.sh; see --help.
-
-Steps: generate realistic requests per point (client.traffic.RequestGenerator); start a local
-tritonserver (gRPC only, free port); per point, in-process ONNX Runtime timings of the same ONNX
-files, then perf_analyzer against ranker, ranker_naive, ranker_base in turn (so drift hits all
-alike); a small concurrency sweep; stop the server; ORT profile of the split's graphs; peak memory
-per model in fresh subprocesses; write points.csv, summary.csv, report.md and speedup.png.
-"""
+"""perf_analyzer benchmark: `ranker` (shared user K/V) vs `ranker_naive` and `ranker_base` across
+N and L, against the FLOP bound (scripts/bench.sh; the method: benchmarks/README.md). Measures,
+writes the run's CSVs and run.json, then benchmarks/report.py turns them into the report."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import gc
 import json
 import math
@@ -22,12 +13,16 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import psutil
 
-from benchmarks import cpu, direct
+from benchmarks import analysis as an
+from benchmarks import cpu, direct, report
 from benchmarks import perf_analyzer as pa
 from benchmarks.flops import FlopModel
 from benchmarks.state import (
@@ -48,61 +43,23 @@ from benchmarks.state import (
     Progress,
     State,
 )
-from client import contract
-from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 
-# --------------------------------------------------------------------------- machine facts
+T = TypeVar("T")
+
 
 def mem_available_bytes() -> int:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return int(psutil.virtual_memory().available)
 
 
 def machine_info(server_version: str) -> dict[str, str]:
-    import importlib.metadata as md
-    import os
-    import platform
-
-    import onnxruntime as ort
-
-    cpu, flags = "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags)
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
+    """analysis.machine() with the server's and perf_analyzer's versions."""
     try:
-        pa_version = pa.perf_analyzer_version()
+        pa_version = pa.perf_analyzer_version().replace("Perf Analyzer Version ", "")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         pa_version = f"unavailable ({e})"
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "simd": simd or "none listed",
-        "cores": str(os.cpu_count()),
-        "memory": f"{mem_available_bytes() / 2**30:.1f} GiB available at start",
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "onnxruntime": ort.__version__,
-        "numpy": np.__version__,
-        "tritonserver": server_version,
-        "tritonclient": version("tritonclient"),
-        "perf_analyzer": pa_version.replace("Perf Analyzer Version ", ""),
-    }
+    return an.machine(tritonserver=server_version, perf_analyzer=pa_version)
 
 
 def calm_now(seconds: float = 1.0) -> bool:
@@ -113,13 +70,37 @@ def calm_now(seconds: float = 1.0) -> bool:
     return cpu.external_cores(snap).get("ext_cpu_cores", 1e9) <= CONTENDED_CORES
 
 
+def measured(st: State, fn: Callable[[], T], retry: Callable[[T], bool] = lambda _: True,
+             note: Callable[[str], None] | None = None) -> tuple[T, dict[str, float], int]:
+    """fn() with the CPU other processes used meanwhile; in modes that retry, once more when
+    that exceeded CONTENDED_CORES and a probe finds the machine calm again, keeping the attempt
+    with less outside CPU use (chosen by the contention figure, never by the result); `retry`
+    can rule a retry out by the first result (too long a run). Returns (result, load, attempts)."""
+    snap = cpu.snapshot()
+    result, load = fn(), cpu.external_cores(snap)
+    others = load.get("ext_cpu_cores", 0.0)
+    if not (st.mode.retry_contended and others > CONTENDED_CORES and retry(result)):
+        return result, load, 1
+    if not calm_now():
+        if note:
+            note(f"others used {others:.2f} cores meanwhile and still do: kept")
+        return result, load, 1
+    if note:
+        note(f"others used {others:.2f} cores meanwhile, now calm: measuring once more")
+    snap = cpu.snapshot()
+    again, load_again = fn(), cpu.external_cores(snap)
+    if load_again.get("ext_cpu_cores", 1e9) < others:
+        return again, load_again, 2
+    return result, load, 2
+
+
 def grid(mode: Mode) -> list[tuple[int, int]]:
     """(N, L) points, L outer, N ascending (naive's time estimate grows from the previous N)."""
     return [(n, length) for length in mode.lengths for n in mode.ns]
 
 
 def make_requests(st: State, seed: int) -> None:
-    gen = RequestGenerator(seed=seed, profile_dim=st.cfg.profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=st.cfg.profile_dim)
     wanted = list(grid(st.mode))
     if st.mode.sweep_point and st.mode.sweep_point not in wanted:
         wanted.append(st.mode.sweep_point)
@@ -138,7 +119,7 @@ def naive_estimate_s(st: State, sessions: direct.Sessions, n: int, length: int) 
     scaled by the FLOP model's C_naive(N, L) / C_naive(N_ref, L); without one, a single timed
     request at N = 1 first."""
     if length not in st.naive_ref:
-        req = RequestGenerator(seed=12345, profile_dim=st.cfg.profile_dim).request(length, 1)
+        req = reference_generator(seed=12345, profile_dim=st.cfg.profile_dim).request(length, 1)
         inputs = req.as_inputs()
         sessions.naive(inputs)  # warm-up
         t0 = time.perf_counter()
@@ -174,15 +155,8 @@ def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
     reqs = st.requests[(n, length)]
     m = st.mode
     out: dict[str, float] = {}
-    snap = cpu.snapshot()
-    split = direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500)
-    load = cpu.external_cores(snap)
-    if m.retry_contended and load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES and calm_now():
-        snap = cpu.snapshot()
-        again = direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500)
-        load_again = cpu.external_cores(snap)
-        if load_again.get("ext_cpu_cores", 1e9) < load["ext_cpu_cores"]:
-            split, load = again, load_again
+    split, load, _ = measured(
+        st, lambda: direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500))
     flop_of = {"user_encoder": st.flops.user(length), "target_fusion": st.flops.fusion(n, length),
                "split": st.flops.split(n, length)}
     for name, timing in split.items():
@@ -192,28 +166,16 @@ def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
         st.direct.append({"model": "ranker_naive", "n": n, "length": length,
                           "status": naive_skip})
     else:
-        heavy = naive_est_s > HEAVY_S
-        snap = cpu.snapshot()
-        timing, first = direct.time_single(
+        (timing, first), load, _ = measured(st, lambda: direct.time_single(
             "ranker_naive", sessions.naive, reqs, naive_est_s, m.direct_budget_s,
-            2 if heavy else 3, 500)
+            2 if naive_est_s > HEAVY_S else 3, 500), lambda _: False)  # too slow to repeat
         out["ranker_naive"] = timing.p50_us
         st.naive_ref[length] = (n, timing.p50_us / 1e6)
         st.direct.append({**direct_row("ranker_naive", n, length, "ok", timing,
-                                       st.flops.naive(n, length)), **cpu.external_cores(snap)})
-        st.exactness[(n, length)] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
-    snap = cpu.snapshot()
-    timing, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
-                                   m.direct_budget_s, 3, 500)
-    base_load = cpu.external_cores(snap)
-    if (m.retry_contended and base_load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES
-            and calm_now()):
-        snap = cpu.snapshot()
-        again, _ = direct.time_single("ranker_base", sessions.base, reqs, 1e-4,
-                                      m.direct_budget_s, 3, 500)
-        load_again = cpu.external_cores(snap)
-        if load_again.get("ext_cpu_cores", 1e9) < base_load["ext_cpu_cores"]:
-            timing, base_load = again, load_again
+                                       st.flops.naive(n, length)), **load})
+        st.direct[-1]["max_abs_diff"] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
+    (timing, _), base_load, _ = measured(st, lambda: direct.time_single(
+        "ranker_base", sessions.base, reqs, 1e-4, m.direct_budget_s, 3, 500))
     out["ranker_base"] = timing.p50_us
     st.direct.append({**direct_row("ranker_base", n, length, "ok", timing, st.flops.base(n)),
                       **base_load})
@@ -251,38 +213,28 @@ def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: in
         return None
     s = settings_for(st, service_us or 1000.0, concurrency)
     tag = f"{model}_N{n}_L{length}_c{concurrency}"
-    st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: perf_analyzer "
-                f"K={s.request_count} -s {s.stability:g} -r {s.max_trials} ...")
-    attempts = 0
-    while True:
-        attempts += 1
-        snap = cpu.snapshot()
-        res = pa.run(model, url, st.input_files[(n, length)], st.out / "perf_analyzer", s,
-                     tag if attempts == 1 else f"{tag}_attempt{attempts}")
-        load = cpu.external_cores(snap)
-        contended = load.get("ext_cpu_cores", 0.0) > CONTENDED_CORES
-        if attempts == 1 and contended and st.mode.retry_contended and res.wall_s < RETRY_MAX_S:
-            if calm_now():
-                st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: others used "
-                            f"{load['ext_cpu_cores']:.2f} cores meanwhile, now calm: "
-                            "measuring once more")
-                first, first_load = res, load
-                continue
-            st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: others used "
-                        f"{load['ext_cpu_cores']:.2f} cores meanwhile and still do: kept")
-        if attempts == 2 and first_load["ext_cpu_cores"] < load.get("ext_cpu_cores", 1e9):
-            res, load = first, first_load
-        break
+    label = f"{step} {model:<12} N={n} L={length} c={concurrency}"
+    st.progress(f"{label}: perf_analyzer K={s.request_count} -s {s.stability:g} "
+                f"-r {s.max_trials} ...")
+    attempt = iter(range(1, 3))
+
+    def once() -> pa.Result:
+        i = next(attempt)
+        return pa.run(model, url, st.input_files[(n, length)], st.out / "perf_analyzer", s,
+                      tag if i == 1 else f"{tag}_attempt{i}")
+
+    res, load, attempts = measured(st, once, lambda r: r.wall_s < RETRY_MAX_S,
+                                   lambda msg: st.progress(f"{label}: {msg}"))
     p50 = f"{res.p50_us / 1e3:.2f} ms" if res.p50_us is not None else "-"
     thr = f"{res.throughput:.2f}/s" if res.throughput is not None else "-"
     ext = f", others used {load['ext_cpu_cores']:.2f} cores" if load else ""
-    st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: {res.status}, "
+    st.progress(f"{label}: {res.status}, "
                 f"p50 {p50}, {thr}, {res.passes} windows, {res.wall_s:.1f} s{ext}"
                 + (f" ({res.message})" if res.message else ""))
     row.update({
         "status": res.status, "p50_us": res.p50_us, "p90_us": res.p90_us,
         "p95_us": res.p95_us, "p99_us": res.p99_us, "throughput": res.throughput,
-        "requests": res.request_count, "windows": res.passes,
+        "requests": res.stats.get(model, {}).get("inference_count"), "windows": res.passes,
         "request_count_k": s.request_count, "stability_pct": s.stability,
         "max_trials": s.max_trials, "wall_s": round(res.wall_s, 1),
         "server_queue_us": res.server.get("Server Queue"),
@@ -291,34 +243,32 @@ def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: in
         "message": res.message,
     })
     st.points.append(row)
-    if model == "ranker" and res.composing:
+    if model == "ranker" and res.stats:
         record_breakdown(st, res, n, length, concurrency)
     return res
 
 
 def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> None:
+    """The ensemble's time by part: the client's view (perf_analyzer's CSV) and Triton's
+    statistics of `ranker` and its composing models over the run."""
     base = {"n": n, "length": length, "concurrency": c, "status": res.status}
-    parts = {"client_p50": res.p50_us, "client_avg_grpc": res.avg_us}
-    for k, v in res.server.items():
-        if not k[0].isupper():
-            parts[f"ensemble_{k}"] = v
-    for model, values in res.composing.items():
+    parts = {"client_p50": res.p50_us, "client_avg_grpc": res.avg_grpc_us}
+    for model, values in res.stats.items():
+        prefix = "ensemble" if model == "ranker" else model
         for k, v in values.items():
-            parts[f"{model}_{k}"] = v
-    for part, value in parts.items():
-        if value is not None:
-            st.breakdown.append({**base, "part": part, "us": value})
+            parts[f"{prefix}_{k}"] = v
+    st.breakdown += [{**base, "part": part, "us": value} for part, value in parts.items()
+                     if value is not None]
 
 
 def benchmark_server(st: State, seed: int) -> None:
     from local_server.triton import free_port, start_server
 
-    m = st.mode
-    pts = grid(m)
-    sweep = []
-    if m.sweep_point:
-        sweep = [c for c in m.sweep_concurrency if c != 1 or m.sweep_point not in pts]
-    total = len(pts) * len(MODELS) + len(sweep) * len(MODELS)
+    m, pts = st.mode, grid(st.mode)
+    # (N, L, concurrency): the grid at concurrency 1, then the sweep at its point
+    work = [(n, length, 1) for n, length in pts] + [
+        (*m.sweep_point, c) for c in m.sweep_concurrency
+        if m.sweep_point and (c != 1 or m.sweep_point not in pts)]
     st.progress(f"loading ONNX Runtime sessions for the in-process timings ({st.repository})")
     sessions = direct.Sessions(st.repository)
     st.progress("starting tritonserver (local flavour, gRPC only, free port)")
@@ -329,48 +279,30 @@ def benchmark_server(st: State, seed: int) -> None:
                 f"{time.monotonic() - t0:.1f} s: models {', '.join(server.models)}")
     try:
         st.machine = machine_info(server_version(server.grpc_url))
-        i = 0
-        service: dict[tuple[int, int], dict[str, float]] = {}
-        for n, length in pts:
-            st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
-            est = naive_estimate_s(st, sessions, n, length)
-            skip = naive_skip_reason(st, est, n, length, 1)
-            d = run_direct(st, sessions, n, length, skip, est)
-            service[(n, length)] = d
-            st.progress(
-                f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms "
-                f"(encoder {d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
-                + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
-                   f"naive {skip}, ")
-                + f"base {d['ranker_base']/1e3:.2f} ms")
-            for model in MODELS:
-                i += 1
-                key = "split" if model == "ranker" else model
-                svc = d.get(key)
-                run_pa(st, server.grpc_url, model, n, length, 1,
-                       None if svc is None else svc + OVERHEAD_US[model],
-                       skip if model == "ranker_naive" else "", f"[{i}/{total}]")
-        if sweep:
-            n, length = m.sweep_point
+        service: dict[tuple[int, int], tuple[dict[str, float], str]] = {}
+        for i, (n, length, c) in enumerate(work):
             if (n, length) not in service:
+                st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
                 est = naive_estimate_s(st, sessions, n, length)
                 skip = naive_skip_reason(st, est, n, length, 1)
-                service[(n, length)] = run_direct(st, sessions, n, length, skip, est)
-            d = service[(n, length)]
-            for c in sweep:
+                d = run_direct(st, sessions, n, length, skip, est)
+                service[(n, length)] = d, skip
+                st.progress(
+                    f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms (encoder "
+                    f"{d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
+                    + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
+                       f"naive {skip}, ") + f"base {d['ranker_base']/1e3:.2f} ms")
+            d, skip = service[(n, length)]
+            if c > 1:
                 st.progress(f"concurrency sweep N={n} L={length}: concurrency {c}")
-                for model in MODELS:
-                    i += 1
-                    key = "split" if model == "ranker" else model
-                    skip = ""
-                    if model == "ranker_naive":
-                        est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(
-                            st, sessions, n, length)
-                        skip = naive_skip_reason(st, est, n, length, c)
-                    svc = d.get(key)
-                    run_pa(st, server.grpc_url, model, n, length, c,
-                           None if svc is None else svc + OVERHEAD_US[model], skip,
-                           f"[{i}/{total}]")
+                est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(st, sessions, n, length)
+                skip = naive_skip_reason(st, est, n, length, c)
+            for j, model in enumerate(MODELS):
+                svc = d.get("split" if model == "ranker" else model)
+                run_pa(st, server.grpc_url, model, n, length, c,
+                       None if svc is None else svc + OVERHEAD_US[model],
+                       skip if model == "ranker_naive" else "",
+                       f"[{i * len(MODELS) + j + 1}/{len(work) * len(MODELS)}]")
     finally:
         code = server.stop()
         st.progress(f"stopped tritonserver pid {server.pid} (exit code {code})")
@@ -389,26 +321,6 @@ def server_version(url: str) -> str:
         return f"unknown ({type(e).__name__})"
     finally:
         client.close()
-
-
-def run_profile(st: State) -> None:
-    n, length = st.mode.profile_point
-    reqs = st.requests.get((n, length))
-    if reqs is None:
-        reqs = [RequestGenerator(seed=7, profile_dim=st.cfg.profile_dim)
-                .request(length, n).as_inputs()]
-    st.progress(f"ORT profile of user_encoder and target_fusion at N={n} L={length}")
-    sessions = direct.Sessions(st.repository)
-    enc_feeds = [{k: r[k] for k in contract.HISTORY_INPUTS} for r in reqs]
-    fus_feeds = [sessions.fusion_inputs(r, sessions.encode(r)) for r in reqs]
-    del sessions
-    work = st.out / "ort_profile"
-    work.mkdir(parents=True, exist_ok=True)
-    for name, feeds in (("user_encoder", enc_feeds), ("target_fusion", fus_feeds)):
-        for row in direct.profile_ops(st.repository, name, feeds, work):
-            st.profile.append({**row, "n": n, "length": length})
-    with contextlib.suppress(OSError):
-        work.rmdir()
 
 
 def run_memory(st: State) -> None:
@@ -449,36 +361,12 @@ def run_memory(st: State) -> None:
         st.memory.append(row)
 
 
-def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: fmt_csv(row.get(k)) for k in keys})
-
-
-def fmt_csv(v: object) -> object:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return "" if v is None else v
-
-
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="scripts/bench.sh",
-        description="Benchmark the shared-K/V `ranker` ensemble against `ranker_naive` and "
-        "`ranker_base` with perf_analyzer (gRPC, realistic generated requests) on a local "
-        "tritonserver it starts and stops itself, plus in-process ONNX Runtime timings, an ORT "
-        "profile and peak memory; compares the measured speedup with the FLOP bound. Full run: "
-        "N in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep (about 15-30 min on 2 "
-        "cores). Writes points.csv, summary.csv, direct.csv, memory.csv, report.md, speedup.png "
-        "into --out.",
-    )
+    p = argparse.ArgumentParser(prog="scripts/bench.sh", description=__doc__ + " Full run: N "
+                                "in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep "
+                                "(15-30 min on 2 cores).")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
@@ -489,12 +377,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default build/bench/<timestamp>; the committed full run "
                    "is benchmarks/results)")
     p.add_argument("--seed", type=int, default=0, help="request generator seed (default 0)")
-    p.add_argument("--naive-limit-s", type=float, default=None,
-                   help="skip ranker_naive where one request would take longer than this "
-                   "(default 20 s, --quick 2 s)")
-    p.add_argument("--keep-inputs", action="store_true",
-                   help="keep the perf_analyzer input files in OUT/inputs (by default they are "
-                   "deleted at the end: the same --seed regenerates them)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="model config the ONNX files were exported from (FLOP model)")
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
@@ -511,10 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     mode = SMOKE if args.smoke else QUICK if args.quick else FULL
-    if args.naive_limit_s is not None:
-        from dataclasses import replace
-
-        mode = replace(mode, naive_limit_s=args.naive_limit_s)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (args.out or REPO_ROOT / "build" / "bench" / stamp).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -534,37 +412,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: perf_analyzer does not run: {e}", file=sys.stderr)
         return 2
     st = State(mode=mode, cfg=cfg, flops=FlopModel.from_config(cfg), out=out, progress=progress,
-               repository=repository, config_path=args.config.resolve(), seed=args.seed,
-               keep_inputs=args.keep_inputs)
+               repository=repository, config_path=args.config.resolve())
     progress(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
              f"{mode.requests_per_point} requests per point -> {out}")
     progress("generating requests (client.traffic.RequestGenerator) and perf_analyzer inputs")
     make_requests(st, args.seed)
-    t0 = time.monotonic()
     benchmark_server(st, args.seed)
-    st.wall["server_phase_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    run_profile(st)
     run_memory(st)
-    st.wall["profile_memory_s"] = time.monotonic() - t0
-    st.wall["total_s"] = time.monotonic() - progress.t0
-
-    from benchmarks import report as bench_report
-    from benchmarks import summary as bench_summary
-
-    progress("writing points.csv, direct.csv, summary.csv, memory.csv, report.md, speedup.png")
-    summary = bench_summary.summarise(st)
-    write_csv(out / "points.csv", st.points)
-    write_csv(out / "direct.csv", st.direct)
-    write_csv(out / "summary.csv", summary)
-    write_csv(out / "memory.csv", st.memory)
-    write_csv(out / "ensemble_breakdown.csv", st.breakdown)
-    write_csv(out / "ort_profile.csv", st.profile)
-    bench_summary.plot(st, summary, out / "speedup.png")
-    (out / "report.md").write_text(bench_report.report(st, summary))
-    if not args.keep_inputs:
-        shutil.rmtree(out / "inputs", ignore_errors=True)
-    progress(f"done in {st.wall['total_s'] / 60:.1f} min: {out / 'report.md'}")
+    progress("writing points.csv, direct.csv, memory.csv, ensemble_breakdown.csv, "
+             "run.json; then summary.csv, report.md, speedup.png")
+    for name, rows in (("points", st.points), ("direct", st.direct), ("memory", st.memory),
+                       ("ensemble_breakdown", st.breakdown)):
+        an.write_csv(out / f"{name}.csv", rows)
+    config = args.config.resolve()
+    total_s = time.monotonic() - progress.t0
+    (out / "run.json").write_text(json.dumps({
+        "mode": mode.name, "naive_limit_s": mode.naive_limit_s, "seed": args.seed,
+        "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT)
+                      else config),
+        "total_s": round(total_s, 1), "machine": st.machine},
+        indent=1))
+    report.write(out)
+    shutil.rmtree(out / "inputs", ignore_errors=True)  # the same --seed regenerates them
+    progress(f"done in {total_s / 60:.1f} min: {out / 'report.md'}")
     return 0
 
 

@@ -1,26 +1,10 @@
-"""The user K/V cache under concurrent traffic, through a real tritonserver it starts itself.
-
-Three measurements, one run, one server (`ranker_cached`, the path of every request read from
-its own `cache_path` output):
-
-* append cost (one client): at L, a miss (first visit), a hit (repeat) and an append of ΔL
-  events (a user cached with L - ΔL events comes back with L); the target is
-  (append p50 - hit p50) <= 5 % of (miss p50 - hit p50);
-* head-of-line: three clients send repeats of three cached users of L events, first alone,
-  then while a fourth client sends first visits of L events back to back; targets:
-  hit p90 with misses <= 0.3 x miss p50, hit p50 with misses <= 2 x hit p50 alone;
-* mixed load: eight clients of returning users (repeats, appends of 1-10 events, first visits
-  of L in [--mixed-min-length, --mixed-max-length]) for --mixed-seconds; targets: no error,
-  every sampled response equal to ranker_naive (checked after the load, so the oracle does not
-  slow it), and user_cache's counters (its metrics) adding up to the requests sent, per path.
-
-Writes <out>/cache_load.csv and <out>/cache_load.md.
-"""
+"""The user K/V cache under concurrent traffic, one server: the append cost (one client), head-of-
+line blocking (3 clients of hits, alone and beside a 4th sending first visits) and a mixed
+8-client returning-user load checked against ranker_naive and the cache's own counters."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import threading
 import time
@@ -29,55 +13,43 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cpu import external_cores, snapshot
-from benchmarks.user_cache import machine, pct
+from benchmarks import analysis as an
+from benchmarks.cpu import Snapshot, snapshot
+from benchmarks.user_cache import header, log, serving
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
 from export.config import ModelConfig
+from export.reference_features import profile_dim_of, reference_generator
 from export.triton_configs import install_python_models
-from local_server.triton import free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
 
 
-def log(message: str) -> None:
-    print(f"[cache_load] {message}", file=sys.stderr, flush=True)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.cache_load",
-        description="ranker_cached under concurrent traffic: append cost, head-of-line "
-                    "blocking (hits of 3 clients while a 4th sends misses) and a mixed "
-                    "8-client returning-user load checked against ranker_naive.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cache_load", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=str(REPO_ROOT / "export/configs/ranker_causal_long.json"),
-                   help="model config of the export (default %(default)s)")
+                   help="model config of the export")
     p.add_argument("--repository", type=Path, default=REPO_ROOT / "build" / "long",
-                   help="its exported repository (default %(default)s)")
-    p.add_argument("--length", type=int, default=8192,
-                   help="L of the append and head-of-line measurements (default %(default)s)")
-    p.add_argument("--delta", type=int, default=10, help="appended events ΔL (default %(default)s)")
-    p.add_argument("--num-candidates", type=int, default=50, help="N (default %(default)s)")
-    p.add_argument("--requests", type=int, default=8,
-                   help="timed requests per path in the append measurement (default %(default)s)")
-    p.add_argument("--hol-seconds", type=float, default=30.0,
-                   help="seconds of each head-of-line phase (default %(default)s)")
-    p.add_argument("--mixed-seconds", type=float, default=120.0,
-                   help="seconds of the mixed load (default %(default)s)")
-    p.add_argument("--mixed-clients", type=int, default=8, help="(default %(default)s)")
-    p.add_argument("--mixed-min-length", type=int, default=500, help="(default %(default)s)")
-    p.add_argument("--mixed-max-length", type=int, default=4000, help="(default %(default)s)")
-    p.add_argument("--mixed-candidates", type=int, default=20,
-                   help="N of the mixed load (default %(default)s)")
-    p.add_argument("--samples", type=int, default=16,
-                   help="mixed-load responses checked against ranker_naive (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="traffic seed (default %(default)s)")
-    p.add_argument("--out", type=Path,
-                   default=REPO_ROOT / "benchmarks" / "results" / "user_cache_concurrency",
-                   help="output folder (default %(default)s)")
+                   help="its exported repository")
+    p.add_argument("--length", type=int, default=8192, help="L of append and head-of-line")
+    p.add_argument("--delta", type=int, default=10, help="appended events ΔL")
+    p.add_argument("--num-candidates", type=int, default=50, help="N")
+    p.add_argument("--requests", type=int, default=8, help="timed requests per path (append)")
+    p.add_argument("--hol-seconds", type=float, default=30.0, help="each head-of-line phase")
+    p.add_argument("--mixed-seconds", type=float, default=120.0, help="the mixed load")
+    p.add_argument("--mixed-clients", type=int, default=8, help="clients of the mixed load")
+    p.add_argument("--mixed-min-length", type=int, default=500, help="its shortest first visit")
+    p.add_argument("--mixed-max-length", type=int, default=4000, help="its longest first visit")
+    p.add_argument("--mixed-candidates", type=int, default=20, help="its N")
+    p.add_argument("--samples", type=int, default=16, help="mixed-load responses checked")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed")
+    p.add_argument("--out", type=Path, help="output folder",
+                   default=REPO_ROOT / "benchmarks" / "results" / "user_cache_concurrency")
     return p.parse_args(argv)
 
 
@@ -120,7 +92,7 @@ def append_cost(client: RankerClient, gen: RequestGenerator, args: argparse.Name
         user, req = gen.user_id(), gen.request(args.length - args.delta, n)
         client.score(req, "ranker_cached", user)
         visit(client, user, gen.returning(req, args.delta), record)  # append
-    hit, append, miss = (pct(record.seconds[p], 50) for p in ("hit", "append", "miss"))
+    hit, append, miss = (an.percentile_ms(record.seconds[p], 50) for p in ("hit", "append", "miss"))
     return {"hit_p50_ms": hit, "append_p50_ms": append, "miss_p50_ms": miss,
             "append_share": (append - hit) / (miss - hit), "errors": len(record.errors),
             "counts": {p: len(v) for p, v in record.seconds.items()}}
@@ -147,13 +119,13 @@ def head_of_line(url: str, gen: RequestGenerator, args: argparse.Namespace) -> d
         record = Record()
 
         def repeats(stop: float, user: int, record: Record = record) -> None:
-            own = RequestGenerator(seed=user % 10_000, profile_dim=gen.profile_dim)
+            own = reference_generator(seed=user % 10_000, profile_dim=profile_dim_of(gen.layout))
             with RankerClient(url, timeout_s=600) as client:
                 while time.monotonic() < stop:
                     visit(client, user, own.returning(users[user], 0), record)
 
         def first_visits(stop: float, record: Record = record) -> None:
-            own = RequestGenerator(seed=gen.seed + 99, profile_dim=gen.profile_dim)
+            own = reference_generator(seed=gen.seed + 99, profile_dim=profile_dim_of(gen.layout))
             with RankerClient(url, timeout_s=600) as client:
                 while time.monotonic() < stop:
                     visit(client, own.user_id(), own.request(length, n), record)
@@ -164,11 +136,12 @@ def head_of_line(url: str, gen: RequestGenerator, args: argparse.Namespace) -> d
         run_clients(workers, args.hol_seconds)
         out[phase] = record
     alone, busy = out["alone"], out["with misses"]
-    hit_alone = pct(alone.seconds["hit"], 50)
-    return {"hit_p50_alone_ms": hit_alone, "hit_p90_alone_ms": pct(alone.seconds["hit"], 90),
-            "hit_p50_with_misses_ms": pct(busy.seconds["hit"], 50),
-            "hit_p90_with_misses_ms": pct(busy.seconds["hit"], 90),
-            "miss_p50_ms": pct(busy.seconds["miss"], 50),
+    hit_alone = an.percentile_ms(alone.seconds["hit"], 50)
+    return {"hit_p50_alone_ms": hit_alone,
+            "hit_p90_alone_ms": an.percentile_ms(alone.seconds["hit"], 90),
+            "hit_p50_with_misses_ms": an.percentile_ms(busy.seconds["hit"], 50),
+            "hit_p90_with_misses_ms": an.percentile_ms(busy.seconds["hit"], 90),
+            "miss_p50_ms": an.percentile_ms(busy.seconds["miss"], 50),
             "hits_alone": len(alone.seconds["hit"]), "hits_with_misses": len(busy.seconds["hit"]),
             "misses": len(busy.seconds["miss"]),
             "unexpected_paths": len(alone.seconds["miss"]) + len(alone.seconds["append"])
@@ -183,7 +156,8 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
     sample_every = 7
 
     def client_loop(stop: float, index: int) -> None:
-        own = RequestGenerator(seed=args.seed * 1000 + index, profile_dim=gen.profile_dim)
+        own = reference_generator(seed=args.seed * 1000 + index,
+                                  profile_dim=profile_dim_of(gen.layout))
         rng = np.random.default_rng(index)
         users: dict[int, RankingRequest] = {}
         sent = 0
@@ -230,12 +204,12 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
             "first_errors": record.errors[:3], "paths_reported": sent,
             "counters": counters, "counters_add_up": counters == sent and not record.errors,
             "sampled": len(chosen), "max_abs_diff_vs_naive": worst,
-            "p50_ms": {p: pct(v, 50) for p, v in record.seconds.items()},
-            "p90_ms": {p: pct(v, 90) for p, v in record.seconds.items()}}
+            "p50_ms": {p: an.percentile_ms(v, 50) for p, v in record.seconds.items()},
+            "p90_ms": {p: an.percentile_ms(v, 90) for p, v in record.seconds.items()}}
 
 
-def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict, hol: dict,
-             mixed: dict) -> str:
+def markdown(args: argparse.Namespace, cfg: ModelConfig, start: Snapshot | None, cost: dict,
+             hol: dict, mixed: dict) -> str:
     hol_ratio = hol["hit_p90_with_misses_ms"] / hol["miss_p50_ms"]
     slow = hol["hit_p50_with_misses_ms"] / hol["hit_p50_alone_ms"]
 
@@ -243,35 +217,32 @@ def markdown(args: argparse.Namespace, cfg: ModelConfig, info: dict, cost: dict,
         return "met" if ok else "missed"
 
     lines = [
-        "# ranker_cached under concurrent traffic", "",
-        f"`python -m benchmarks.cache_load` ({time.strftime('%Y-%m-%d')}), config "
-        f"`{Path(args.config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
-        f"max_history {cfg.max_history}, mask {cfg.mask}), gRPC client latency, one run, one "
-        "server.", "",
-        "## Machine", "", "| item | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in info.items()], "",
-        "## Targets", "", "| measurement | target | measured | verdict |", "|---|---|---|---|",
-        f"| append, L = {args.length}, ΔL = {args.delta}, N = {args.num_candidates} | "
-        f"(append p50 - hit p50) <= 5 % of (miss p50 - hit p50) | "
-        f"({cost['append_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) / "
-        f"({cost['miss_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) = {cost['append_share']:.1%} | "
-        f"{verdict(cost['append_share'] <= 0.05)} |",
-        f"| head-of-line, L = {args.length}: 3 clients of repeats + 1 of first visits | hit p90 "
-        f"<= 0.3 x miss p50 | {hol['hit_p90_with_misses_ms']:.1f} / {hol['miss_p50_ms']:.1f} = "
-        f"{hol_ratio:.2f} | {verdict(hol_ratio <= 0.3)} |",
-        f"| same | hit p50 with misses <= 2 x hit p50 alone | "
-        f"{hol['hit_p50_with_misses_ms']:.1f} / {hol['hit_p50_alone_ms']:.1f} = {slow:.2f} | "
-        f"{verdict(slow <= 2)} |",
-        f"| mixed load, {args.mixed_clients} clients, {args.mixed_seconds:.0f} s, L in "
-        f"[{args.mixed_min_length}, {args.mixed_max_length}], N = {args.mixed_candidates} | "
-        f"0 errors | {mixed['errors']} errors in {mixed['requests']} requests | "
-        f"{verdict(mixed['errors'] == 0)} |",
-        f"| same | every sampled response equals ranker_naive | {mixed['sampled']} sampled, max "
-        f"abs diff {mixed['max_abs_diff_vs_naive']:.2e} | "
-        f"{verdict(mixed['max_abs_diff_vs_naive'] <= TOLERANCE and mixed['sampled'] > 0)} |",
-        f"| same | the cache's counters add up to the requests sent | counters "
-        f"{mixed['counters']}, responses {mixed['paths_reported']} | "
-        f"{verdict(mixed['counters_add_up'])} |", "",
+        *header("ranker_cached under concurrent traffic", "cache_load", args.config, cfg, start,
+                "gRPC client latency, one run, one server."),
+        "## Targets", "",
+        an.table([
+            [f"append, L = {args.length}, ΔL = {args.delta}, N = {args.num_candidates}",
+             "(append p50 - hit p50) <= 5 % of (miss p50 - hit p50)",
+             f"({cost['append_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) / "
+             f"({cost['miss_p50_ms']:.1f} - {cost['hit_p50_ms']:.1f}) = "
+             f"{cost['append_share']:.1%}", verdict(cost["append_share"] <= 0.05)],
+            [f"head-of-line, L = {args.length}: 3 clients of repeats + 1 of first visits",
+             "hit p90 <= 0.3 x miss p50", f"{hol['hit_p90_with_misses_ms']:.1f} / "
+             f"{hol['miss_p50_ms']:.1f} = {hol_ratio:.2f}", verdict(hol_ratio <= 0.3)],
+            ["same", "hit p50 with misses <= 2 x hit p50 alone",
+             f"{hol['hit_p50_with_misses_ms']:.1f} / {hol['hit_p50_alone_ms']:.1f} = {slow:.2f}",
+             verdict(slow <= 2)],
+            [f"mixed load, {args.mixed_clients} clients, {args.mixed_seconds:.0f} s, L in "
+             f"[{args.mixed_min_length}, {args.mixed_max_length}], N = {args.mixed_candidates}",
+             "0 errors", f"{mixed['errors']} errors in {mixed['requests']} requests",
+             verdict(mixed["errors"] == 0)],
+            ["same", "every sampled response equals ranker_naive", f"{mixed['sampled']} sampled, "
+             f"max abs diff {mixed['max_abs_diff_vs_naive']:.2e}",
+             verdict(mixed["max_abs_diff_vs_naive"] <= TOLERANCE and mixed["sampled"] > 0)],
+            ["same", "the cache's counters add up to the requests sent",
+             f"counters {mixed['counters']}, responses {mixed['paths_reported']}",
+             verdict(mixed["counters_add_up"])]],
+            ["measurement", "target", "measured", "verdict"]), "",
         "## Details", "",
         f"- Append measurement (one client, {args.requests} requests per path): paths "
         f"{cost['counts']}, {cost['errors']} errors.",
@@ -299,13 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     install_python_models(args.repository)  # serve the user_cache code of this checkout
-    metrics_port = free_port()
-    log(f"starting tritonserver on {args.repository}")
-    server = start_server(grpc_port=free_port(), metrics_port=metrics_port,
-                          repository=args.repository, timeout_s=300)
-    gen = RequestGenerator(seed=args.seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
     start = snapshot()
-    try:
+    with serving(args.repository) as (server, metrics):
         with RankerClient(server.grpc_url, timeout_s=600) as client:
             for _ in range(2):  # ONNX Runtime's first calls of each model
                 user, req = gen.user_id(), gen.request(args.length - args.delta, 4)
@@ -313,14 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.score(gen.returning(req, args.delta), "ranker_cached", user)
             cost = append_cost(client, gen, args)
         hol = head_of_line(server.grpc_url, gen, args)
-        mixed = mixed_load(server.grpc_url, f"127.0.0.1:{metrics_port}", gen, args)
-    finally:
-        server.stop()
-    info = machine()
-    load = external_cores(start)
-    if load:
-        info["other processes' CPU during the run"] = (
-            f"{load['ext_cpu_cores']:.2f} cores (the machine was shared with other work)")
+        mixed = mixed_load(server.grpc_url, metrics, gen, args)
     rows = {"append": {**{k: v for k, v in cost.items() if k != "counts"},
                        **{f"{p}_count": v for p, v in cost["counts"].items()}},
             "head_of_line": hol,
@@ -332,12 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                       **{f"{p}_p90_ms": v for p, v in mixed["p90_ms"].items()},
                       **{f"{p}_responses": v for p, v in mixed["paths_reported"].items()},
                       **{f"{p}_counter": v for p, v in mixed["counters"].items()}}}
-    with open(args.out / "cache_load.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["measurement", "quantity", "value"])
-        for measurement, values in rows.items():
-            writer.writerows([measurement, k, v] for k, v in values.items())
-    (args.out / "cache_load.md").write_text(markdown(args, cfg, info, cost, hol, mixed))
+    an.write_csv(args.out / "cache_load.csv", [
+        {"measurement": measurement, "quantity": k, "value": v}
+        for measurement, values in rows.items() for k, v in values.items()])
+    (args.out / "cache_load.md").write_text(markdown(args, cfg, start, cost, hol, mixed))
     log(f"wrote {args.out / 'cache_load.md'}")
     ok = (mixed["errors"] == 0 and mixed["counters_add_up"]
           and mixed["max_abs_diff_vs_naive"] <= TOLERANCE and not hol["errors"])

@@ -1,11 +1,6 @@
-"""How much CPU others used while the benchmark measured (a shared, noisy machine).
-
-External CPU = CPU time the whole machine spent (/proc/stat, read by psutil) minus the CPU time
-of the benchmark's own process tree (this process, tritonserver and its stubs, perf_analyzer,
-counted with user + system + children_user + children_system of every member so exited children
-stay counted), over the wall-clock time of the measurement, in cores. Hypervisor steal is
-reported on its own.
-"""
+"""How much CPU others used while the benchmark measured (a shared, noisy machine): the machine's
+CPU time minus that of the benchmark's own process tree (children's times included, so exited
+ones stay counted), over the wall time, in cores (psutil); steal on its own."""
 
 from __future__ import annotations
 

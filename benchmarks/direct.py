@@ -1,23 +1,18 @@
 """In-process ONNX Runtime timings of the served ONNX files (the same sessions options as the
-Triton python backend: export.runtime.make_session), to tell model time from Triton overhead,
-and an ORT profile of the split's two graphs (per op type).
-"""
+Triton python backend: export.runtime.make_session), to tell model time from Triton overhead."""
 
 from __future__ import annotations
 
-import json
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from client import contract as c
+from export import reference_features as c
 from export.repositories import onnx_path
-from export.runtime import make_session, session_options
+from export.runtime import make_session
 
 MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
 FUSION_REQUEST_INPUTS = (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)
@@ -134,41 +129,3 @@ def time_single(name: str, fn: Callable[[Mapping[str, np.ndarray]], object],
         if i == 0:
             first = result
     return Timing(name, samples), first
-
-
-# --------------------------------------------------------------------------- ORT profiling
-
-def profile_ops(repository: Path, name: str, feeds: Sequence[Mapping[str, np.ndarray]],
-                work_dir: Path, reps: int = 5) -> list[dict[str, object]]:
-    """Per op type: total kernel time (us) per run and share of the graph, from ORT's profiler
-    (session options of export.runtime plus enable_profiling), first run excluded."""
-    so = session_options()
-    so.enable_profiling = True
-    so.profile_file_prefix = str(work_dir / f"ort_profile_{name}")
-    sess = ort.InferenceSession(str(model_path(repository, name)), so,
-                                providers=["CPUExecutionProvider"])
-    for i in range(reps + 1):
-        sess.run(None, dict(feeds[i % len(feeds)]))
-    trace = Path(sess.end_profiling())
-    events = json.loads(trace.read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    first_end = runs[0]["ts"] + runs[0]["dur"] if len(runs) > 1 else 0  # skip the first run
-    by_op: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        if e["ts"] < first_end:
-            continue
-        op = e.get("args", {}).get("op_name", "?")
-        by_op[op] += e["dur"]
-        counts[op] += 1
-    total = sum(by_op.values()) or 1.0
-    runs_timed = max(1, len(runs) - 1)
-    trace.unlink(missing_ok=True)
-    rows = [
-        {"graph": name, "op_type": op, "us_per_run": by_op[op] / runs_timed,
-         "share": by_op[op] / total, "nodes_per_run": counts[op] / runs_timed}
-        for op in sorted(by_op, key=by_op.get, reverse=True)
-    ]
-    return rows

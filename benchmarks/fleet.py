@@ -1,19 +1,8 @@
-"""Fleet benchmark: returning-user traffic through nginx in front of 1, 2 and 3 local replicas,
-consistent hashing on the user id against round robin, side by side.
-
-For each replica count K the fleet (local_server.fleet: real tritonservers, Debian's nginx)
-serves the same kind of traffic twice, with new users each time: once with nginx hashing on the
-user-id header, once in round robin. C client threads (each owning its users, so a user's
-visits keep their order) send `client.traffic.returning_traffic` to ranker_cached. Per run:
-throughput, client-side p50/p99 latency of one RPC, and full encodes per request (user_cache's
-misses / requests, summed over the replicas' Prometheus counters), plus hits and appends.
-A few responses per run are checked against ranker_naive (after the timed run).
-
-On a machine with few cores the replicas share the same cores, so throughput cannot grow with
-K there; the cache figures (full encodes per request) do not depend on cores.
-
-Writes <out>/fleet.csv and <out>/fleet.md. `python -m benchmarks.fleet --help`.
-"""
+"""Fleet benchmark: returning-user traffic to ranker_cached through nginx in front of 1, 2, 3
+local replicas (local_server.fleet), consistent hashing on the user id vs round robin, side by
+side: throughput, client p50/p99, full encodes per request (user_cache's counters over the
+replicas), a few responses checked against ranker_naive. Replicas share this machine's cores, so
+throughput cannot scale here; the cache figures do not depend on cores."""
 
 from __future__ import annotations
 
@@ -25,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench import write_csv
+from benchmarks import analysis as an
 from benchmarks.cpu import external_cores, snapshot
-from benchmarks.user_cache import machine
 from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER, nginx_variable
 from client.request import RankingRequest
-from client.traffic import RequestGenerator, returning_traffic
+from client.traffic import returning_traffic
+from export.reference_features import profile_dim_of, reference_generator
 from local_server.fleet import Fleet, start_fleet
 from local_server.triton import MODEL_REPOSITORY, free_port
 
@@ -40,8 +29,7 @@ MODEL = "ranker_cached"
 TOLERANCE = 1e-5
 
 
-def log(message: str) -> None:
-    print(f"[fleet] {message}", file=sys.stderr, flush=True)
+log = an.Progress("fleet", sys.stderr)
 
 
 def _ints(text: str) -> list[int]:
@@ -49,28 +37,22 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.fleet",
-        description="Returning-user traffic through nginx and 1..K local tritonservers, "
-                    "consistent hashing on the user id vs round robin: throughput, p50/p99, "
-                    "full encodes per request. Needs nginx (scripts/setup.sh) and an exported "
-                    "repository (python -m export).")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__ + " Needs "
+                                "nginx (scripts/setup.sh) and an export (python -m export).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
-                   help="model repository every replica serves (default %(default)s)")
-    p.add_argument("--replicas", type=_ints, default=[1, 2, 3], metavar="K,K,...",
-                   help="replica counts, ascending (default 1,2,3)")
-    p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
-    p.add_argument("--users", type=int, default=64, help="users per run (default 64)")
-    p.add_argument("--visits", type=int, default=6, help="visits per user (default 6)")
-    p.add_argument("--history-lengths", type=_ints, default=[200, 500, 900], metavar="L,L,...",
-                   help="first-visit history lengths, drawn per user (default 200,500,900); "
-                        "later visits add up to 10 events each")
-    p.add_argument("--num-candidates", type=int, default=50, help="N (default 50)")
-    p.add_argument("--check", type=int, default=2,
-                   help="responses per run compared with ranker_naive (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="traffic seed (default 0)")
+                   help="model repository every replica serves")
+    p.add_argument("--replicas", type=_ints, default="1,2,3", help="replica counts, ascending")
+    p.add_argument("--concurrency", type=int, default=8, help="client threads")
+    p.add_argument("--users", type=int, default=64, help="users per run")
+    p.add_argument("--visits", type=int, default=6, help="visits per user")
+    p.add_argument("--history-lengths", type=_ints, default="200,500,900",
+                   help="first-visit history lengths, drawn per user (later visits add 0-10)")
+    p.add_argument("--num-candidates", type=int, default=50, help="N")
+    p.add_argument("--check", type=int, default=2, help="responses per run checked vs naive")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "fleet",
-                   help="results directory (default %(default)s)")
+                   help="results directory")
     args = p.parse_args(argv)
     if not args.replicas or args.replicas != sorted(args.replicas) or args.replicas[0] < 1:
         p.error("--replicas must be ascending counts >= 1")
@@ -82,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def warm_up(fleet: Fleet, profile_dim: int, lengths: list[int], n: int) -> None:
     """Every path (miss, append, hit) of every model once per replica, directly, so that no
     run pays ONNX Runtime's first calls."""
-    gen = RequestGenerator(seed=999, profile_dim=profile_dim)
+    gen = reference_generator(seed=999, profile_dim=profile_dim)
     for server in fleet.replicas:
         with RankerClient(server.grpc_url, model=MODEL, timeout_s=300) as client:
             for length in lengths:
@@ -138,7 +120,7 @@ def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, profil
             seed: int) -> dict:
     urls = [s.grpc_url for s in fleet.replicas]
     fleet.nginx.reload(urls, balance=balance)
-    gen = RequestGenerator(seed=seed, profile_dim=profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=profile_dim)
     traffic = returning_traffic(gen, args.users, args.visits, args.history_lengths,
                                 args.num_candidates)
     rng = np.random.default_rng(seed)
@@ -157,13 +139,13 @@ def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, profil
         for index, scores in result["scores"].items():
             expected = client.score(traffic[index][1], "ranker_naive")
             worst = max(worst, float(np.max(np.abs(scores - expected))))
-    ms = np.asarray(result["latencies"]) * 1e3
     served = hits + appends + misses
     row = {
         "replicas": k, "balance": balance, "requests": len(traffic),
         "failed": len(result["failures"]),
-        "throughput_rps": len(ms) / result["wall_s"],
-        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+        "throughput_rps": len(result["latencies"]) / result["wall_s"],
+        "p50_ms": an.percentile_ms(result["latencies"], 50),
+        "p99_ms": an.percentile_ms(result["latencies"], 99),
         "full_encodes_per_request": misses / served if served else float("nan"),
         "hits": hits, "appends": appends, "misses": misses,
         "checked_vs_naive": len(result["scores"]), "max_abs_diff_vs_naive": worst,
@@ -190,35 +172,33 @@ def markdown(args: argparse.Namespace, rows: list[dict], info: dict[str, str]) -
         f"each later visit a repeat or +1..10 events, N = {args.num_candidates}, "
         f"{args.concurrency} client threads; latency is one RPC at the client. "
         f"{args.check} responses per run checked against `ranker_naive`.", "",
-        "## Machine", "", "| item | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in info.items()], "",
+        "## Machine", "", an.machine_table(info), "",
         "**This machine has 2 cores, shared by every replica** (and nginx, and the client), so "
         "throughput cannot scale with replicas here: more replicas only add processes competing "
         "for the same cores. Read the throughput and latency columns as hash vs round robin at "
         "the same K; the cache column does not depend on cores.", "",
         "## Results", "",
-        "| K | balance | requests | failed | req/s | p50 ms | p99 ms | full encodes / request "
-        "| hits | appends | misses | max abs diff vs naive | others' CPU (cores) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        an.table(rows, {"K": "replicas", "balance": "balance", "requests": "requests",
+                     "failed": "failed", "req/s": "throughput_rps", "p50 ms": "p50_ms",
+                     "p99 ms": "p99_ms", "full encodes / request": "full_encodes_per_request",
+                     "hits": "hits", "appends": "appends", "misses": "misses",
+                     "max abs diff vs naive": "max_abs_diff_vs_naive",
+                     "others' CPU (cores)": "others_cpu_cores"},
+              {"throughput_rps": "{:.1f}", "p50_ms": "{:.1f}", "p99_ms": "{:.1f}",
+               "full_encodes_per_request": "{:.3f}", "max_abs_diff_vs_naive": "{:.2g}",
+               "others_cpu_cores": "{:.2f}"}, missing="-"),
+        "", "## Hash vs round robin at the same K", "",
     ]
-    for r in rows:
-        others = r["others_cpu_cores"]
-        lines.append(
-            f"| {r['replicas']} | {r['balance']} | {r['requests']} | {r['failed']} | "
-            f"{r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['full_encodes_per_request']:.3f} | {r['hits']} | {r['appends']} | "
-            f"{r['misses']} | {r['max_abs_diff_vs_naive']:.2g} | "
-            f"{'-' if others is None else f'{others:.2f}'} |")
-    lines += ["", "## Hash vs round robin at the same K", "",
-              "| K | throughput hash / round robin | p50 round robin / hash | full encodes "
-              "round robin / hash |", "|---|---|---|---|"]
+    pairs = []
     for k in sorted({r["replicas"] for r in rows}):
         pair = {r["balance"]: r for r in rows if r["replicas"] == k}
         if {"hash", "round-robin"} <= set(pair):
             h, rr = pair["hash"], pair["round-robin"]
-            lines.append(f"| {k} | {h['throughput_rps'] / rr['throughput_rps']:.2f}x | "
-                         f"{rr['p50_ms'] / h['p50_ms']:.2f}x | "
-                         f"{rr['full_encodes_per_request'] / h['full_encodes_per_request']:.2f}x |")
+            pairs.append([k, f"{h['throughput_rps'] / rr['throughput_rps']:.2f}x",
+                          f"{rr['p50_ms'] / h['p50_ms']:.2f}x",
+                          f"{rr['full_encodes_per_request'] / h['full_encodes_per_request']:.2f}x"])
+    lines.append(an.table(pairs, ["K", "throughput hash / round robin", "p50 round robin / hash",
+                               "full encodes round robin / hash"]))
     lines += ["", "With K = 1 both rules send everything to the one replica (the same paths): "
               "there the columns show this machine's noise. Two replicas can keep both cores "
               "busy, a third cannot add any.",
@@ -235,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         with RankerClient(fleet.url) as client:
-            profile_dim = client.model_info(MODEL).profile_dim
+            profile_dim = profile_dim_of(client.model_info(MODEL).contract)
         for k in args.replicas:
             while len(fleet.replicas) < k:
                 log(f"adding replica {len(fleet.replicas) + 1}")
@@ -246,13 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             for balance in order:
                 seed = args.seed * 1000 + k * 10 + (balance == "hash")
                 rows.append(measure(fleet, k, balance, args, profile_dim, seed))
-        info = machine()
-        info["nginx"] = "1.22 (Debian), one worker"
+        info = an.machine(**an.LOCAL_SERVER, nginx="1.22 (Debian), one worker")
     finally:
         fleet.stop()
     rows.sort(key=lambda r: (r["replicas"], r["balance"] != "hash"))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "fleet.csv", rows)
+    an.write_csv(args.out / "fleet.csv", rows)
     (args.out / "fleet.md").write_text(markdown(args, rows, info))
     log(f"wrote {args.out / 'fleet.csv'} and {args.out / 'fleet.md'}")
     bad = [r for r in rows if r["failed"] or r["max_abs_diff_vs_naive"] > TOLERANCE]

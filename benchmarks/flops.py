@@ -1,27 +1,6 @@
-"""FLOP and memory model of the ranking transformer, from the model config (benchmark reference).
-
-All counts are algorithmic FLOPs of the matrix products (one multiply-add = 2 FLOPs); layer norms,
-GELU, softmax, biases and embedding gathers are lower-order and left out. With d = d_model,
-f = d_ff, H heads, dh = d/H, l layers, h = head_hidden, t tasks, P profile features:
-
-* projections of one token in one layer: qkv 6d^2 + out 2d^2 + FFN 4df  =  8d^2 + 4df
-  (= 24 d^2 when f = 4d);
-* attention of T queries over S keys: Q K^T 2TSd + P V 2TSd  =  4TSd;
-* encode(T) = T(8d^2 + 4df) + 4T^2 d per layer (ONNX Runtime computes the whole T x T score
-  matrix; the causal mask is an additive bias, so no half is skipped);
-* K/V only of T tokens (the user encoder's last layer): 4T d^2;
-* head per candidate: 2dh + 2ht; the profile projection 2Ph once per request.
-
-    C_naive(N, L)  = N [l encode(L+1) + head] + 2Ph
-    C_user(L)      = (l-1) encode(L) + 4L d^2
-    C_fusion(N, L) = N [l (8d^2 + 4df + 4(L+1)d) + head] + 2Ph
-    C_base(N)      = N head + 2Ph
-    bound(N, L)    = C_naive / (C_user + C_fusion)
-
-The exported graphs do slightly more than the algorithm (the last layer's fused qkv Linear also
-computes the unused Q: +2L d^2; target_fusion carries one padding candidate): the bound is the
-algorithm's, not the graph's.
-"""
+"""FLOP and memory model of the ranking transformer from its config: the algorithmic FLOPs of the
+matrix products (multiply-add = 2). The formulas, and what the exported graphs do beyond them:
+benchmarks/README.md, "FLOP model"."""
 
 from __future__ import annotations
 

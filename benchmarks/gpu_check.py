@@ -1,21 +1,11 @@
 """The exported graphs on a GPU's execution providers, checked against the CPU's scores.
 
-`bash scripts/gpu_check.sh` (this module) on a machine with an NVIDIA GPU and onnxruntime-gpu:
-
-1. exports the model config's graphs for the gpu target (fp32, and fp16 with --fp16), or takes
-   an exported repository (--repository);
-2. for each provider (CUDA, and TensorRT where ONNX Runtime offers it): runs user_encoder +
-   target_fusion on requests at every (L, N) of the grid and compares the scores with the same
-   graphs on the CPU EP (max abs difference; fp32 is held to 1e-4, fp16 to 5e-3);
-3. sends one request that breaks each guard (export/guards.py) to the provider and checks that
-   it is refused with the rule's name - the check that an out-of-range Gather failed on CUDA;
-4. times user_encoder and target_fusion per point (p50 of session.run, inputs and outputs in
-   host memory, as Triton's python-backend stand-in would move them) and records user_kv's
-   bytes and the process's GPU memory (nvidia-smi) after each point.
-
-Results: `gpu_check.csv` (one row per provider x check) and `gpu_check.md` under --out. With
-`--cpu` it runs the same steps on the CPU EP against itself: that checks this script (CI runs
-it), not a GPU.
+`scripts/gpu_check.sh` (README, "Production (NGC container, GPU)"): exports the gpu-target
+graphs (or takes --repository); per provider (CUDA, TensorRT where offered) compares
+user_encoder + target_fusion scores with the CPU EP's at every (L, N) (fp32 1e-4, fp16 5e-3),
+sends each guard's bad request and checks it is refused by name, times both graphs and records
+user_kv bytes and GPU memory. Writes gpu_check.csv and gpu_check.md; `--cpu` runs the same path
+on the CPU EP (CI checks the script).
 """
 
 from __future__ import annotations
@@ -32,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.bench import write_csv
-from client import contract as c
-from client.traffic import RequestGenerator
+from benchmarks import analysis as an
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.guards import append_rule, length_rule, limit_rule, naive_rule
 from export.model import build_model
 from export.onnx_export import export_graph
+from export.reference_features import reference_generator
 from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +71,7 @@ def gpu_memory_mib() -> float | None:
 
 def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str, np.ndarray]]]:
     """(graph, rule, request) for every guard: each request breaks exactly that rule."""
-    gen = RequestGenerator(seed=9, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=9, profile_dim=cfg.profile_dim)
     ok = gen.request(10, 4).as_inputs()
     dt = np.float16 if fp16 else np.float32
     kv = np.zeros((cfg.num_layers, 2, cfg.num_heads, 10, cfg.head_dim), dt)
@@ -102,7 +92,7 @@ def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str,
         ("ranker_naive", naive_rule(cfg.naive_max_work), candidates(long, naive_n)),
     ]
     if cfg.mask == "causal":
-        # the append graph reads the cached K/V of every layer but the last (client/contract.py)
+        # the append graph reads the cached K/V of every layer but the last (reference_features)
         full = np.zeros((cfg.num_layers - 1, *kv.shape[1:3], cfg.max_history, cfg.head_dim), dt)
         cases.append(("user_encoder_append", append_rule(cfg.max_history),
                       {**base, c.CACHED_USER_KV: full}))
@@ -123,7 +113,7 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
     path = {g: repo / g / "1" / "model.onnx" for g in graphs}
     reference = {g: session(path[g], "cpu") for g in ("user_encoder", "target_fusion")}
     rows: list[dict[str, object]] = []
-    gen = RequestGenerator(seed=3, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=3, profile_dim=cfg.profile_dim)
     for provider in args.providers:
         sessions = {g: session(path[g], provider) for g in graphs}
         active = sessions["user_encoder"].get_providers()[0]
@@ -142,7 +132,7 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
                         t0 = time.perf_counter()
                         run(sessions[g], feeds)
                         times.append(time.perf_counter() - t0)
-                    timings[g] = float(np.median(times)) * 1e3
+                    timings[g] = an.percentile_ms(times, 50)
                 diff = float(np.abs(scores[provider] - scores["cpu"]).max())
                 rows.append({"provider": provider, "active_provider": active, "check": "scores",
                              "L": length, "N": n, "fp16": args.fp16, "max_abs_diff": diff,
@@ -171,20 +161,22 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
 
 def write(rows: list[dict[str, object]], out: Path, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "gpu_check.csv", rows)
+    an.write_csv(out / "gpu_check.csv", rows)
+    info = an.machine(**({"note": args.machine} if args.machine else {}))
     lines = ["# GPU check", "", f"Config `{args.config}`, fp16={args.fp16}, providers "
-             f"{', '.join(args.providers)}; onnxruntime {ort.__version__}. Machine: "
-             f"{args.machine}.", "",
-             "| provider | L | N | max abs diff vs CPU | user_encoder p50 ms | "
-             "target_fusion p50 ms | user_kv MiB | GPU MiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["check"] == "scores"):
-        lines.append(f"| {r['active_provider']} | {r['L']} | {r['N']} | {r['max_abs_diff']:.2e}"
-                     f" | {r['user_encoder_p50_ms']:.2f} | {r['target_fusion_p50_ms']:.2f} | "
-                     f"{r['user_kv_mib']:.1f} | {r['gpu_memory_mib']} |")
-    lines += ["", "| provider | graph | rule | refused, named |", "|---|---|---|---|"]
-    lines += [f"| {r['active_provider']} | {r['graph']} | {r['rule']} | {r['ok']} |"
-              for r in rows if r["check"] == "guard"]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+             f"{', '.join(args.providers)}.", "", "## Machine", "", an.machine_table(info), "",
+             an.table([r for r in rows if r["check"] == "scores"],
+                   {"provider": "active_provider", "L": "L", "N": "N",
+                    "max abs diff vs CPU": "max_abs_diff",
+                    "user_encoder p50 ms": "user_encoder_p50_ms",
+                    "target_fusion p50 ms": "target_fusion_p50_ms", "user_kv MiB": "user_kv_mib",
+                    "GPU MiB": "gpu_memory_mib"},
+                   {"max_abs_diff": an.sci, "user_encoder_p50_ms": "{:.2f}",
+                    "target_fusion_p50_ms": "{:.2f}", "user_kv_mib": "{:.1f}"}), "",
+             an.table([r for r in rows if r["check"] == "guard"],
+                   {"provider": "active_provider", "graph": "graph", "rule": "rule",
+                    "refused, named": "ok"}), ""]
+    (out / "gpu_check.md").write_text("\n".join(lines))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,7 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--candidates", type=int, nargs="+", default=[50, 1000])
     p.add_argument("--repeats", type=int, default=10, help="timed runs per graph and point")
-    p.add_argument("--machine", default="(describe the machine: GPU, driver, CUDA)")
+    p.add_argument("--machine", default="",
+                   help="a note on the machine beyond what is detected (CPU, GPU via nvidia-smi, "
+                        "versions)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "gpu"))
     args = p.parse_args(argv)
     available = ort.get_available_providers()

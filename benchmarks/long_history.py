@@ -23,24 +23,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from tritonclient.utils import triton_to_np_dtype
 
 from benchmarks import analysis as an
 from benchmarks import cpu
 from benchmarks.peers import MFALCON, READS, REPLICATED_FUSION, export_peers
 from benchmarks.state import Progress
-from client.split_contract import CANDIDATES, HISTORY, SplitContract
-from export.config import CONFIG_DIR, ModelConfig
-from export.hstu import HSTUConfig, build_hstu
-from export.model import build_model
+from client.split_contract import SplitContract
+from client.traffic import random_features
+from export.config import CONFIG_DIR
+from export.family import Family, FamilyError, load_family
 from export.repositories import onnx_path
 from export.runtime import make_session
-from export.split_contract import ReferenceSplitModel, SplitModel
+from export.split_contract import ReferenceSplitModel
 from export.split_export import graph_io, graphs_for
+from export.split_fuzz import appended
 from export.triton_configs import config_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,32 +47,11 @@ DEFAULT_LONG = CONFIG_DIR / "ranker_causal_long.json"
 LABELS = {"split": "split", MFALCON: "mfalcon", REPLICATED_FUSION: "replicated", "naive": "naive"}
 APPEND_EVENTS = 10
 WARM_S = 0.5  # timed() warms a function faster than this right before each timed run
-# Each family: its config loader (each refuses the other's keys) and its export command.
-FAMILIES = (
-    (lambda p: ReferenceSplitModel(build_model(ModelConfig.load(p))), "export"),
-    (lambda p: build_hstu(HSTUConfig.load(p)), "export.hstu_export"),
-)
-
-
-def load_family(path: Path) -> tuple[SplitModel, str]:
-    """The model `path` describes and the module that exports its repositories."""
-    errors = []
-    for load, command in FAMILIES:
-        try:
-            return load(path), command
-        except ValueError as e:
-            errors.append(str(e))
-    raise SystemExit(f"{path} is no known family's config: {' / '.join(errors)}")
-
-
-def hyper(model: SplitModel):
-    """The family's config (num_heads, d_model, naive_max_work, ...)."""
-    return model.model.cfg if isinstance(model, ReferenceSplitModel) else model.cfg
 
 
 @dataclass
 class Run:
-    model: SplitModel
+    family: Family  # export/family.py: the model, its declaration, its serving limits
     repository: Path
     peers_dir: Path
     out: Path
@@ -92,9 +70,9 @@ class Run:
     triton: list[dict[str, object]] = field(default_factory=list)
     facts: dict[str, object] = field(default_factory=dict)
 
-    @cached_property
-    def contract(self) -> SplitContract:  # built once: graph_io runs on every call
-        return self.model.contract()
+    @property
+    def contract(self) -> SplitContract:
+        return self.family.contract
 
     def path(self, graph: str) -> Path:
         if graph in READS:
@@ -113,24 +91,10 @@ class Run:
                         strict=True))
 
 
-def declared_request(contract: SplitContract, length: int, n: int,
-                     rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random request tensors for a declaration: INT64 history features non-decreasing from a
-    unix time (every timestamp feature ordered; ids hash into buckets, any value serves), INT64
-    candidate features random, an INT64 per-request feature after the history, floats in
-    [0, 10). Costs depend on shapes only."""
-    start, out = 1_700_000_000, {}
-    for f in contract.features:
-        shape = [{"L": length, "N": n}.get(d, d) if isinstance(d, str) else d for d in f.dims]
-        if f.dtype != "INT64":
-            out[f.name] = (rng.random(shape) * 10).astype(triton_to_np_dtype(f.dtype))
-        elif f.axis == HISTORY:
-            out[f.name] = start + np.cumsum(rng.integers(0, 3600, shape), dtype=np.int64)
-        elif f.axis == CANDIDATES:
-            out[f.name] = rng.integers(0, 10**6, shape, dtype=np.int64)
-        else:
-            out[f.name] = np.full(shape, start + 3600 * (length + 1), np.int64)
-    return out
+def draw(contract: SplitContract, length: int, n: int,
+         rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One request of the declared features (client.traffic's generator, by feature role)."""
+    return {k: np.asarray(v) for k, v in random_features(contract, length, n, rng).items()}
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int,
@@ -161,26 +125,28 @@ def bytes_needed(run: Run, method: str, n: int, kept: int) -> int:
     """Estimated working set: dense [H, L+N, L+N] scores for the reference's single pass (the
     HSTU one is blocked: linear), N copies of K/V for replicated (a few live copies each), N
     naive candidates as measured by `calibrate`."""
-    cfg = hyper(run.model)
-    h, d = cfg.num_heads, cfg.d_model
+    model = run.family.model
+    if method == "naive":
+        return int(run.naive_bytes * n * (kept + 1) ** 2)
+    if not isinstance(model, ReferenceSplitModel):  # HSTU's single pass is blocked: linear
+        return 0
+    cfg = model.model.cfg
     if method == MFALCON:
-        return 16 * h * (kept + n) ** 2 if isinstance(run.model, ReferenceSplitModel) else 0
-    if method == REPLICATED_FUSION:
-        return 24 * n * (kept + 1) * d
-    return int(run.naive_bytes * n * (kept + 1) ** 2) if method == "naive" else 0
+        return 16 * cfg.num_heads * (kept + n) ** 2
+    return 24 * n * (kept + 1) * cfg.d_model if method == REPLICATED_FUSION else 0
 
 
 def calibrate(run: Run, config: Path, length: int = 1024) -> None:
     """The naive graph's bytes per candidate and (L+1)^2: its peak at one L, fresh process."""
     peak = _probe_process(graph="ranker_naive", n=1, length=length, config=config)["peak_mib"]
     kept = min(length, run.contract.max_history)
-    run.naive_bytes = (peak or 0) * 2**20 / (kept + 1) ** 2 or 16.0 * hyper(run.model).num_heads
+    run.naive_bytes = (peak or 0) * 2**20 / (kept + 1) ** 2 or 64.0  # else: 4 heads, 4 copies
     run.facts["naive bytes per candidate x (L+1)^2"] = f"{run.naive_bytes:.0f} (L={length})"
 
 
 def naive_slice(run: Run, n: int, kept: int) -> tuple[int, str]:
     """Candidates per naive call (within naive_max_work and the budget), or 0 and why not."""
-    work, tokens = hyper(run.model).naive_max_work, (kept + 1) ** 2
+    work, tokens = run.family.limits.naive_max_work, (kept + 1) ** 2
     if tokens > work:
         return 0, f"one candidate is above naive_max_work={work} (its graph refuses)"
     if (one := bytes_needed(run, "naive", 1, kept)) > run.budget_bytes:
@@ -240,13 +206,13 @@ def _row(length: int, n: int, method: str, seconds: float | None, exact: str = "
 
 def measure_append(run: Run, history: dict[str, np.ndarray], length: int) -> None:
     """ΔL = APPEND_EVENTS new events onto L cached ones vs a full encode of L + ΔL events."""
-    cached = run.state({k: v[:length] for k, v in history.items()})
-    feeds = {**{s.cached_name: cached[s.name] for s in run.contract.state},
-             **{k: v[length:] for k, v in history.items()}}
+    cached = list(run.state({k: v[:length] for k, v in history.items()}).values())
+    feeds = {**run.contract.cached_reads(cached), **{k: v[length:] for k, v in history.items()}}
     out = timed({"append": lambda: run.run("user_encoder_append", feeds),
                  "full": lambda: run.run("user_encoder", history)}, run.repeats, run.max_seconds)
-    (append_s, appended), (full_s, full) = out["append"], out["full"]
-    diff = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(appended, full, strict=True))
+    (append_s, new), (full_s, full) = out["append"], out["full"]
+    whole = appended(run.contract, cached, new)  # the cached state, then the new events'
+    diff = max(float(np.abs(a - b).max(initial=0)) for a, b in zip(whole, full, strict=True))
     run.appends.append({"L": length, "new_events": APPEND_EVENTS,
                         "append_ms": round(append_s * 1e3, 3),
                         "full_encode_ms": round(full_s * 1e3, 3),
@@ -258,7 +224,7 @@ def in_process(run: Run, lengths: list[int], ns: list[int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     start = cpu.snapshot()
     for length in lengths:
-        request = declared_request(run.contract, length + APPEND_EVENTS, max(ns), rng)
+        request = draw(run.contract, length + APPEND_EVENTS, max(ns), rng)
         history = {f.name: request[f.name] for f in run.contract.history_features}
         if run.contract.appendable and length + APPEND_EVENTS <= run.contract.max_history:
             run.progress(f"append L={length} + {APPEND_EVENTS}")
@@ -280,7 +246,7 @@ def probe(run: Run, graph: str, n: int, length: int) -> dict[str, object]:
 
     from benchmarks.memory import peak_rss_bytes, reset_peak
 
-    request = declared_request(run.contract, length, n, np.random.default_rng(0))
+    request = draw(run.contract, length, n, np.random.default_rng(0))
     values = {**request, **(run.state(request) if READS.get(graph, graph) == "target_fusion"
                             else {})}
     run.sessions[graph] = make_session(run.path(graph))
@@ -329,13 +295,13 @@ def through_triton(run: Run, lengths: list[int], ns: list[int], seed: int) -> No
         client = grpcclient.InferenceServerClient(server.grpc_url)
         for length in lengths:
             for n in ns:
-                request = declared_request(contract, length, n, rng)
+                request = draw(contract, length, n, rng)
                 seconds = timed({"ranker": lambda r=request: score(client, r)}, run.repeats,
                                 run.max_seconds)["ranker"][0]
                 run.progress(f"ranker through Triton L={length} N={n}: {seconds * 1e3:.1f} ms")
                 run.triton.append({"L": length, "N": n, "p50_ms": round(seconds * 1e3, 3)})
         # A history far longer than max_history is truncated to the newest events.
-        long_req = declared_request(contract, 100_000, 50, rng)
+        long_req = draw(contract, 100_000, 50, rng)
         newest = {**long_req, **{f.name: long_req[f.name][-contract.max_history:]
                                  for f in contract.history_features}}
         diff = float(np.abs(score(client, long_req) - score(client, newest)).max())
@@ -344,16 +310,16 @@ def through_triton(run: Run, lengths: list[int], ns: list[int], seed: int) -> No
         server.stop()
 
 
-def export_all(run: Run, config: Path, command: str) -> None:
-    """The family's Triton repository pair (its export command) and its peers."""
+def export_all(run: Run, config: Path) -> None:
+    """The family's Triton repository pair (python -m export.family) and its peers."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", command, "--config", str(config), "--output",
-                           str(run.repository)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "export.family", "--config", str(config),
+                           "--output", str(run.repository)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=900)
     if proc.returncode:
         raise SystemExit(f"export failed: {proc.stderr[-2000:]}")
     run.facts["export_s"] = round(time.perf_counter() - start, 1)
-    run.peers = export_peers(run.model, run.peers_dir)
+    run.peers = export_peers(run.family.model, run.peers_dir)
     run.facts["peers"] = list(run.peers)
     run.facts["model_mib"] = {g: round(run.path(g).stat().st_size / 2**20, 1)
                               for g in (*graphs_for(run.contract), *run.peers)}
@@ -462,10 +428,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, command = load_family(args.config)
+    try:
+        family = load_family(args.config)
+    except FamilyError as e:
+        raise SystemExit(str(e)) from None
     stem, build = args.config.stem, REPO_ROOT / "build" / "long"
     out = args.out or REPO_ROOT / "build" / "bench" / f"long_{time.strftime('%Y%m%d_%H%M%S')}"
-    run = Run(model, build / stem, build / f"{stem}_peers", out.resolve(), Progress(),
+    run = Run(family, build / stem, build / f"{stem}_peers", out.resolve(), Progress(),
               args.repeats, int(args.budget_gib * 2**30), args.max_seconds)
     if args.probe:
         graph, n, length = args.probe
@@ -484,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(v) for v in args.lengths.split(",")]
     ns = [int(v) for v in args.ns.split(",")]
     run.progress(f"exporting {args.config} (and the peers) into {run.repository}")
-    export_all(run, args.config, command)
+    export_all(run, args.config)
     run.facts["config"] = config_source(args.config)
     run.facts["machine"] = an.machine(tritonserver="2.51 (nvidia-pytriton 0.7.0)", gpu="none")
     calibrate(run, args.config)

@@ -1,75 +1,57 @@
-"""long_history.md and its plots: the tables of a benchmarks/long_history.py run, the issue's
-targets checked against the numbers measured in that run, latency.png and memory.png."""
+"""long_history.md and its plots from a benchmarks/long_history.py run's rows (or its committed
+CSVs: `python -m benchmarks.long_report DIR`): the targets checked against the numbers measured
+in that run, the tables, latency.png and memory.png, all through benchmarks/analysis.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+import json
+import sys
 from pathlib import Path
+
+from benchmarks import analysis as an
 
 Row = dict[str, object]
 LABELS = {"split": "split (user_encoder + target_fusion)", "mfalcon": "M-FALCON single pass",
           "replicated": "replicated K/V", "naive": "naive"}
 
 
-def _ms(rows: list[Row], length: int, n: int, method: str) -> float | None:
-    for r in rows:
-        if r["L"] == length and r["N"] == n and r["method"] == method:
-            return r["p50_ms"]  # type: ignore[return-value]
-    return None
+def _f(v: object, digits: int = 1) -> str:
+    return an.fmt(v, digits, adaptive=False, missing="-")
 
 
-def _peak(memory: list[Row], graph: str, n: int, length: int) -> float | None:
-    for r in memory:
-        if r["graph"] == graph and r["N"] == n and r["L"] == length:
-            return r["peak_mib"]  # type: ignore[return-value]
-    return None
-
-
-def _table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _f(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:,.{digits}f}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def targets(rows: list[Row], memory: list[Row], facts: dict) -> list[list[str]]:
-    out = []
+def targets(rows: list[Row], memory: list[Row], facts: dict) -> list[list[object]]:
+    out: list[list[object]] = []
 
     def add(name: str, value: float | None, limit: str, ok: bool | None, how: str) -> None:
-        verdict = "n/a" if ok is None else ("met" if ok else "missed")
-        out.append([name, _f(value, 2), limit, verdict, how])
+        out.append([name, _f(value, 2), limit, "n/a" if ok is None else ("met" if ok else
+                                                                          "missed"), how])
 
-    ue_1k, ue_8k = _ms(rows, 1024, 1, "user_encoder"), _ms(rows, 8192, 1, "user_encoder")
-    r = _ratio(ue_8k, ue_1k)
+    def p50(length: int, n: int, method: str) -> float | None:
+        return an.pick(rows, "p50_ms", L=length, N=n, method=method)
+
+    ue_1k, ue_8k = p50(1024, 1, "user_encoder"), p50(8192, 1, "user_encoder")
+    r = an.ratio(ue_8k, ue_1k)
     add("user_encoder time L=8192 / L=1024", r, "<= 40", None if r is None else r <= 40,
         f"{_f(ue_8k)} ms / {_f(ue_1k)} ms (FLOPs grow ~38x)")
-    peak = _peak(memory, "user_encoder", 1, 8192)
-    add("user_encoder peak at L=8192 (MiB)", peak, "<= 256",
-        None if peak is None else peak <= 256, "fresh process, RSS above the RSS before")
-    peak = _peak(memory, "target_fusion", 1000, 16384)
-    add("target_fusion peak at N=1000, L=16384 (MiB)", peak, "<= 512",
-        None if peak is None else peak <= 512, "fresh process")
-    s1 = _ratio(_ms(rows, 1024, 50, "naive"), _ms(rows, 1024, 50, "split"))
-    s4 = _ratio(_ms(rows, 4096, 50, "naive"), _ms(rows, 4096, 50, "split"))
+    for graph, n, length, limit, how in (
+            ("user_encoder", 1, 8192, 256, "fresh process, RSS above the RSS before"),
+            ("target_fusion", 1000, 16384, 512, "fresh process")):
+        peak = an.pick(memory, "peak_mib", graph=graph, N=n, L=length)
+        label = f"at L={length}" if n == 1 else f"at N={n}, L={length}"
+        add(f"{graph} peak {label} (MiB)", peak, f"<= {limit}",
+            None if peak is None else peak <= limit, how)
+    s1 = an.ratio(p50(1024, 50, "naive"), p50(1024, 50, "split"))
+    s4 = an.ratio(p50(4096, 50, "naive"), p50(4096, 50, "split"))
     add("speedup over naive at N=50: L=4096 vs L=1024", s4, f"> {_f(s1, 2)} (L=1024)",
         None if s1 is None or s4 is None else s4 > s1, "naive p50 / split p50, in-process")
-    behind = []
-    for r in rows:
-        if r["method"] in ("mfalcon", "replicated") and int(r["N"]) >= 10 and r["p50_ms"]:
-            split = _ms(rows, int(r["L"]), int(r["N"]), "split")
-            if split is not None and split >= float(r["p50_ms"]):  # type: ignore[arg-type]
-                behind.append(f"{r['method']} L={r['L']} N={r['N']}")
-    compared = sum(1 for r in rows if r["method"] in ("mfalcon", "replicated")
-                   and int(r["N"]) >= 10 and r["p50_ms"])
-    add("split ahead of M-FALCON and replicated K/V, N >= 10", float(compared - len(behind)),
-        f"all {compared} points", not behind if compared else None,
+    peers = [r for r in rows if r["method"] in ("mfalcon", "replicated") and int(r["N"]) >= 10
+             and r["p50_ms"]]  # type: ignore[call-overload]
+    behind = [f"{r['method']} L={r['L']} N={r['N']}" for r in peers
+              if (split := p50(r["L"], r["N"], "split")) is not None  # type: ignore[arg-type]
+              and split >= float(r["p50_ms"])]  # type: ignore[arg-type]
+    add("split ahead of M-FALCON and replicated K/V, N >= 10", float(len(peers) - len(behind)),
+        f"all {len(peers)} points", not behind if peers else None,
         "behind at: " + ", ".join(behind) if behind else "points where the peer ran")
     export_s = facts.get("export_s")
     add("export of the 16k config (s)", export_s, "< 60",
@@ -80,99 +62,90 @@ def targets(rows: list[Row], memory: list[Row], facts: dict) -> list[list[str]]:
 def report(rows: list[Row], memory: list[Row], triton: list[Row], facts: dict,
            out: Path) -> str:
     plot(rows, memory, out)
-    lengths = sorted({int(r["L"]) for r in rows})  # type: ignore[arg-type]
-    ns = sorted({int(r["N"]) for r in rows})  # type: ignore[arg-type]
     machine = facts.get("machine", {})
     lines = [
-        "# Long user histories: split vs peers vs naive",
-        "",
+        "# Long user histories: split vs peers vs naive", "",
         f"Generated by `python -m benchmarks.long_history` on {machine.get('date', '?')}, config "
         f"`{facts.get('config')}`. All numbers are measured in this run, side by side, on "
         f"{machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
-        f"ONNX Runtime {machine.get('onnxruntime', '?')}, CPU). {facts.get('gpu', '')}.",
-        "",
-        "## Targets",
-        "",
-        _table(["target", "measured", "limit", "verdict", "how"], targets(rows, memory, facts)),
-        "",
-        "## In-process latency (ONNX Runtime, p50 ms) and exactness",
-        "",
+        f"ONNX Runtime {machine.get('onnxruntime', '?')}, CPU). {facts.get('gpu', '')}.", "",
+        "## Targets", "",
+        an.table(targets(rows, memory, facts), ["target", "measured", "limit", "verdict", "how"]),
+        "", "## In-process latency (ONNX Runtime, p50 ms) and exactness", "",
         "Each method's max |score difference| against the naive oracle where naive ran "
-        "(else against the split, itself checked against naive at the smaller points).",
-        "",
+        "(else against the split, itself checked against naive at the smaller points).", "",
     ]
-    for n in ns:
+    for n in sorted({int(r["N"]) for r in rows}):  # type: ignore[call-overload]
         body = []
-        for length in lengths:
-            cells = [str(length), _f(_ms(rows, length, n, "user_encoder"), 2),
-                     _f(_ms(rows, length, n, "target_fusion"), 2)]
-            split = _ms(rows, length, n, "split")
+        for length in sorted({int(r["L"]) for r in rows}):  # type: ignore[call-overload]
+            split = an.pick(rows, "p50_ms", L=length, N=n, method="split")
+            cells = [length, _f(an.pick(rows, "p50_ms", L=length, N=n, method="user_encoder"), 2),
+                     _f(an.pick(rows, "p50_ms", L=length, N=n, method="target_fusion"), 2)]
             for method in ("split", "mfalcon", "replicated", "naive"):
-                row = next(r for r in rows if r["L"] == length and r["N"] == n
-                           and r["method"] == method)
+                row = an.pick(rows, L=length, N=n, method=method)
                 if row["p50_ms"] is None:
                     cells.append(f"skipped: {row['note']}")
-                else:
-                    ratio = _ratio(row["p50_ms"], split)  # type: ignore[arg-type]
-                    extra = "" if method == "split" else f" ({_f(ratio, 2)}x)"
-                    note = f"; {row['note']}" if row["note"] else ""
-                    cells.append(f"{_f(row['p50_ms'], 2)}{extra} [{row['max_diff']}{note}]")
+                    continue
+                extra = "" if method == "split" else f" ({_f(an.ratio(row['p50_ms'], split), 2)}x)"
+                note = f"; {row['note']}" if row["note"] else ""
+                cells.append(f"{_f(row['p50_ms'], 2)}{extra} [{row['max_diff'] or ''}{note}]")
             body.append(cells)
-        lines += [f"### N = {n}", "", _table(
-            ["L", "user_encoder", "target_fusion", "split", "M-FALCON", "replicated K/V",
-             "naive"], body), ""]
+        lines += [f"### N = {n}", "", an.table(body, ["L", "user_encoder", "target_fusion", "split",
+                                                   "M-FALCON", "replicated K/V", "naive"]), ""]
     if memory:
         graphs = list(dict.fromkeys(str(r["graph"]) for r in memory))
-        lines += ["## Peak memory per graph (MiB above the RSS before the run, fresh process)",
-                  "", _table(["graph", "N", "L", "peak MiB", "method"],
-                             [[str(r["graph"]), str(r["N"]), str(r["L"]), _f(r["peak_mib"]),
-                               str(r["note"])] for g in graphs for r in memory
-                              if r["graph"] == g]), ""]
+        lines += ["## Peak memory per graph (MiB above the RSS before the run, fresh process)", "",
+                  an.table([r for g in graphs for r in memory if r["graph"] == g],
+                        {"graph": "graph", "N": "N", "L": "L", "peak MiB": "peak_mib",
+                         "method": "note"}, {"peak_mib": _f}), ""]
     if triton:
-        lines += ["## `ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)",
-                  "", _table(["L", "N", "requests", "p50 ms", "infer/s"],
-                             [[str(r["L"]), str(r["N"]), str(r["requests"]), _f(r["p50_ms"], 2),
-                               _f(r["infer_per_s"], 2)] for r in triton]), ""]
-    lines += ["## Facts", ""]
-    lines += [f"- {k}: {v}" for k, v in facts.items() if k != "machine"]
-    lines += ["", "![latency](latency.png)", "", "![memory](memory.png)", ""]
+        lines += ["## `ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)", "",
+                  an.table(triton, {"L": "L", "N": "N", "requests": "requests", "p50 ms": "p50_ms",
+                                 "infer/s": "infer_per_s"},
+                        {"p50_ms": lambda v: _f(v, 2), "infer_per_s": lambda v: _f(v, 2)}), ""]
+    lines += ["## Facts", "", *[f"- {k}: {v}" for k, v in facts.items() if k != "machine"],
+              "", "![latency](latency.png)", "", "![memory](memory.png)", ""]
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], memory: list[Row], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ns = sorted({int(r["N"]) for r in rows})  # type: ignore[arg-type]
-    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4.5), squeeze=False)
-    for ax, n in zip(axes[0], ns, strict=True):
-        for method in ("split", "mfalcon", "replicated", "naive"):
-            pts = [(int(r["L"]), float(r["p50_ms"])) for r in rows  # type: ignore[arg-type]
-                   if r["N"] == n and r["method"] == method and r["p50_ms"]]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=LABELS[method])
-        ax.set(xscale="log", yscale="log", xlabel="history length L", ylabel="p50 ms",
-               title=f"N = {n}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=110)
-    plt.close(fig)
+    ns = sorted({int(r["N"]) for r in rows})  # type: ignore[call-overload]
+    with an.figure(out / "latency.png", ncols=len(ns), size=(5 * len(ns), 4.5)) as axes:
+        for ax, n in zip(axes, ns, strict=True):
+            for method in ("split", "mfalcon", "replicated", "naive"):
+                pts = [(int(r["L"]), float(r["p50_ms"])) for r in rows  # type: ignore[arg-type]
+                       if r["N"] == n and r["method"] == method and r["p50_ms"]]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), "o-", label=LABELS[method])
+            an.loglog(ax, "history length L", "p50 ms", f"N = {n}")
     if not memory:
         return
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for graph in dict.fromkeys(str(r["graph"]) for r in memory):
-        for n in sorted({int(r["N"]) for r in memory if r["graph"] == graph}):  # type: ignore[arg-type]
-            pts = [(int(r["L"]), float(r["peak_mib"])) for r in memory  # type: ignore[arg-type]
-                   if r["graph"] == graph and r["N"] == n and r["peak_mib"] is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=f"{graph}, N={n}")
-    ax.set(xscale="log", yscale="log", xlabel="history length L", ylabel="peak MiB",
-           title="peak memory of one request, per graph")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    plt.close(fig)
+    with an.figure(out / "memory.png") as (ax,):
+        for graph in dict.fromkeys(str(r["graph"]) for r in memory):
+            for n in sorted({int(r["N"]) for r in memory if r["graph"] == graph}):  # type: ignore[call-overload]
+                pts = [(int(r["L"]), float(r["peak_mib"])) for r in memory  # type: ignore[arg-type]
+                       if r["graph"] == graph and r["N"] == n and r["peak_mib"] is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), "o-", label=f"{graph}, N={n}")
+        an.loglog(ax, "history length L", "peak MiB", "peak memory of one request, per graph", 7)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.long_report",
+        description="Regenerate long_history.md, latency.png and memory.png of a "
+                    "benchmarks.long_history run from its CSVs and long_facts.json.")
+    p.add_argument("out", type=Path, help="the run's folder (e.g. benchmarks/results/long_history)")
+    out = p.parse_args(argv).out
+    if not (out / "long_facts.json").exists():
+        p.error(f"{out / 'long_facts.json'} not found: not a long_history run's folder")
+    frames = [an.records(an.read_csv(out / f)) if (out / f).exists() else [] for f in
+              ("long_history.csv", "long_memory.csv", "long_triton.csv")]
+    facts = json.loads((out / "long_facts.json").read_text())
+    (out / "long_history.md").write_text(report(*frames, facts, out))
+    print(f"wrote {out / 'long_history.md'}, latency.png, memory.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

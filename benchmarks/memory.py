@@ -1,19 +1,8 @@
-"""Peak memory of one ONNX model at one (N, L), measured in a fresh process.
+"""Peak memory of one ONNX model run at one (N, L), in a fresh process (one JSON line out).
 
-`python -m benchmarks.memory --model target_fusion --n 1000 --length 1000` loads the model with
-export.runtime.make_session, builds one request (client.traffic.RequestGenerator; for
-target_fusion a user_kv of the right shape), runs the model once and prints one JSON line with the
-run's own peak working set (ORT arena, activations, outputs): peak RSS during the run minus RSS
-before it.
-
-The peak comes from the kernel's high-water mark, reset right before the run (writing 5 to
-/proc/self/clear_refs, then VmHWM from /proc/self/status; the RSS before the run from psutil).
-resource.getrusage's ru_maxrss alone is not usable here: it keeps the model-loading peak, and
-after fork/vfork + exec it even starts at the *parent's* high-water mark (the benchmark process
-has run the naive model). ru_maxrss before/after is reported too; it is the fallback (flagged)
-where clear_refs is not writable.
-The benchmark runs this once per model in its own subprocess.
-"""
+The peak is the kernel's high-water mark (VmHWM) reset right before the run: getrusage's
+ru_maxrss keeps the model-loading peak and, after vfork + exec, the parent's (benchmarks/README.md,
+Method); it is reported too, and is the flagged fallback where clear_refs is not writable."""
 
 from __future__ import annotations
 
@@ -27,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import onnx_path
 from export.runtime import make_session
 
@@ -65,7 +54,7 @@ def reset_peak() -> bool:
 
 
 def feeds(model: str, n: int, length: int, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    request = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim).request(length, n)
+    request = reference_generator(seed=seed, profile_dim=cfg.profile_dim).request(length, n)
     inputs = request.as_inputs()
     if model == "user_encoder":
         return {k: inputs[k] for k in c.HISTORY_INPUTS}

@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from client import contract as c
+from export import reference_features as c
 from export.model import RankingTransformer
 from export.onnx_export import DYNAMIC_AXES, OPSET, example_inputs
 from export.split_contract import ReferenceSplitModel, SplitModel

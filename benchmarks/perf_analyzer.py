@@ -1,14 +1,9 @@
-"""perf_analyzer (tritonclient 2.51 wheel) as the benchmark runs it: input files, command lines
-and the parsing of its CSV and stdout.
-
-An unstable measurement (perf_analyzer exits non-zero after -r windows) keeps the numbers of its
-last window, parsed from the verbose `Pass [i]` lines, with status `unstable`; nothing is
-filled in that perf_analyzer did not print.
-"""
+"""perf_analyzer (tritonclient 2.51 wheel) as the benchmark runs it: binary, input files, one
+run, its figures from its own CSV (`-f --verbose-csv`) and Triton's statistics API. A run that
+gives up stabilising writes no CSV: it keeps the last window's `Pass` line, flagged `unstable`."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -22,11 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def venv_bin() -> Path:
-    return Path(sys.executable).parent
+from benchmarks import analysis as an
 
 
 def site_packages() -> Path:
@@ -38,7 +29,7 @@ def site_packages() -> Path:
 def perf_analyzer_path() -> Path:
     """The wheel installs the binary as <venv>/bin/perf_analyzer (its RECORD entry is
     ../../../bin/perf_analyzer); older layouts kept it in tritonclient/bin."""
-    for candidate in (venv_bin() / "perf_analyzer",
+    for candidate in (Path(sys.executable).parent / "perf_analyzer",
                       site_packages() / "tritonclient" / "bin" / "perf_analyzer"):
         if candidate.exists():
             return candidate
@@ -50,8 +41,7 @@ def perf_analyzer_env() -> dict[str, str]:
     env = dict(os.environ)
     cudart = site_packages() / "nvidia" / "cuda_runtime" / "lib"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in (str(cudart), env.get("LD_LIBRARY_PATH", "")) if p
-    )
+        p for p in (str(cudart), env.get("LD_LIBRARY_PATH", "")) if p)
     return env
 
 
@@ -67,11 +57,8 @@ def perf_analyzer_version() -> str:
 def write_input_data(path: Path, requests: Sequence[Mapping[str, np.ndarray]]) -> None:
     """perf_analyzer --input-data JSON: one entry per request with content + shape of every
     tensor; perf_analyzer sends the entries round-robin."""
-    data = [
-        {name: {"content": np.asarray(a).reshape(-1).tolist(), "shape": list(np.shape(a))}
-         for name, a in request.items()}
-        for request in requests
-    ]
+    data = [{name: {"content": np.asarray(a).reshape(-1).tolist(), "shape": list(np.shape(a))}
+             for name, a in request.items()} for request in requests]
     path.write_text(json.dumps({"data": data}))
 
 
@@ -96,98 +83,66 @@ class Result:
     p90_us: float | None = None
     p95_us: float | None = None
     p99_us: float | None = None
-    avg_us: float | None = None
-    request_count: int | None = None
+    avg_grpc_us: float | None = None  # client side: (un)marshalling + response wait
+    server: dict[str, float] = field(default_factory=dict)  # the CSV's server-side columns (us)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # Triton's, per model
     passes: int = 0
     wall_s: float = 0.0
     message: str = ""
-    server: dict[str, float] = field(default_factory=dict)  # CSV's server-side columns (us)
-    composing: dict[str, dict[str, float]] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)
-
-    @property
-    def has_numbers(self) -> bool:
-        return self.throughput is not None and self.p50_us is not None
 
 
 def command(model: str, url: str, input_file: Path, csv_file: Path, s: Settings) -> list[str]:
     return [
         str(perf_analyzer_path()), "-m", model, "-i", "grpc", "-u", url,
-        "--input-data", str(input_file),
-        "--concurrency-range", str(s.concurrency),
-        "--measurement-mode", "count_windows",
-        "--measurement-request-count", str(s.request_count),
+        "--input-data", str(input_file), "--concurrency-range", str(s.concurrency),
+        "--measurement-mode", "count_windows", "--measurement-request-count", str(s.request_count),
         "-s", str(s.stability), "-r", str(s.max_trials),
         # stabilise on p50 (robust to the odd slow request) and print it for every window
-        "--percentile", "50",
-        "-v", "-f", str(csv_file),
+        "--percentile", "50", "-v", "-f", str(csv_file), "--verbose-csv",
     ]
 
 
-_PASS = re.compile(r"Pass \[(\d+)\] throughput: ([\d.eE+-]+) infer/sec\. p50 latency: (\d+) usec")
-_COMPOSING_HEADER = re.compile(r"^\s*(\S+), version: \S+\s*$")
-_AVG_LATENCY = re.compile(
-    r"Avg request latency: (\d+) usec \((?P<parts>[^)]*)\)"
-)
-_PART = re.compile(r"([a-z][a-z ]*?) (\d+) usec")
-_CLIENT_COUNT = re.compile(r"Request count: (\d+)")
-_AVG_CLIENT = re.compile(r"Avg gRPC time: (\d+) usec")
+_PASS = re.compile(r"Pass \[\d+\] throughput: ([\d.eE+-]+) infer/sec\. p50 latency: (\d+) usec")
 
 
-def parse_passes(stdout: str) -> list[tuple[float, float]]:
-    """(throughput infer/s, p50 us) of every measurement window, in order."""
-    return [(float(m.group(2)), float(m.group(3))) for m in _PASS.finditer(stdout)]
+def model_stats(url: str) -> dict[str, dict[str, float]]:
+    """Triton's cumulative statistics per model: request count and total ns of success, queue
+    and compute input/infer/output."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
-
-def parse_composing(stdout: str) -> dict[str, dict[str, float]]:
-    """Per composing model of an ensemble: avg request latency and its parts (us) and the
-    inference count, from perf_analyzer's 'Composing models:' block."""
-    if "Composing models:" not in stdout:
+    try:
+        with grpcclient.InferenceServerClient(url) as client:
+            stats = client.get_inference_statistics(as_json=True)
+    except InferenceServerException:  # the server is gone: perf_analyzer's own error says why
         return {}
-    block = stdout.split("Composing models:", 1)[1]
     out: dict[str, dict[str, float]] = {}
-    current: str | None = None
-    for line in block.splitlines():
-        header = _COMPOSING_HEADER.match(line)
-        if header:
-            current = header.group(1)
-            out[current] = {}
-            continue
-        if current is None:
-            continue
-        if "Inference count:" in line:
-            out[current]["inference_count"] = float(line.split(":")[1])
-        latency = _AVG_LATENCY.search(line)
-        if latency:
-            out[current]["avg_request_latency"] = float(latency.group(1))
-            for name, value in _PART.findall(latency.group("parts")):
-                out[current][name.strip().replace(" ", "_")] = float(value)
-        if line.startswith("Inferences/Second vs."):
-            break
+    for m in stats.get("model_stats", []):
+        parts = m.get("inference_stats", {})
+        out[m["name"]] = {k: float(parts.get(k, {}).get("ns", 0)) for k in
+                          ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+        out[m["name"]]["count"] = float(parts.get("success", {}).get("count", 0))
     return out
 
 
-def parse_server_total(stdout: str) -> dict[str, float]:
-    """The ensemble's (or model's) own 'Server: Avg request latency' line, first one printed."""
-    if "Server:" not in stdout:
-        return {}
-    block = stdout.split("Server:", 1)[1].split("Composing models:", 1)[0]
-    m = _AVG_LATENCY.search(block)
-    if not m:
-        return {}
-    out = {"avg_request_latency": float(m.group(1))}
-    for name, value in _PART.findall(m.group("parts")):
-        out[name.strip().replace(" ", "_")] = float(value)
+def stats_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+                ) -> dict[str, dict[str, float]]:
+    """Per model that served requests in between: the count and the average of each part (us);
+    `overhead` is what the request latency holds beyond queue and compute."""
+    out: dict[str, dict[str, float]] = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        count = a["count"] - b.get("count", 0.0)
+        if count <= 0:
+            continue
+        avg = {k: (a[k] - b.get(k, 0.0)) / count / 1e3 for k in a if k != "count"}
+        compute = avg["compute_input"] + avg["compute_infer"] + avg["compute_output"]
+        out[name] = {"inference_count": count, "avg_request_latency": avg["success"],
+                     "overhead": avg["success"] - avg["queue"] - compute, "queue": avg["queue"],
+                     "compute": compute, **{k: avg[k] for k in
+                                            ("compute_input", "compute_infer", "compute_output")}}
     return out
-
-
-def parse_csv(path: Path) -> dict[str, float]:
-    """The single row of perf_analyzer's -f CSV (one concurrency level per run)."""
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    return {k.strip(): float(v) for k, v in rows[0].items() if k and v not in (None, "")}
 
 
 def run(model: str, url: str, input_file: Path, work_dir: Path, s: Settings,
@@ -195,16 +150,16 @@ def run(model: str, url: str, input_file: Path, work_dir: Path, s: Settings,
     """Run perf_analyzer once (one concurrency level). Never raises for a failed measurement."""
     work_dir.mkdir(parents=True, exist_ok=True)
     csv_file = work_dir / f"{tag}.csv"
-    log_file = work_dir / f"{tag}.log"
     csv_file.unlink(missing_ok=True)
     cmd = command(model, url, input_file, csv_file, s)
     result = Result(model=model, status="error", settings=s, command=cmd)
+    before = model_stats(url)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=perf_analyzer_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    timed_out = False
     try:
         stdout, _ = proc.communicate(timeout=s.timeout_s)
-        timed_out = False
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # our own perf_analyzer, by its process group
         stdout, _ = proc.communicate()
@@ -214,27 +169,20 @@ def run(model: str, url: str, input_file: Path, work_dir: Path, s: Settings,
         proc.wait()
         raise
     result.wall_s = time.monotonic() - t0
-    log_file.write_text(" ".join(cmd) + "\n\n" + (stdout or ""))
     stdout = stdout or ""
-    passes = parse_passes(stdout)
+    (work_dir / f"{tag}.log").write_text(" ".join(cmd) + "\n\n" + stdout)
+    result.stats = stats_delta(before, model_stats(url))
+    passes = [(float(a), float(b)) for a, b in _PASS.findall(stdout)]
     result.passes = len(passes)
-    result.composing = parse_composing(stdout)
-    result.server = parse_server_total(stdout)
-    count = _CLIENT_COUNT.search(stdout)
     if proc.returncode == 0 and csv_file.exists() and not timed_out:
-        row = parse_csv(csv_file)
+        row = an.pick(an.read_csv(csv_file)) or {}
         result.status = "ok"
         result.throughput = row.get("Inferences/Second")
         for q in (50, 90, 95, 99):
             setattr(result, f"p{q}_us", row.get(f"p{q} latency"))
-        for key in ("Client Send", "Network+Server Send/Recv", "Server Queue",
-                    "Server Compute Input", "Server Compute Infer", "Server Compute Output",
-                    "Client Recv"):
-            if key in row:
-                result.server[key] = row[key]
-        result.request_count = int(count.group(1)) if count else None
-        avg = _AVG_CLIENT.search(stdout)
-        result.avg_us = float(avg.group(1)) if avg else None
+        if "response wait" in row:
+            result.avg_grpc_us = row["response wait"] + row.get("request/response", 0.0)
+        result.server = {k: float(v) for k, v in row.items() if k.startswith("Server")}
         return result
     if passes:  # unstable (or killed): the last window's numbers, flagged
         result.throughput, result.p50_us = passes[-1]
@@ -244,7 +192,7 @@ def run(model: str, url: str, input_file: Path, work_dir: Path, s: Settings,
     elif "Failed to obtain stable measurement" in stdout:
         result.status = "unstable"
         result.message = (f"not stable within {s.max_trials} windows at -s {s.stability}%: "
-                          f"last window reported")
+                          "last window reported")
     else:
         tail = " | ".join(line.strip() for line in stdout.strip().splitlines()[-4:])
         result.message = f"perf_analyzer exit {proc.returncode}: {tail}"

@@ -1,22 +1,7 @@
-"""perf_analyzer `--input-data` JSON for every served model at a chosen (L, N).
-
-Why: perf_analyzer (and Model Analyzer, which drives it) fills a model's inputs with random
-data unless given a file, and random data cannot drive these models: lengths must agree, and
-`target_fusion` needs a real `user_kv` of the same weights. This writes one file per model,
-`<out>/<model>.json`, from the seeded traffic generator (client/traffic.py):
-
-* `ranker`, `ranker_naive`, `ranker_base`: the request contract (L events, N candidates);
-* `ranker_cached`: the contract plus `user_id` (one user per entry: perf_analyzer sends the
-  entries round-robin, so after the first round every request is a cache hit);
-* `user_encoder`: the history; `user_cache`: `user_id` plus the history;
-* `target_fusion`: the candidates, the request timestamp, the profile, and the `user_kv` and
-  `last_event_timestamp` that the served `user_encoder` model.onnx computes for that history;
-* `user_encoder_append`: the cached state of the first L - ΔL events (`cached_user_kv`,
-  `cached_last_event_timestamp`, from user_encoder) plus the ΔL new events as `history_*`.
-
-Each model's inputs are read from its config.pbtxt in the serving and evaluation repositories,
-so a file holds exactly what that model takes.
-"""
+"""perf_analyzer `--input-data` JSON for every served model at one (L, N) (README, "Tuning with
+Model Analyzer"): random data cannot drive these models (lengths must agree, target_fusion needs
+the real user_kv of its user_encoder), so each `<out>/<model>.json` comes from the seeded traffic
+generator, with the inputs that model's config.pbtxt declares."""
 
 from __future__ import annotations
 
@@ -27,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.perf_analyzer import write_input_data
-from client import contract as c
 from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import (
     EVALUATION_OPTION_HELP,
     MODEL_REPOSITORY,
@@ -65,7 +51,7 @@ def all_tensors(encoder: object, gen: RequestGenerator, length: int, n: int,
     cached_kv, cached_ts = encoder.run(None, {k: v[:cut] for k, v in history.items()})
     if cut == 0:
         cached_ts = np.zeros(1, dtype=np.int64)  # the contract's "no cached event"
-    # the append model reads the cached K/V of every layer but the last (client/contract.py)
+    # the append model reads the cached K/V of every layer but the last (reference_features)
     tensors.update({c.CACHED_USER_KV: cached_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: cached_ts})
     return tensors, {k: v[cut:] for k, v in history.items()}
 
@@ -79,7 +65,7 @@ def write_inputs(out: Path, repositories: list[Path], cfg: ModelConfig, length: 
     if unknown:
         raise ValueError(f"no such model in {[str(r) for r in repositories]}: {unknown}")
     encoder = make_session(onnx_path(repositories[0], "user_encoder"))
-    gen = RequestGenerator(seed=seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=seed, profile_dim=cfg.profile_dim)
     rows = [all_tensors(encoder, gen, length, n, new_events) for _ in range(count)]
     out.mkdir(parents=True, exist_ok=True)
     written = {}

@@ -1,16 +1,16 @@
 """What a benchmark run is made of: the run modes (--smoke, --quick, full), the progress printer
-and `State`, the one object the orchestration (benchmarks/bench.py) fills and the report
-(benchmarks/report.py, benchmarks/report_sections.py) reads."""
+and `State`, the one object the orchestration (benchmarks/bench.py) fills while it measures
+(the report, benchmarks/report.py, reads the CSVs written from it)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import cpu
+from benchmarks.analysis import Progress
 from benchmarks.flops import FlopModel
 from export.config import DEFAULT_CONFIG, ModelConfig
 
@@ -36,7 +36,6 @@ class Mode:
     sweep_point: tuple[int, int] | None  # (N, L) of the concurrency sweep
     sweep_concurrency: tuple[int, ...]
     memory_points: tuple[tuple[str, int, int], ...]  # (model, N, L), each in a fresh process
-    profile_point: tuple[int, int]  # (N, L) of the ORT profile
     # Measure again (once) when other processes used more than CONTENDED_CORES meanwhile and the
     # run took under RETRY_MAX_S; the attempt with the least outside CPU use is kept.
     retry_contended: bool = False
@@ -49,7 +48,7 @@ FULL = Mode(
     memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 100, 1000),
                    ("ranker_naive", 100, 1000), ("target_fusion", 1000, 1000),
                    ("ranker_naive", 1000, 1000)),
-    profile_point=(50, 1000), retry_contended=True,
+    retry_contended=True,
 )
 QUICK = Mode(
     name="quick", ns=(1, 10, 50), lengths=(256, 1000), requests_per_point=4,
@@ -57,15 +56,14 @@ QUICK = Mode(
     direct_budget_s=0.4, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
     memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 50, 1000),
                    ("ranker_naive", 50, 1000), ("target_fusion", 1000, 1000)),
-    profile_point=(50, 1000),
 )
 SMOKE = Mode(
     name="smoke", ns=(5,), lengths=(64,), requests_per_point=2,
     window_s=1.0, k_min=3, stability=50.0, max_trials=3, naive_limit_s=20.0,
     direct_budget_s=0.2, sweep_point=None, sweep_concurrency=(),
     memory_points=(("user_encoder", 5, 64), ("target_fusion", 5, 64), ("ranker_naive", 5, 64)),
-    profile_point=(5, 64),
 )
+MODES = {m.name: m for m in (FULL, QUICK, SMOKE)}
 # Rough Triton overhead per request (us) added to the in-process time to size the windows.
 OVERHEAD_US = {"ranker": 1500.0, "ranker_naive": 1000.0, "ranker_base": 1000.0}
 # Heavy requests (> 1 s): fewer per window, fewer windows; the count-window floor is 1 s anyway.
@@ -76,17 +74,6 @@ HEAVY_MAX_TRIALS = 8
 MEMORY_SHARE = 0.5
 CONTENDED_CORES = cpu.CONTENDED_CORES
 RETRY_MAX_S = 30.0
-
-
-# --------------------------------------------------------------------------- progress
-
-class Progress:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def __call__(self, msg: str) -> None:
-        elapsed = time.monotonic() - self.t0
-        print(f"[bench {int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------- the run
@@ -106,10 +93,5 @@ class State:
     direct: list[dict[str, object]] = field(default_factory=list)  # direct.csv
     breakdown: list[dict[str, object]] = field(default_factory=list)  # ensemble_breakdown.csv
     memory: list[dict[str, object]] = field(default_factory=list)  # memory.csv
-    profile: list[dict[str, object]] = field(default_factory=list)  # ort_profile.csv
-    exactness: dict[tuple[int, int], float] = field(default_factory=dict)
     naive_ref: dict[int, tuple[int, float]] = field(default_factory=dict)  # L -> (N, seconds)
     machine: dict[str, str] = field(default_factory=dict)
-    wall: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    keep_inputs: bool = False

@@ -1,16 +1,8 @@
-"""ONNX Runtime thread policy for the two ensemble steps, measured in one process.
+"""ONNX Runtime thread policy for the two ensemble steps, measured in one process (README,
+"Production (NGC container, GPU)"): user_encoder and target_fusion alternate, per-session pools
+with spinning (the native backend's default) or without (the local stand-in), at 1 and all
+intra-op threads, interleaved so the machine's noise hits every policy alike.
 
-In the `ranker` ensemble, user_encoder and target_fusion take turns on the same cores. With
-ONNX Runtime's defaults each session owns an intra-op pool whose threads spin for a while after
-each run; the idle session's spinning then competes with the busy one. Triton's native
-onnxruntime backend (r24.10) has no per-model switch for spinning; its server-wide
-`--backend-config=onnxruntime,enable-global-threadpool=true` gives all models one shared pool.
-ONNX Runtime's Python API (1.19) has no global pool, so this script measures the policies it can
-build, side by side, alternating within one run: per-session pools with spinning (the native
-backend's default), per-session pools without spinning (the local stand-in), at 1 and all
-intra-op threads. Writes a CSV; see --help.
-
-    scripts/bench.sh is the full benchmark; this one is run on its own:
     PYTHONPATH=. .venv/bin/python -m benchmarks.threads --out benchmarks/results/threads.csv
 """
 
@@ -25,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.bench import write_csv
+from benchmarks import analysis as an
 from benchmarks.direct import model_path
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     policies = {f"threads={t} spinning={'on' if s else 'off'}": sessions(args.repository, t, s)
                 for t in (1, cores) for s in (True, False)}
-    gen = RequestGenerator(seed=0, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=0, profile_dim=cfg.profile_dim)
     rows = []
     for point in args.points.split(","):
         length, n = (int(v) for v in point.split("x"))
@@ -82,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in policies.items():
                 times[name].append(ranker_once(s, requests[i % len(requests)]))
         for name, values in times.items():
-            p50 = float(np.median(values)) * 1e3
+            p50 = an.percentile_ms(values, 50)
             rows.append({"L": length, "N": n, "policy": name, "p50_ms": round(p50, 3),
-                         "p90_ms": round(float(np.percentile(values, 90)) * 1e3, 3)})
+                         "p90_ms": round(an.percentile_ms(values, 90), 3)})
             print(f"L={length:<5} N={n:<5} {name:<26} p50 {p50:8.2f} ms", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(args.out, rows)
+        an.write_csv(args.out, rows)
         print(f"wrote {args.out}")
     return 0
 

@@ -1,91 +1,91 @@
-"""Returning-user traffic: ranker_cached (the user K/V cache) against ranker, per path.
-
-For each history length L (default 1000; 8192 only where the config's max_history allows it)
-the script times, through a real tritonserver over gRPC, on the same requests:
-
-* miss: a user seen for the first time (ranker_cached encodes and stores);
-* repeat: the same history again with new candidates (hit: no encoder runs);
-* append ΔL: a user cached with L - ΔL events comes back with L (user_encoder_append);
-* the references: target_fusion alone (the floor of a hit) and user_encoder alone;
-* optionally Triton's own response cache on user_encoder (the zero-code option) on a repeat.
-
-Every timed ranker_cached request is checked: its path (the response's own `cache_path`
-output) and its scores against ranker's (exact to 1e-5; ranker equals ranker_naive,
-tests/test_server.py). Memory per cached user comes from user_cache's own metrics (bytes held
-per user) and from the user_cache stub's RSS growth. One more line simulates two replicas with
-and without user affinity (the replica is a namespace of user ids on one server, so both see
-the same cache code): the share of requests served without a full encode.
-
-Writes <out>/user_cache.csv and <out>/user_cache.md (machine, method, results).
-"""
+"""Returning-user traffic: ranker_cached (the user K/V cache) against ranker, per path, through a
+real tritonserver: miss, repeat, append ΔL, target_fusion / user_encoder alone, Triton's response
+cache on a repeat, memory per cached user. Every ranker_cached response is checked against ranker
+(1e-5) and its path read from `cache_path`."""
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import os
-import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
 
-from benchmarks.cpu import external_cores, snapshot
-from client import contract as c
+from benchmarks import analysis as an
+from benchmarks.cpu import CONTENDED_CORES, Snapshot, external_cores, snapshot
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_generator
 from export.repositories import copy_repositories, evaluation_beside
 from export.triton_configs import MODEL_REPOSITORY, write_configs
 from local_server.processes import rss_bytes, stub_pids
-from local_server.triton import BUILD_DIR, free_port, start_server
+from local_server.triton import BUILD_DIR, LocalServer, free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
-FIELDS = ["L", "N", "path", "delta", "requests", "cached_p50_ms", "cached_p90_ms",
-          "ranker_p50_ms", "ranker_p90_ms", "cached_over_ranker_p50", "paths_seen",
-          "max_abs_diff_vs_ranker", "note"]
+FIELDS = ["L", "path", "delta", "cached_p50_ms", "cached_p90_ms", "ranker_p50_ms",
+          "ranker_p90_ms", "cached_over_ranker_p50", "paths_seen", "max_abs_diff_vs_ranker"]
 
 
-def log(message: str) -> None:
-    print(f"[user_cache] {message}", file=sys.stderr, flush=True)
+log = an.Progress("user_cache", sys.stderr)
+
+
+@contextlib.contextmanager
+def serving(repository: Path) -> Iterator[tuple[LocalServer, str]]:
+    """A local tritonserver on free ports and its metrics address (user_cache's counters),
+    stopped by PID on exit."""
+    metrics_port = free_port()
+    log(f"starting tritonserver on {repository}")
+    server = start_server(grpc_port=free_port(), metrics_port=metrics_port,
+                          repository=repository, timeout_s=300)
+    try:
+        yield server, f"127.0.0.1:{metrics_port}"
+    finally:
+        server.stop()
+
+
+def header(title: str, command: str, config: str, cfg: ModelConfig, start: Snapshot | None,
+           detail: str) -> list[str]:
+    """A returning-user report's opening: what ran on which config, and the machine with the
+    CPU other processes used meanwhile."""
+    info = an.machine(**an.LOCAL_SERVER)
+    load = external_cores(start).get("ext_cpu_cores")
+    if load is not None:
+        info["other processes' CPU during the run"] = f"{load:.2f} cores"
+    return [f"# {title}", "", f"`python -m benchmarks.{command}` ({time.strftime('%Y-%m-%d')}), "
+            f"config `{Path(config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
+            f"{cfg.num_heads} heads, max_history {cfg.max_history}, mask {cfg.mask}), {detail}",
+            "", "## Machine", "", an.machine_table(info), ""]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.user_cache",
-        description="Benchmark ranker_cached (user K/V cache) vs ranker on returning-user "
-                    "traffic, per path (repeat, append ΔL, miss), through a real tritonserver "
-                    "it starts itself. Writes user_cache.csv and user_cache.md.")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config (default "
-                   "%(default)s); the repository must hold its export")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.user_cache", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config of the export")
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
-                   help="exported model repository (default %(default)s)")
-    p.add_argument("--lengths", default="1000",
-                   help="history lengths L, comma-separated; those above the config's "
-                        "max_history are skipped with a note (default %(default)s)")
-    p.add_argument("--deltas", default="1,10,100", help="appended events ΔL (default %(default)s)")
-    p.add_argument("--num-candidates", type=int, default=50, help="N (default %(default)s)")
-    p.add_argument("--requests", type=int, default=15,
-                   help="timed requests per path and model (default %(default)s)")
-    p.add_argument("--replica-users", type=int, default=40,
-                   help="users of the 2-replica simulation, 0 to skip (default %(default)s)")
-    p.add_argument("--replica-visits", type=int, default=5,
-                   help="visits per user in the simulation (default %(default)s)")
-    p.add_argument("--replica-length", type=int, default=200,
-                   help="history length in the simulation (hit rates do not depend on it; "
-                        "default %(default)s)")
+                   help="exported model repository")
+    p.add_argument("--lengths", default="1000", help="history lengths L (comma-separated; "
+                   "those above the config's max_history are skipped with a note)")
+    p.add_argument("--deltas", default="1,10,100", help="appended events ΔL")
+    p.add_argument("--num-candidates", type=int, default=50, help="N")
+    p.add_argument("--requests", type=int, default=15, help="timed requests per path and model")
     p.add_argument("--no-response-cache", action="store_true",
-                   help="skip the Triton response cache comparison (a second server)")
-    p.add_argument("--seed", type=int, default=0, help="traffic seed (default %(default)s)")
+                   help="skip Triton's response cache (a second server)")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results",
-                   help="output folder (default %(default)s)")
+                   help="output folder")
     return p.parse_args(argv)
 
 
@@ -97,18 +97,15 @@ class Timings:
     diff: float = 0.0
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values) * 1e3, q)) if values else float("nan")
-
-
 def row(length: int, n: int, path: str, delta: int | str, t: Timings, note: str = "") -> dict:
-    ranker = pct(t.ranker, 50)
+    ranker, cached = an.percentile_ms(t.ranker, 50), an.percentile_ms(t.cached, 50)
     return {
         "L": length, "N": n, "path": path, "delta": delta, "requests": len(t.cached),
-        "cached_p50_ms": round(pct(t.cached, 50), 3), "cached_p90_ms": round(pct(t.cached, 90), 3),
+        "cached_p50_ms": round(cached, 3),
+        "cached_p90_ms": round(an.percentile_ms(t.cached, 90), 3),
         "ranker_p50_ms": round(ranker, 3) if t.ranker else "",
-        "ranker_p90_ms": round(pct(t.ranker, 90), 3) if t.ranker else "",
-        "cached_over_ranker_p50": round(pct(t.cached, 50) / ranker, 3) if t.ranker else "",
+        "ranker_p90_ms": round(an.percentile_ms(t.ranker, 90), 3) if t.ranker else "",
+        "cached_over_ranker_p50": round(cached / ranker, 3) if t.ranker else "",
         "paths_seen": " ".join(f"{k}:{v}" for k, v in sorted(t.paths.items())),
         "max_abs_diff_vs_ranker": f"{t.diff:.2e}" if t.ranker else "", "note": note,
     }
@@ -128,9 +125,7 @@ def raw(url: str, model: str, tensors: dict[str, np.ndarray], outputs: list[str]
         ) -> tuple[list[np.ndarray], float]:
     inputs = []
     for name, value in tensors.items():
-        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
-                 np.dtype(np.float16): "FP16"}[value.dtype]
-        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
     with grpcclient.InferenceServerClient(url) as cl:
@@ -214,34 +209,6 @@ def memory_per_user(client: RankerClient, server: object, metrics: str, gen: Req
             "evictions": evictions}
 
 
-def replicas(client: RankerClient, metrics: str, gen: RequestGenerator, users: int,
-             visits: int, length: int, n: int = 10) -> dict[str, float]:
-    """Two replicas, simulated as two user-id namespaces on one server's user_cache: with
-    affinity a user always goes to replica hash(user) % 2; without, to a random one. Each
-    visit repeats the history (half the time) or appends 1-10 events. Returns the share of
-    requests served without a full encode (hits + appends) for each routing."""
-    rng = np.random.default_rng(gen.seed + 7)
-    rates = {}
-    for mode in ("affinity", "random"):
-        histories = {u: gen.request(length, n) for u in range(users)}
-        order = [u for u in range(users) for _ in range(visits)]
-        rng.shuffle(order)
-        before = fetch_cache_stats(metrics)
-        for u in order:
-            replica = u % 2 if mode == "affinity" else int(rng.integers(2))
-            key = (1 << 50) * (2 if mode == "random" else 1) + (replica << 40) + u
-            req = histories[u]
-            client.score(req, "ranker_cached", key)
-            grow = int(rng.integers(1, 11)) if rng.random() < 0.5 else 0
-            histories[u] = gen.returning(req, grow)
-        after = fetch_cache_stats(metrics)
-        served = after.requests - before.requests
-        reused = (after.hits + after.appends) - (before.hits + before.appends)
-        rates[mode] = reused / served
-        log(f"2 replicas, {mode} routing: {reused}/{served} requests without a full encode")
-    return rates
-
-
 def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenerator,
                           length: int, n: int, count: int) -> Timings:
     """Triton's own response cache on user_encoder, on a second server: an exact repeat of the
@@ -275,43 +242,18 @@ def response_cache_repeat(repository: Path, cfg: ModelConfig, gen: RequestGenera
     return t
 
 
-def machine() -> dict[str, str]:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import onnxruntime
-
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu,
-            "cores": str(os.cpu_count()), "gpu": "none",
-            "os": platform.platform(), "python": platform.python_version(),
-            "tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
-                            "python-backend stand-ins running ONNX Runtime)",
-            "onnxruntime": onnxruntime.__version__}
-
-
 def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: dict,
-             rates: dict[str, float], info: dict[str, str], notes: list[str]) -> str:
+             start: Snapshot | None, notes: list[str]) -> str:
     kv_bytes = cfg.num_layers * 2 * cfg.d_model * 4
     lines = [
-        "# ranker_cached: returning-user benchmark", "",
-        f"`python -m benchmarks.user_cache` ({time.strftime('%Y-%m-%d')}), config "
-        f"`{Path(args.config).name}` (d_model {cfg.d_model}, {cfg.num_layers} layers, "
-        f"{cfg.num_heads} heads, max_history {cfg.max_history}, mask {cfg.mask}), "
-        f"N = {args.num_candidates}, {args.requests} timed requests per path and model, "
-        "gRPC client latency (one RPC, client side), concurrency 1.", "",
-        "## Machine", "", "| item | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in info.items()], "",
+        *header("ranker_cached: returning-user benchmark", "user_cache", args.config, cfg, start,
+                f"N = {args.num_candidates}, {args.requests} timed requests per path and model, "
+                "gRPC client latency (one RPC, client side), concurrency 1."),
         "## Per path (p50 / p90 in ms)", "",
-        "| L | path | ΔL | ranker_cached p50 | p90 | ranker p50 | p90 | cached / ranker | "
-        "paths seen | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|",
+        an.table([[str(r[f]) for f in FIELDS] for r in rows],
+              ["L", "path", "ΔL", "ranker_cached p50", "p90", "ranker p50", "p90",
+               "cached / ranker", "paths seen", "max abs diff"]),
     ]
-    for r in rows:
-        lines.append(f"| {r['L']} | {r['path']} | {r['delta']} | {r['cached_p50_ms']} | "
-                     f"{r['cached_p90_ms']} | {r['ranker_p50_ms']} | {r['ranker_p90_ms']} | "
-                     f"{r['cached_over_ranker_p50']} | {r['paths_seen']} | "
-                     f"{r['max_abs_diff_vs_ranker']} |")
     lines += ["", "Rows `target_fusion alone` and `user_encoder alone` call those models "
               "directly (their p50 is in the ranker_cached column); `target_fusion alone` receives "
               "user_kv from the client over gRPC (2 MiB at L = 1000), which a hit does not, so a "
@@ -327,14 +269,6 @@ def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: 
                      "evictions while adding users); ")
                   + f"the formula `layers x 2 x L x d_model x 4` gives "
                   f"{kv_bytes * mem['L'] / 2**20:.3f} MiB of fp32 user_kv.", ""]
-    if rates:
-        lines += ["## Two replicas", "",
-                  f"{args.replica_users} users x {args.replica_visits} visits (half repeats, "
-                  f"half +1..10 events), L = {args.replica_length}: requests served without a "
-                  f"full encode: **{rates['affinity']:.0%} with user affinity** (replica = "
-                  f"hash(user_id) mod 2), **{rates['random']:.0%} with random routing**. "
-                  "Simulated as two user-id namespaces of one user_cache (same code, no "
-                  "evictions).", ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
@@ -348,12 +282,12 @@ def targets(rows: list[dict]) -> list[str]:
         fusion = by.get(("target_fusion alone", ""))
         if ("repeat", 0) in by and fusion:
             ratio = by[("repeat", 0)]["cached_p50_ms"] / fusion["cached_p50_ms"]
-            out.append(f"| {length} | a repeat costs <= 1.3x target_fusion alone | "
-                       f"{ratio:.2f}x | {'met' if ratio <= 1.3 else 'missed'} |")
+            out.append([length, "a repeat costs <= 1.3x target_fusion alone", f"{ratio:.2f}x",
+                        an.check(ratio, 1.3, higher=False)[0]])
         if ("miss", 0) in by:
             ratio = by[("miss", 0)]["cached_over_ranker_p50"]
-            out.append(f"| {length} | a miss costs <= 1.1x ranker | {ratio:.2f}x | "
-                       f"{'met' if ratio <= 1.1 else 'missed'} |")
+            out.append([length, "a miss costs <= 1.1x ranker", f"{ratio:.2f}x",
+                        an.check(ratio, 1.1, higher=False)[0]])
         if ("append", 10) in by and ("repeat", 0) in by and ("miss", 0) in by:
             # Both increments over a hit, through the same ensemble: what the append adds vs
             # what a full encode adds (target_fusion alone would also count sending user_kv
@@ -361,14 +295,12 @@ def targets(rows: list[dict]) -> list[str]:
             hit = by[("repeat", 0)]["cached_p50_ms"]
             share = ((by[("append", 10)]["cached_p50_ms"] - hit)
                      / (by[("miss", 0)]["cached_p50_ms"] - hit))
-            verdict = "met" if share <= 0.05 else "missed"
-            out.append(f"| {length} | an append of ΔL = 10 costs <= 5 % of a full encode (the "
-                       f"issue sets it at L = 8192) | (append p50 - repeat p50) / (miss p50 - "
-                       f"repeat p50) = {share:.1%} | {verdict} |")
+            out.append([length, "an append of ΔL = 10 costs <= 5 % of a full encode (the "
+                        "target is set at L = 8192)", "(append p50 - repeat p50) / (miss p50 - "
+                        f"repeat p50) = {share:.1%}", an.check(share, 0.05, higher=False)[0]])
     if not out:
         return []
-    return ["## Targets", "", "| L | target | measured | verdict |",
-            "|---|---|---|---|", *out, ""]
+    return ["## Targets", "", an.table(out, ["L", "target", "measured", "verdict"]), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,27 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"mask {cfg.mask}: no append path (user_cache re-encodes on any change)")
         deltas = []
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics_port = free_port()
-    log(f"starting tritonserver on {args.repository}")
-    server = start_server(grpc_port=free_port(), metrics_port=metrics_port,
-                          repository=args.repository, timeout_s=300)
-    metrics = f"127.0.0.1:{metrics_port}"
     rows: list[dict] = []
     mem: dict = {}
-    rates: dict[str, float] = {}
-    gen = RequestGenerator(seed=args.seed, profile_dim=cfg.profile_dim)
+    gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
     start = snapshot()
-    try:
-        with RankerClient(server.grpc_url, timeout_s=300) as client:
-            for length in lengths:
-                rows += bench_length(client, gen, length, args, deltas)
-                log(f"L={length}: memory per cached user")
-                mem = {"L": length, **memory_per_user(client, server, metrics, gen, length)}
-            if args.replica_users:
-                rates = replicas(client, metrics, gen, args.replica_users, args.replica_visits,
-                                 args.replica_length)
-    finally:
-        server.stop()
+    with serving(args.repository) as (server, metrics), \
+            RankerClient(server.grpc_url, timeout_s=300) as client:
+        for length in lengths:
+            rows += bench_length(client, gen, length, args, deltas)
+            log(f"L={length}: memory per cached user")
+            mem = {"L": length, **memory_per_user(client, server, metrics, gen, length)}
     if not args.no_response_cache:
         for length in lengths:
             log(f"L={length}: Triton response cache on user_encoder, repeat x{args.requests}")
@@ -415,25 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                                       args.requests)
             rows.append(row(length, args.num_candidates, "repeat, Triton response cache", 0, t,
                             "ranker with response_cache on user_encoder (exact repeats only)"))
-    info = machine()
-    load = external_cores(start)
-    if load:
-        info["other processes' CPU during the run"] = f"{load['ext_cpu_cores']:.2f} cores"
-        if load["ext_cpu_cores"] > 0.3:
-            notes.append(f"Contended run: other processes used {load['ext_cpu_cores']:.2f} of "
-                         f"{os.cpu_count()} cores meanwhile; compare ranker_cached and ranker "
-                         "on the same rows (measured back to back on the same requests) rather "
-                         "than absolute times.")
+    load = external_cores(start).get("ext_cpu_cores", 0.0)
+    if load > CONTENDED_CORES:
+        notes.append(f"Contended run: other processes used {load:.2f} of {os.cpu_count()} cores "
+                     "meanwhile; compare ranker_cached and ranker on the same rows (measured "
+                     "back to back on the same requests) rather than absolute times.")
     bad = [r for r in rows if r["max_abs_diff_vs_ranker"]
            and float(r["max_abs_diff_vs_ranker"]) > TOLERANCE]
-    with open(args.out / "user_cache.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, rates, info, notes))
-    for r in rows:
-        log(f"L={r['L']} {r['path']:<30} ΔL={r['delta']!s:<4} cached p50 {r['cached_p50_ms']} "
-            f"ms, ranker p50 {r['ranker_p50_ms']} ms, {r['paths_seen']}")
+    an.write_csv(args.out / "user_cache.csv", rows)
+    (args.out / "user_cache.md").write_text(markdown(cfg, args, rows, mem, start, notes))
     log(f"wrote {args.out / 'user_cache.csv'} and {args.out / 'user_cache.md'}")
     if bad:
         log(f"FAIL: scores differ from ranker beyond {TOLERANCE}: {bad}")

@@ -1,5 +1,8 @@
-"""Command line for the ranker on Triton:
+"""Command line for a ranker on Triton, any model family:
 `python -m client {score,validate,health,returning-user,cache-stats} --help`.
+
+Requests are built from the family's declaration, read from the served model's config: a request
+file holds its declared features by name, generated requests fill them from their roles.
 
 Exit codes: 0 success; 1 validation mismatch, failed requests or models not ready; 2 usage
 error, unreachable server, or a request or server error (one line on stderr, no traceback).
@@ -53,9 +56,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         info = client.model_info(args.model)
         column = info.task_index(task)
         if args.request:
-            req = RankingRequest.load(args.request)
+            req = RankingRequest.load(args.request, info.contract)
         else:
-            gen = RequestGenerator(seed=args.seed or 0, profile_dim=info.profile_dim)
+            gen = RequestGenerator(info.contract, seed=args.seed or 0)
             req = gen.request(
                 100 if args.history_length is None else args.history_length,
                 50 if args.num_candidates is None else args.num_candidates,
@@ -72,10 +75,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         f"ranked by {info.task_names[column]}, latency {latency * 1e3:.2f} ms"
     )
     names = "".join(f" {name:>10}" for name in info.task_names)
-    print(f"{'rank':>4} {'item_id':>20}{names}")
+    ids = req.candidate_ids
+    print(f"{'rank':>4} {req.candidate_id_feature.name:>20}{names}")
     for rank, i in enumerate(top, 1):
         cols = "".join(f" {s:>10.6f}" for s in scores[i])
-        print(f"{rank:>4} {int(req.candidate_item_ids[i]):>20}{cols}")
+        print(f"{rank:>4} {ids[i].tolist()!s:>20}{cols}")
     return 0
 
 
@@ -94,21 +98,32 @@ class _Tally:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    if args.count < 0 or args.max_history < 1:
+    if args.count < 0 or (args.max_history is not None and args.max_history < 1):
         raise UsageError("--count must be >= 0 and --max-history >= 1")
     with _client(args) as client:
         info = client.model_info(args.model)
         oracle = client.model_info(args.oracle)
-        if (info.profile_dim, info.num_tasks) != (oracle.profile_dim, oracle.num_tasks):
+        mine, theirs = info.contract, oracle.contract
+        if (mine.family, mine.features, mine.outputs) != (theirs.family, theirs.features,
+                                                           theirs.outputs):
             raise RankerError(
-                f"{args.model} (P={info.profile_dim}, T={info.num_tasks}) and {args.oracle} "
-                f"(P={oracle.profile_dim}, T={oracle.num_tasks}) do not serve the same model"
-            )
-        gen = RequestGenerator(seed=args.seed, profile_dim=info.profile_dim)
-        random = gen.requests(args.count, history_length_spread(args.max_history),
-                              VALIDATE_NUM_CANDIDATES)
+                f"{args.model} ({mine.family}) and {args.oracle} ({theirs.family}) do not "
+                "declare the same features and outputs: they do not serve the same model")
+        if args.max_history is None:
+            args.max_history = mine.max_history
+        print(f"{args.model} vs {args.oracle}: family {mine.family}, max_history "
+              f"{args.max_history}", file=sys.stderr, flush=True)
+        gen = RequestGenerator(mine, seed=args.seed)
+        limit = info.max_candidates or VALIDATE_NUM_CANDIDATES[-1]
+        sizes = [n for n in VALIDATE_NUM_CANDIDATES if n <= limit] or [limit]
+        random = gen.requests(args.count, history_length_spread(args.max_history), sizes)
         named = [(f"random_{i}", r) for i, r in enumerate(random)]
-        named += edge_case_requests(gen, args.max_history)
+        edges = edge_case_requests(gen, args.max_history)
+        named += [(name, r) for name, r in edges if r.num_candidates <= limit]
+        beyond = [name for name, r in edges if r.num_candidates > limit]
+        if beyond:
+            print(f"edge cases above {args.model}'s max_candidates = {limit}, not sent: "
+                  + ", ".join(beyond), flush=True)
         tally = _Tally()
         for name, req in named:
             _validate_one(client, args, tally, name, req)
@@ -129,9 +144,9 @@ def _validate_one(
         tally.model_latency.append(latency)
         too_long = not client.model_info(args.oracle).serves_history(req.history_length)
         if too_long or oracle_tokens(req, args.max_history) > args.max_oracle_tokens:
-            tally.skipped.append(name)
             why = ("(L+1)^2 above its naive_max_work" if too_long else
                    f"N x (L+1) > --max-oracle-tokens {args.max_oracle_tokens}")
+            tally.skipped.append(f"{name} ({why})")
             if args.verbose:
                 print(f"{name:<34} {shape} {args.model} {latency * 1e3:8.2f} ms, {args.oracle} "
                       f"skipped ({why})")
@@ -173,9 +188,7 @@ def _summary(args: argparse.Namespace, tally: _Tally) -> int:
     print(f"requests: {tally.total} ({args.count} random + edge cases), compared: "
           f"{tally.compared}, oracle skipped: {len(tally.skipped)}, failed: {len(tally.failed)}")
     if tally.skipped:
-        print(f"  {args.oracle} skipped (N x (L+1) > {args.max_oracle_tokens}, or one candidate "
-              "above its naive_max_work): "
-              + ", ".join(tally.skipped))
+        print(f"  {args.oracle} skipped: " + ", ".join(tally.skipped))
     if tally.failed:
         print("  failed: " + ", ".join(tally.failed))
     print(f"max |{args.model} - {args.oracle}|: {tally.max_diff:.3g} (at {tally.max_diff_at}), "
@@ -199,7 +212,7 @@ def cmd_returning_user(args: argparse.Namespace) -> int:
         raise UsageError("--history-length and --new-events must be >= 0, --num-candidates >= 1")
     with _client(args) as client:
         info = client.model_info(args.model)
-        gen = RequestGenerator(seed=args.seed, profile_dim=info.profile_dim)
+        gen = RequestGenerator(info.contract, seed=args.seed)
         user_id = gen.user_id() if args.user_id is None else args.user_id
         first = gen.request(args.history_length, args.num_candidates)
         grown = gen.returning(first, args.new_events)
@@ -305,7 +318,8 @@ def _add_connection_options(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
-        description="Score, validate and health-check the ranker served by Triton (gRPC).",
+        description="Score, validate and health-check a ranker served by Triton (gRPC), any "
+                    "model family: requests follow the declaration the server publishes.",
         epilog="Exit codes: 0 ok; 1 mismatch, failed requests or models not ready; "
                "2 usage error, unreachable server, request or server error.",
     )
@@ -319,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", parents=[common], help="rank the candidates of one request",
                        description="Score one request (from a JSON file or generated) and print "
                                    "the top candidates with every task's score and the latency.")
-    p.add_argument("--request", metavar="FILE.json", help="a RankingRequest JSON file")
+    p.add_argument("--request", metavar="FILE.json",
+                   help="a request JSON file: {feature name: nested list}, the served model's "
+                        "declared features (as --save-request writes them)")
     p.add_argument("--seed", type=int, help="seed of the generated request (default 0)")
     p.add_argument("--history-length", type=int, metavar="L",
                    help="history events of the generated request (default 100)")
@@ -345,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the model and to the oracle; compare scores and latency.")
     p.add_argument("--count", type=int, default=50, help="random requests (default 50)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--max-history", type=int, default=1024,
-                   help="the model's max_history; lengths are spread up to beyond it "
-                        "(default 1024)")
+    p.add_argument("--max-history", type=int, default=None,
+                   help="history lengths are spread up to beyond this (default: the served "
+                        "model's declared max_history)")
     p.add_argument("--model", default="ranker", help="model under test (default ranker)")
     p.add_argument("--oracle", default="ranker_naive",
                    help="reference model (default ranker_naive)")

@@ -1,14 +1,17 @@
-"""gRPC client for the ranker on Triton: validated scoring, ranking, readiness and statistics.
+"""gRPC client for a ranker on Triton: validated scoring, ranking, readiness and statistics.
 
 Wraps `tritonclient.grpc.InferenceServerClient` so that callers get numpy scores [N, T] or one
 exception type (RankerError, or RequestError for a request refused before sending), with retries
-only where a retry can help (server not up yet, connection dropped).
+only where a retry can help (server not up yet, connection dropped). Any model family: what a
+request holds and what comes back is the family's declaration, read from the served model's
+config (parameter `split_contract`, client/split_contract.py), so the client names no feature.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -17,20 +20,21 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.contract import (
-    CACHE_PATH,
-    SCORES,
-    USER_ID,
-    USER_ID_HEADER,
-    USER_PROFILE,
-    request_inputs,
+from client.contract import CACHE_PATH, USER_ID, USER_ID_HEADER
+from client.request import INT64_MAX, INT64_MIN, NUMPY_DTYPES, RankingRequest, RequestError
+from client.split_contract import (
+    CONTRACT_PARAMETER,
+    ContractError,
+    Output,
+    SplitContract,
+    contract_from_json,
 )
-from client.request import INT64_MAX, INT64_MIN, RankingRequest, RequestError
-from client.validation import validate_request
+from client.validation import build_request, validate_request
 
 T = TypeVar("T")
-
-_TRITON_DTYPES: dict[str, str] = {s.name: s.dtype for s in request_inputs(1)}
+# A request as a RankingRequest, or a feature dict (name -> array or lists) built against the
+# served model's declaration.
+RequestLike = RankingRequest | Mapping[str, Any]
 # gRPC codes worth retrying: the server is starting, restarting or the connection broke. Never
 # INVALID_ARGUMENT (the same request fails the same way) nor DEADLINE_EXCEEDED (it would double
 # the load on a server that is already too slow).
@@ -69,11 +73,12 @@ class RankerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the client needs to know about a served model, read from the server."""
+    """What the client needs to know about a served model, read from the server: its family's
+    declaration (features, outputs, max_history) and the serving limits of its config."""
 
     name: str
-    profile_dim: int
-    num_tasks: int
+    contract: SplitContract
+    num_tasks: int  # columns of the scores: the first declared output, [N, T]
     task_names: tuple[str, ...]
     max_candidates: int | None = None
     # ranker_naive's memory bound, which its graph enforces: N x (min(L, max_history) + 1)^2
@@ -85,6 +90,11 @@ class ModelInfo:
     @property
     def needs_user_id(self) -> bool:
         return USER_ID in self.inputs
+
+    @property
+    def scores(self) -> Output:
+        """The declared output that ranks the candidates: the first one."""
+        return self.contract.outputs[0]
 
     def serves_history(self, history_length: int) -> bool:
         """Whether even one candidate fits naive_max_work at this history length (ranker_naive
@@ -263,11 +273,13 @@ class RankerClient:
 
     # ------------------------------------------------------------------ model facts
     def model_info(self, model: str | None = None) -> ModelInfo:
-        """profile_dim, num_tasks and task names of `model`, read once from the server.
+        """The declaration and serving limits of `model`, read once from the server.
 
-        profile_dim is the last dim of the `user_profile` input, num_tasks the last dim of the
-        `scores` output (model metadata); task names come from the config parameter
-        `task_names` (comma-separated), else task0, task1, ...
+        The declaration is the config parameter `split_contract` (JSON, checked); every
+        declared feature must be an input and every declared output an output of the model
+        (metadata). The first declared output is the scores: [N, T], T its fixed dims (1 for
+        [N]); task names come from the config parameter `task_names` (comma-separated), else
+        task0, task1, ...
         """
         model = model or self.model
         if model in self._info:
@@ -282,9 +294,8 @@ class RankerClient:
             lambda: self._client.get_model_config(model, client_timeout=self.timeout_s),
             model=model,
         ).config
-
-        profile_dim = _last_dim(meta.inputs, USER_PROFILE, "input", model)
-        num_tasks = _last_dim(meta.outputs, SCORES, "output", model)
+        contract = _declaration(model, config, meta)
+        num_tasks = math.prod(d for d in contract.outputs[0].dims[1:] if isinstance(d, int))
         names: tuple[str, ...] = tuple(f"task{i}" for i in range(num_tasks))
         if TASK_NAMES_PARAMETER in config.parameters:
             raw = config.parameters[TASK_NAMES_PARAMETER].string_value
@@ -299,10 +310,10 @@ class RankerClient:
             value = config.parameters.get(key)
             return int(value.string_value) if value and value.string_value else None
 
-        info = ModelInfo(model, profile_dim, num_tasks, names,
+        info = ModelInfo(model, contract, num_tasks, names,
                          int_parameter(MAX_CANDIDATES_PARAMETER),
                          int_parameter(NAIVE_MAX_WORK_PARAMETER),
-                         int_parameter(MAX_HISTORY_PARAMETER),
+                         int_parameter(MAX_HISTORY_PARAMETER) or contract.max_history,
                          tuple(t.name for t in meta.inputs))
         self._info[model] = info
         return info
@@ -323,21 +334,37 @@ class RankerClient:
         return sum(s.inference_count for s in rows), sum(s.execution_count for s in rows)
 
     # ------------------------------------------------------------------ scoring
-    def score(self, req: RankingRequest, model: str | None = None,
+    def request(self, values: Mapping[str, Any], model: str | None = None) -> RankingRequest:
+        """A checked request for `model` from a feature dict (name -> numpy array or nested
+        lists): each feature converted to the served declaration's dtype where no value
+        changes, then validated (client.validation.build_request). RequestError naming the
+        feature otherwise; nothing is sent."""
+        info = self.model_info(model)
+        return build_request(info.contract, values, now=int(time.time()),
+                             max_candidates=info.max_candidates)
+
+    def score(self, req: RequestLike, model: str | None = None,
               user_id: int | None = None) -> np.ndarray:
-        """Scores float32 [N, T] of the request's candidates (rows in candidate order).
-        `user_id` is for models that take one (ranker_cached: the key of the user K/V cache)."""
+        """Scores float32 [N, T] of the request's candidates (rows in candidate order): the
+        first declared output. `user_id` is for models that take one (ranker_cached: the key
+        of the user K/V cache)."""
         return self.score_with_latency(req, model, user_id)[0]
 
-    def score_cached(self, req: RankingRequest, user_id: int, model: str = CACHED_MODEL
+    def infer(self, req: RequestLike, model: str | None = None,
+              user_id: int | None = None) -> dict[str, np.ndarray]:
+        """Every declared output of the model by name, each [N, ...] and checked against its
+        declared dtype and dims."""
+        return self._scored(req, model, user_id)[0]
+
+    def score_cached(self, req: RequestLike, user_id: int, model: str = CACHED_MODEL
                      ) -> tuple[np.ndarray, str, float]:
         """(scores [N, T], the path user_cache took: "hit" / "append" / "miss", seconds) of one
         ranker_cached request: the path is the model's own per-request output `cache_path`."""
-        scores, latency, path = self._scored(req, model, user_id, with_path=True)
-        return scores, path, latency
+        outputs, latency, path = self._scored(req, model, user_id, with_path=True)
+        return self._scores(outputs, model), str(path), latency
 
     def score_with_latency(
-        self, req: RankingRequest, model: str | None = None, user_id: int | None = None
+        self, req: RequestLike, model: str | None = None, user_id: int | None = None
     ) -> tuple[np.ndarray, float]:
         """(scores [N, T], seconds). The latency is that of the successful RPC alone: not the
         validation, not failed attempts or backoff sleeps.
@@ -345,51 +372,59 @@ class RankerClient:
         A model that declares a memory bound (`naive_max_work`, ranker_naive) gets the request
         in candidate slices that fit it, one call each (candidates never see each other, so the
         scores are the same); the latency is then the sum of the calls."""
-        scores, latency, _ = self._scored(req, model, user_id)
-        return scores, latency
+        outputs, latency, _ = self._scored(req, model, user_id)
+        return self._scores(outputs, model), latency
 
-    def _scored(self, req: RankingRequest, model: str | None, user_id: int | None,
-                with_path: bool = False) -> tuple[np.ndarray, float, str | None]:
+    def _scores(self, outputs: dict[str, np.ndarray], model: str | None) -> np.ndarray:
+        info = self.model_info(model)
+        scores = outputs[info.scores.name]
+        return scores.reshape(scores.shape[0], info.num_tasks)
+
+    def _scored(self, req: RequestLike, model: str | None, user_id: int | None,
+                with_path: bool = False) -> tuple[dict[str, np.ndarray], float, str | None]:
         model = model or self.model
-        info: ModelInfo | None = None
-        if self.validate:
-            info = self.model_info(model)
-            validate_request(req, profile_dim=info.profile_dim, now=int(time.time()),
+        info = self.model_info(model)
+        if not isinstance(req, RankingRequest):
+            req = self.request(req, model) if self.validate else RankingRequest(info.contract,
+                                                                                req)
+        elif self.validate:
+            validate_request(req, info.contract, now=int(time.time()),
                              max_candidates=info.max_candidates)
+        if self.validate:
             _check_user_id(user_id, info)
-        per_call = self.model_info(model).candidates_per_call(req.history_length)
+        per_call = info.candidates_per_call(req.history_length)
         n = req.num_candidates
         if per_call is None or n <= per_call:
-            return self._infer(req, model, info, user_id, with_path)
-        parts = []
-        for s in range(0, n, per_call):
-            part = req.replace(candidate_item_ids=req.candidate_item_ids[s:s + per_call],
-                               candidate_category_ids=req.candidate_category_ids[s:s + per_call])
-            parts.append(self._infer(part, model, info, user_id, with_path))
-        return (np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts),
-                parts[-1][2])
+            return self._infer(req, info, user_id, with_path)
+        parts = [self._infer(req.candidates(s, s + per_call), info, user_id, with_path)
+                 for s in range(0, n, per_call)]
+        outputs = {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}
+        return outputs, sum(p[1] for p in parts), parts[-1][2]
 
     def _infer(
-        self, req: RankingRequest, model: str, info: ModelInfo | None,
-        user_id: int | None = None, with_path: bool = False,
-    ) -> tuple[np.ndarray, float, str | None]:
-        """One RPC: (scores [N, T], seconds, cache_path when `with_path`), the output checked
-        against the request. A user id travels twice: as the `user_id` tensor (the cache's key)
-        and as the USER_ID_HEADER metadata that a balancer in front of several replicas routes
-        on."""
+        self, req: RankingRequest, info: ModelInfo, user_id: int | None = None,
+        with_path: bool = False,
+    ) -> tuple[dict[str, np.ndarray], float, str | None]:
+        """One RPC: (the declared outputs, seconds, cache_path when `with_path`), each output
+        checked against the request. A user id travels twice: as the `user_id` tensor (the
+        cache's key) and as the USER_ID_HEADER metadata that a balancer in front of several
+        replicas routes on."""
+        model = info.name
         inputs = []
         tensors = req.as_inputs()
+        dtypes = {f.name: f.dtype for f in req.layout}
         headers = None
         if user_id is not None:
             tensors[USER_ID] = np.array([user_id], dtype=np.int64)
+            dtypes[USER_ID] = "INT64"
             headers = {USER_ID_HEADER: str(int(user_id))}
         for name, array in tensors.items():
-            dtype = "INT64" if name == USER_ID else _TRITON_DTYPES[name]
-            infer_input = grpcclient.InferInput(name, list(array.shape), dtype)
+            infer_input = grpcclient.InferInput(name, list(array.shape), dtypes[name])
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
-        outputs = [grpcclient.InferRequestedOutput(name)
-                   for name in (SCORES, *((CACHE_PATH,) if with_path else ()))]
+        declared = info.contract.outputs
+        outputs = [grpcclient.InferRequestedOutput(name) for name in
+                   (*(o.name for o in declared), *((CACHE_PATH,) if with_path else ()))]
 
         def infer() -> tuple[grpcclient.InferResult, float]:
             start = time.perf_counter()
@@ -399,38 +434,27 @@ class RankerClient:
             return result, time.perf_counter() - start
 
         result, latency = self._call("infer", infer, model=model)
-        try:
-            scores = result.as_numpy(SCORES)
-        except ValueError as e:  # payload size does not match the declared shape
-            raise RankerError(
-                f"model {model!r} returned a malformed {SCORES!r} output: {e}", model=model
-            ) from None
-        if scores is None:
-            raise RankerError(f"model {model!r} returned no {SCORES!r} output", model=model)
-        n = req.num_candidates
-        if scores.dtype != np.float32 or scores.ndim != 2 or scores.shape[0] != n or (
-            info is not None and scores.shape[1] != info.num_tasks
-        ):
-            raise RankerError(
-                f"model {model!r} returned {SCORES} {scores.dtype} {list(scores.shape)}, "
-                f"expected float32 [{n}, T]", model=model,
-            )
+        values = {o.name: _output(result, o, req.num_candidates, model) for o in declared}
         if not with_path:
-            return scores, latency, None
+            return values, latency, None
         path = result.as_numpy(CACHE_PATH)
         if path is None or path.size != 1:
             raise RankerError(f"model {model!r} returned no {CACHE_PATH!r} output", model=model)
-        return scores, latency, path.reshape(-1)[0].decode()
+        return values, latency, path.reshape(-1)[0].decode()
 
     def rank(
-        self, req: RankingRequest, task: str | int = 0, model: str | None = None
+        self, req: RequestLike, task: str | int = 0, model: str | None = None
     ) -> list[tuple[int, float]]:
-        """(candidate item id, score of `task`) best first; ties keep candidate order."""
+        """(candidate id, score of `task`) best first; ties keep candidate order. The id is
+        the candidate feature with role "item" (else the first candidate feature)."""
         model = model or self.model
-        column = self.model_info(model).task_index(task)
+        info = self.model_info(model)
+        column = info.task_index(task)
+        if not isinstance(req, RankingRequest):
+            req = self.request(req, model)
         scores = self.score(req, model)[:, column]
         order = np.argsort(-scores, kind="stable")
-        ids = req.candidate_item_ids
+        ids = req.candidate_ids
         return [(int(ids[i]), float(scores[i])) for i in order]
 
     # ------------------------------------------------------------------ lifetime
@@ -473,19 +497,45 @@ def _check_user_id(user_id: int | None, info: ModelInfo) -> None:
         raise RequestError(f"{USER_ID}: {user_id} is outside the int64 range")
 
 
-def _last_dim(tensors: Iterable[Any], name: str, kind: str, model: str) -> int:
-    """Fixed last dim of tensor `name` in model metadata; RankerError if absent or variable."""
-    tensors = list(tensors)
-    for t in tensors:
-        if t.name == name:
-            if t.shape and t.shape[-1] > 0:
-                return int(t.shape[-1])
+def _declaration(model: str, config: Any, meta: Any) -> SplitContract:
+    """The family's declaration from the model's config, checked against its metadata."""
+    parameter = config.parameters.get(CONTRACT_PARAMETER)
+    if parameter is None or not parameter.string_value:
+        raise RankerError(
+            f"model {model!r} carries no {CONTRACT_PARAMETER!r} parameter (the family's "
+            "declaration): is it a ranker (ranker, ranker_cached, ranker_naive, ranker_base), "
+            "exported by this project's export?", model=model)
+    try:
+        contract = contract_from_json(parameter.string_value)
+    except ContractError as e:
+        raise RankerError(f"model {model!r}: its {CONTRACT_PARAMETER!r} parameter is not a "
+                          f"valid declaration: {e}", model=model) from None
+    for kind, declared, served in (
+            ("input", [f.name for f in contract.features], [t.name for t in meta.inputs]),
+            ("output", [o.name for o in contract.outputs], [t.name for t in meta.outputs])):
+        missing = [n for n in declared if n not in served]
+        if missing:
             raise RankerError(
-                f"model {model!r}: {kind} {name!r} has shape {list(t.shape)}; the contract "
-                f"needs a fixed last dim", model=model,
-            )
-    found = ", ".join(t.name for t in tensors) or "none"
-    raise RankerError(
-        f"model {model!r} has no {kind} named {name!r} (it has: {found}); is it a ranker?",
-        model=model,
-    )
+                f"model {model!r}: declared {kind}(s) {', '.join(missing)} are not among its "
+                f"{kind}s ({', '.join(served) or 'none'}): the declaration does not describe "
+                "the served model", model=model)
+    return contract
+
+
+def _output(result: grpcclient.InferResult, output: Output, n: int, model: str) -> np.ndarray:
+    """One declared output of a response, checked: its dtype, N rows, its fixed dims."""
+    try:
+        value = result.as_numpy(output.name)
+    except ValueError as e:  # payload size does not match the declared shape
+        raise RankerError(
+            f"model {model!r} returned a malformed {output.name!r} output: {e}", model=model
+        ) from None
+    if value is None:
+        raise RankerError(f"model {model!r} returned no {output.name!r} output", model=model)
+    want = (n, *output.dims[1:])
+    if value.dtype != NUMPY_DTYPES[output.dtype] or value.shape != want:
+        raise RankerError(
+            f"model {model!r} returned {output.name} {value.dtype} {list(value.shape)}, "
+            f"expected {NUMPY_DTYPES[output.dtype]} {list(want)}", model=model,
+        )
+    return value

@@ -17,9 +17,14 @@ Argument order conventions (what the export and the generic helpers rely on):
   function of the user's events alone: what makes a state cached per user exact;
 * `score_candidates(*candidates, *request, *state)`: candidate features, then per-request
   features, then the state tensors -> the outputs, all candidates in one pass;
-* `encode_append(*state, *history)` (appendable families only): the state of the P events
-  already encoded plus the history features of ΔL new events -> the state of all P + ΔL events,
-  equal to `encode_user` on the whole history while P + ΔL <= max_history.
+* `encode_append(*cached, *history)` (appendable families only): what the append reads of the
+  state of the P events already encoded (each state tensor as its `append_reads` says, named
+  `cached_<name>`), then the history features of ΔL new events -> one tensor per state tensor,
+  in declaration order: for a tensor with an "L" dim, the ΔL new events' part only (named
+  `new_<name>`; the cache concatenates it after the cached part along L), for one without, its
+  new value (named `<name>`; it replaces the cached one). The cached part followed by the new
+  part equals `encode_user` on the whole history while P + ΔL <= max_history. So an append moves
+  O(ΔL) bytes back, and what it does not attend to (typically the last layer's K/V) never goes in.
 
 In state dims, "L" stands for the *kept* history length, min(L, max_history): a history longer
 than max_history keeps its newest events. In feature and output dims, "L" and "N" are the
@@ -41,6 +46,28 @@ AXES = {HISTORY: "L", CANDIDATES: "N", REQUEST: None}
 # How history tokens may attend: "full" (history sees the candidate, BST-style) cannot be split.
 HISTORY_MASKS = ("causal", "bidirectional", "full")
 CACHED_PREFIX = "cached_"  # encode_append's inputs: the cached state, renamed
+NEW_PREFIX = "new_"  # encode_append's outputs for state tensors with an "L" dim: new events only
+# How much of a state tensor encode_append reads: all of it, or all but the last entry of its
+# first dim (e.g. every layer's K/V but the last, which no later event of the encoder attends to).
+APPEND_READS = ("all", "all_but_last")
+# What a feature means, so that a client can generate, edge-case and check any family's requests
+# (client/traffic.py, client/validation.py) without knowing its names. role -> (dtypes, axes):
+# item: item ids (history: the events' items, candidates: the items to score); category: the
+# category of the item on the same axis (needs an item feature there); action: the event type
+# of each history event; timestamp: unix seconds (history: non-decreasing, oldest first;
+# request: shape (1,), the request time, never before an event); duration: seconds, >= 0 (e.g.
+# dwell time); dense: real-valued features. "" declares nothing (the generator fills it by dtype).
+INTEGERS, FLOATS = ("INT64", "INT32"), ("FP32", "FP16")
+ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "item": (INTEGERS, (HISTORY, CANDIDATES)),
+    "category": (INTEGERS, (HISTORY, CANDIDATES)),
+    "action": (INTEGERS, (HISTORY,)),
+    "timestamp": (INTEGERS, (HISTORY, REQUEST)),
+    "duration": (INTEGERS + FLOATS, (HISTORY, CANDIDATES)),
+    "dense": (FLOATS, (HISTORY, CANDIDATES, REQUEST)),
+}
+# Roles that at most one feature per axis may take (the generator and the checks pair them).
+SINGLE_ROLES = ("item", "category", "action", "timestamp")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -56,7 +83,8 @@ class Feature:
     per item to score, N) or REQUEST (one per request: then `shape` is its whole fixed shape).
     For HISTORY and CANDIDATES features `shape` is the trailing fixed shape (usually empty).
     `event` marks the history features that define a user's events: the user-state cache
-    compares these to decide whether a cached state still describes the user."""
+    compares these to decide whether a cached state still describes the user. `role` says what
+    the feature means (ROLES), so that generic clients can fill and check it."""
 
     name: str
     dtype: str
@@ -64,6 +92,7 @@ class Feature:
     shape: tuple[int, ...] = ()
     event: bool = False
     doc: str = ""
+    role: str = ""
 
     @property
     def dims(self) -> tuple[int | str, ...]:
@@ -76,17 +105,41 @@ class Feature:
 class StateTensor:
     """One tensor of the user state: produced by encode_user (and encode_append), read by
     score_candidates. `dims` are model constants (positive ints) and at most one "L" (the kept
-    history length); a state never depends on N, or it could not be shared by the candidates."""
+    history length); a state never depends on N, or it could not be shared by the candidates.
+
+    `append_reads` (appendable families): how much of the cached tensor encode_append reads, one
+    of APPEND_READS. "all_but_last" drops the last entry of the first dim, which must then be a
+    constant >= 2 (e.g. [layers, ...] K/V: later events never attend to the last layer's)."""
 
     name: str
     dtype: str
     dims: tuple[int | str, ...]
     doc: str = ""
+    append_reads: str = "all"
 
     @property
     def cached_name(self) -> str:
         """Its name as an input of the append graph (the state read back from the cache)."""
         return CACHED_PREFIX + self.name
+
+    @property
+    def grows(self) -> bool:
+        """Whether it has an "L" dim: the append returns the new events' part, concatenated
+        after the cached one; else the append returns its new value, which replaces it."""
+        return "L" in self.dims
+
+    @property
+    def new_name(self) -> str:
+        """Its name as an output of the append graph: `new_<name>` (the new events' part) when
+        it grows, else its own name (its new value)."""
+        return NEW_PREFIX + self.name if self.grows else self.name
+
+    @property
+    def cached_dims(self) -> tuple[int | str, ...]:
+        """The dims of what the append reads."""
+        if self.append_reads == "all_but_last":
+            return (self.dims[0] - 1, *self.dims[1:])  # type: ignore[operator]
+        return self.dims
 
 
 @dataclass(frozen=True)
@@ -145,9 +198,21 @@ class SplitContract:
 
     @property
     def append_inputs(self) -> tuple[str, ...]:
-        """encode_append's argument names, in order (cached state, then the new events)."""
+        """encode_append's argument names, in order (what it reads of the cached state, then the
+        new events)."""
         return (*(s.cached_name for s in self.state),
                 *(f.name for f in self.history_features))
+
+    def cached_reads(self, state: Sequence[Any]) -> dict[str, Any]:
+        """encode_append's cached inputs, by name, from a whole state (one array or tensor per
+        state tensor, in declaration order), each cut as its `append_reads` says."""
+        return {s.cached_name: value[:-1] if s.append_reads == "all_but_last" else value
+                for s, value in zip(self.state, state, strict=True)}
+
+    @property
+    def append_outputs(self) -> tuple[str, ...]:
+        """encode_append's output names, in state order (new parts, new values)."""
+        return tuple(s.new_name for s in self.state)
 
 
 def _check_dtype(kind: str, name: str, dtype: str) -> None:
@@ -168,22 +233,46 @@ def _check_constants(kind: str, name: str, dims: Sequence[int | str],
             raise ContractError(f"{kind} {name!r}: dim {d!r} must be a positive int or a symbol")
 
 
+def _check_role(f: Feature) -> None:
+    if f.role == "":
+        return
+    if f.role not in ROLES:
+        raise ContractError(f"feature {f.name!r}: unknown role {f.role!r}; one of "
+                            f"{tuple(ROLES)} or '' (none)")
+    dtypes, axes = ROLES[f.role]
+    if f.dtype not in dtypes or f.axis not in axes:
+        raise ContractError(f"feature {f.name!r}: role {f.role!r} needs dtype in {dtypes} and "
+                            f"axis in {axes}, not {f.dtype} on {f.axis}")
+    if f.role in SINGLE_ROLES and f.axis != REQUEST and f.shape:
+        raise ContractError(f"feature {f.name!r}: role {f.role!r} is one value per "
+                            f"{'event' if f.axis == HISTORY else 'candidate'}, so no trailing "
+                            f"shape {tuple(f.shape)}")
+    if f.role == "timestamp" and f.axis == REQUEST and tuple(f.shape) != (1,):
+        raise ContractError(f"feature {f.name!r}: a request timestamp has shape (1,), not "
+                            f"{tuple(f.shape)}")
+
+
 def check_contract(contract: SplitContract) -> SplitContract:
     """Refuse a declaration the serving stack could not serve exactly; returns it unchanged.
 
     Checks: names are valid tensor names and unique (the append graph's `cached_` names too);
     every feature has a known axis and dtype, REQUEST features a fixed shape; there is at least
     one history and one candidate feature (L and N must come from somewhere) and one output;
-    event features are history features; state dims are constants and at most one "L" (never
-    "N"); outputs are per candidate ("N" first); the history mask splits exactly; appending is
-    declared only for a causal mask and then needs event features (what the cache compares)."""
+    event features are history features; roles fit their dtype and axis (ROLES), at most one
+    item/category/action/timestamp per axis, a category beside an item; state dims are
+    constants and at most one "L" (never "N"); `append_reads` is known and "all_but_last" has a
+    constant first dim >= 2; outputs are per candidate ("N" first); the history mask splits
+    exactly; appending is declared only for a causal mask and then needs event features (what
+    the cache compares) and a state tensor with an "L" dim (how the append knows P)."""
     c = contract
     if not _NAME.match(c.family):
         raise ContractError(f"family {c.family!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*)")
     if isinstance(c.max_history, bool) or not isinstance(c.max_history, int) or c.max_history < 1:
         raise ContractError(f"max_history must be a positive int, got {c.max_history!r}")
     names = [f.name for f in c.features] + [s.name for s in c.state] + [o.name for o in c.outputs]
-    names += [s.cached_name for s in c.state] if c.appendable else []
+    if c.appendable:
+        names += [s.cached_name for s in c.state]
+        names += [s.new_name for s in c.state if s.grows]
     for name in names:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ContractError(f"tensor name {name!r} is not a valid name "
@@ -191,7 +280,8 @@ def check_contract(contract: SplitContract) -> SplitContract:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ContractError(f"tensor names must be unique across features, state and outputs "
-                            f"(and the append graph's cached_ inputs): {duplicates} repeat")
+                            f"(and the append graph's cached_ inputs and new_ outputs): "
+                            f"{duplicates} repeat")
     for f in c.features:
         if f.axis not in AXES:
             raise ContractError(f"feature {f.name!r}: unknown axis {f.axis!r}; one of "
@@ -204,6 +294,17 @@ def check_contract(contract: SplitContract) -> SplitContract:
         if f.event and f.axis != HISTORY:
             raise ContractError(f"feature {f.name!r}: only history features can define a user's "
                                 f"events, not a {f.axis} feature")
+        _check_role(f)
+    for axis in AXES:
+        for role in SINGLE_ROLES:
+            taken = [f.name for f in c.features if f.axis == axis and f.role == role]
+            if len(taken) > 1:
+                raise ContractError(f"features {taken}: at most one {axis} feature may have "
+                                    f"role {role!r}")
+        if any(f.role == "category" for f in c._on(axis)) and \
+                not any(f.role == "item" for f in c._on(axis)):
+            raise ContractError(f"a {axis} feature has role 'category' but no {axis} feature "
+                                "has role 'item' (a category is the category of an item)")
     if not c.history_features:
         raise ContractError("no history feature: nothing defines L or the user state")
     if not c.candidate_features:
@@ -219,6 +320,15 @@ def check_contract(contract: SplitContract) -> SplitContract:
         _check_constants("state tensor", s.name, s.dims, ("L",))
         if list(s.dims).count("L") > 1:
             raise ContractError(f"state tensor {s.name!r}: at most one dim may be 'L'")
+        if s.append_reads not in APPEND_READS:
+            raise ContractError(f"state tensor {s.name!r}: append_reads {s.append_reads!r}; one "
+                                f"of {APPEND_READS}")
+        if s.append_reads == "all_but_last" and not (
+                s.dims and isinstance(s.dims[0], int) and s.dims[0] >= 2):
+            raise ContractError(
+                f"state tensor {s.name!r}: append_reads 'all_but_last' drops the last entry of "
+                f"the first dim, which must be a constant >= 2 (dims {s.dims}); read 'all' "
+                "instead")
     if not c.outputs:
         raise ContractError("no output: score_candidates must return per-candidate scores")
     for o in c.outputs:
@@ -244,6 +354,10 @@ def check_contract(contract: SplitContract) -> SplitContract:
     if c.appendable and not c.event_features:
         raise ContractError(f"{c.family}: appendable but no history feature is marked event=True "
                             "(the cache compares them to find what is new)")
+    if c.appendable and not any(s.grows for s in c.state):
+        raise ContractError(f"{c.family}: appendable but no state tensor has an 'L' dim, so "
+                            "nothing tells the append how many events are cached (P: the new "
+                            "events' positions, and the max_history bound)")
     return contract
 
 

@@ -1,5 +1,6 @@
-"""Seeded synthetic traffic: Zipf item popularity, sessions of events, a few action types, and
-the edge-case requests the validation and the tests use.
+"""Seeded synthetic traffic for any declared model family: Zipf item popularity, sessions of
+events, a few action types, and the edge-case requests the validation and the tests use. The
+declared features' roles (client/split_contract.ROLES) say which tensor carries what.
 
 Pure Python + numpy (no torch, no tritonclient) so that tests, benchmarks and tools can build and
 store requests without a server.
@@ -14,13 +15,22 @@ from enum import IntEnum
 
 import numpy as np
 
-from client.request import INT64_MAX, INT64_MIN, RankingRequest
+from client.request import (
+    INT64_MAX,
+    INT64_MIN,
+    NUMPY_DTYPES,
+    Declared,
+    RankingRequest,
+    feature_with,
+    features_of,
+)
+from client.split_contract import CANDIDATES, FLOATS, HISTORY, INTEGERS, REQUEST, Feature
 
 
 class Action(IntEnum):
-    """Integer codes of `history_action_ids` used by the generator.
+    """Integer codes the generator puts in a feature with role "action" (the event type).
 
-    0 is left unused on purpose: it is the usual "unknown/padding" code. The model hashes action
+    0 is left unused on purpose: it is the usual "unknown/padding" code. The models hash action
     ids (`id mod action_buckets`), so other codes are legal on the wire, just not generated here.
     Frequencies decrease with the code: most events are views, few are purchases.
     """
@@ -97,7 +107,7 @@ def _catalogue(
 
 
 class RequestGenerator:
-    """Seeded, deterministic, production-like ranking traffic.
+    """Seeded, deterministic, production-like ranking traffic for any declared family.
 
     The catalogue has `num_items` items with huge sparse int64 ids (a fixed random map from the
     popularity rank), Zipf-like popularity, and a stable category per item (`category_of`).
@@ -106,24 +116,37 @@ class RequestGenerator:
     history (same categories, a few re-recommended history items), globally popular items and
     long-tail items, deduplicated and shuffled.
 
-    The same seed gives the same catalogue and the same sequence of requests.
+    Which tensor carries what comes from the declared features' roles
+    (client/split_contract.ROLES): item and category ids, action codes, timestamps
+    (non-decreasing, the request a bit after the last event) come from that one traffic model;
+    a per-request "dense" feature gets a few history statistics then a latent taste vector,
+    "duration" seconds a log-normal dwell, other "dense" features N(0, 0.5), a feature without
+    a role a value by dtype (ids in [0, 1000), N(0, 1) floats, fair booleans). INT32 ids are
+    the int64 ids mod 2^31.
+
+    The same seed gives the same catalogue and the same sequence of requests; `rng` draws the
+    traffic from a caller's Generator instead (the catalogue still comes from `seed`).
     """
 
     def __init__(
         self,
+        declared: Declared,
         seed: int = 0,
-        profile_dim: int = 16,
         num_items: int = 1_000_000,
         num_categories: int = 5_000,
+        rng: np.random.Generator | None = None,
     ) -> None:
-        if num_items < 1 or num_categories < 1 or profile_dim < 0:
-            raise ValueError("num_items and num_categories must be >= 1, profile_dim >= 0")
+        if num_items < 1 or num_categories < 1:
+            raise ValueError("num_items and num_categories must be >= 1")
+        self.layout = features_of(declared)
+        if not any(f.axis == HISTORY for f in self.layout) or \
+                not any(f.axis == CANDIDATES for f in self.layout):
+            raise ValueError("a request needs at least one history and one candidate feature")
         self.seed = seed
-        self.profile_dim = profile_dim
         self.num_items = num_items
         self.num_categories = num_categories
         traffic_seed = np.random.SeedSequence(seed).spawn(2)[1]
-        self._rng = np.random.default_rng(traffic_seed)
+        self._rng = rng if rng is not None else np.random.default_rng(traffic_seed)
         catalogue = _catalogue(seed, num_items, num_categories)
         # item_ids[rank]: rank 0 is the most popular item.
         self.item_ids, self.item_categories, self._cdf, self._by_category, self._cat_start = (
@@ -171,16 +194,8 @@ class RequestGenerator:
             length, favourites, focus, action_probs, request_ts
         )
         cand_ranks = self._candidate_ranks(num_candidates, history_ranks, favourites)
-        cand_ids = self.item_ids[cand_ranks]
-        return RankingRequest(
-            history_item_ids=self.item_ids[history_ranks],
-            history_action_ids=actions,
-            history_timestamps=timestamps,
-            candidate_item_ids=cand_ids,
-            candidate_category_ids=category_of(cand_ids, self.num_categories),
-            request_timestamp=np.array([request_ts], dtype=np.int64),
-            user_profile=self._profile(actions, timestamps),
-        )
+        return RankingRequest(self.layout, self._values(
+            history_ranks, actions, timestamps, cand_ranks, request_ts))
 
     def requests(
         self, count: int, history_lengths: Sequence[int], num_candidates: Sequence[int]
@@ -211,10 +226,16 @@ class RequestGenerator:
             raise ValueError("new_events must be >= 0")
         rng = self._rng
         n = previous.num_candidates if num_candidates is None else num_candidates
-        start = int(previous.request_timestamp[0])
-        if previous.history_length:
-            start = max(start, int(previous.history_timestamps[-1]))
-        recent = previous.history_item_ids[-8:]
+        layout = previous.layout
+        request_time = feature_with(layout, "timestamp", REQUEST)
+        history_time = feature_with(layout, "timestamp", HISTORY)
+        event_item = feature_with(layout, "item", HISTORY)
+        start = (int(previous.features[request_time.name][0]) if request_time
+                 else EPOCH_2024)
+        if previous.history_length and history_time:
+            start = max(start, int(previous.features[history_time.name][-1]))
+        recent = (previous.features[event_item.name][-8:] if event_item
+                  else np.zeros(0, np.int64))
         favourites = (category_of(recent, self.num_categories) if len(recent)
                       else self.item_categories[self._popular_ranks(2)])
         ranks = self._popular_ranks(new_events)
@@ -231,16 +252,67 @@ class RequestGenerator:
         timestamps = start + np.cumsum(gaps.astype(np.int64))
         last = int(timestamps[-1]) if new_events else start
         request_ts = last + int(np.clip(rng.lognormal(np.log(5.0), 1.0), 1, 600))
-        cand_ids = self.item_ids[self._candidate_ranks(n, ranks, favourites)]
-        return previous.replace(
-            history_item_ids=np.concatenate([previous.history_item_ids, self.item_ids[ranks]]),
-            history_action_ids=np.concatenate([previous.history_action_ids, actions]),
-            history_timestamps=np.concatenate([previous.history_timestamps,
-                                               timestamps.astype(np.int64)]),
-            candidate_item_ids=cand_ids,
-            candidate_category_ids=category_of(cand_ids, self.num_categories),
-            request_timestamp=np.array([request_ts], dtype=np.int64),
-        )
+        cand_ranks = self._candidate_ranks(n, ranks, favourites)
+        new = self._values(ranks, actions, timestamps.astype(np.int64), cand_ranks, request_ts,
+                           previous)
+        return previous.replace(**{
+            f.name: np.concatenate([previous.features[f.name], new[f.name]])
+            if f.axis == HISTORY else new[f.name] for f in layout})
+
+    def _values(self, history_ranks: np.ndarray, actions: np.ndarray, timestamps: np.ndarray,
+                cand_ranks: np.ndarray, request_ts: int,
+                previous: RankingRequest | None = None) -> dict[str, np.ndarray]:
+        """Every declared feature from one draw of the traffic model, by role: the history
+        rows of these events, the candidates, the request's features (a returning user's
+        `previous` request keeps its per-request features but the time). Features that need
+        draws of their own are drawn last, in declaration order, so that a family's requests
+        do not depend on the features it does not have."""
+        out: dict[str, np.ndarray] = {}
+        later: list[Feature] = []
+        for f in self.layout:
+            if f.role == "item" and f.axis in (HISTORY, CANDIDATES):
+                ranks = history_ranks if f.axis == HISTORY else cand_ranks
+                out[f.name] = _cast(f, self.item_ids[ranks])
+            elif f.role == "action":
+                out[f.name] = _cast(f, actions)
+            elif f.role == "timestamp":
+                out[f.name] = _cast(f, timestamps if f.axis == HISTORY else
+                                    np.array([request_ts], dtype=np.int64))
+            elif f.axis == REQUEST and previous is not None:
+                out[f.name] = previous.features[f.name]
+            elif f.role != "category":
+                later.append(f)
+        for f in self.layout:
+            if f.role == "category":
+                item = feature_with(self.layout, "item", f.axis)
+                assert item is not None  # check_contract: a category sits beside an item
+                out[f.name] = _cast(f, category_of(out[item.name], self.num_categories))
+        for f in later:
+            rows = len(history_ranks) if f.axis == HISTORY else len(cand_ranks)
+            out[f.name] = self._draw(f, rows, actions, timestamps)
+        return {f.name: out[f.name] for f in self.layout}
+
+    def _draw(self, f: Feature, rows: int, actions: np.ndarray,
+              timestamps: np.ndarray) -> np.ndarray:
+        """A feature the event stream does not determine, drawn from its role or dtype."""
+        rng = self._rng
+        shape = tuple(f.shape) if f.axis == REQUEST else (rows, *f.shape)
+        size = math.prod(shape)
+        if f.role == "dense" and f.axis == REQUEST:
+            values = self._profile(actions, timestamps, size)
+        elif f.role == "duration":
+            values = np.clip(rng.lognormal(np.log(20.0), 1.0, size=size), 0, 1_800)
+            if f.dtype not in FLOATS:
+                values = np.rint(values)
+        elif f.role == "dense":
+            values = rng.normal(0.0, 0.5, size=size)
+        elif f.dtype in INTEGERS:
+            values = rng.integers(0, 1_000, size=size)
+        elif f.dtype in FLOATS:
+            values = rng.normal(0.0, 1.0, size=size)
+        else:
+            values = rng.random(size) < 0.5
+        return _cast(f, values.reshape(shape))
 
     def _history(
         self, length: int, favourites: np.ndarray, focus: float, action_probs: np.ndarray,
@@ -337,7 +409,7 @@ class RequestGenerator:
             chosen.extend(rng.permutation(unused)[: count - len(chosen)].tolist())
         return rng.permutation(np.array(chosen, dtype=np.int64))
 
-    def _profile(self, actions: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    def _profile(self, actions: np.ndarray, timestamps: np.ndarray, size: int) -> np.ndarray:
         """Dense user features: a few history statistics, then a latent taste vector."""
         length = len(actions)
         span_days = (timestamps[-1] - timestamps[0]) / 86_400 if length else 0.0
@@ -347,8 +419,8 @@ class RequestGenerator:
             float(np.mean(actions == Action.PURCHASE)) if length else 0.0,
             math.log1p(span_days) / 5,
         ]
-        latent = self._rng.normal(0.0, 0.5, size=max(self.profile_dim - len(stats), 0))
-        profile = np.concatenate([stats, latent])[: self.profile_dim]
+        latent = self._rng.normal(0.0, 0.5, size=max(size - len(stats), 0))
+        profile = np.concatenate([stats, latent])[:size]
         return profile.astype(np.float32)
 
 
@@ -361,12 +433,23 @@ EXTREME_IDS = np.array(
 )
 
 
+def extreme_ids(dtype: str) -> np.ndarray:
+    """EXTREME_IDS for an integer dtype: the int64 ones, or the same pattern within int32."""
+    if dtype == "INT64":
+        return EXTREME_IDS
+    low, high = -(2**31), 2**31 - 1
+    return np.array([low, high, low + 1, high - 1, -1, 0, 1, 2**24 + 1, -(2**24 + 1), -(2**30),
+                     2**30, -(10**9) - 7], dtype=NUMPY_DTYPES[dtype])
+
+
 def edge_case_requests(gen: RequestGenerator, max_history: int) -> list[tuple[str, RankingRequest]]:
     """Named valid requests at the contract's corners, for comparing servers and models.
 
     Covers L = 0, 1, max_history and max_history + 37 (the model keeps the newest max_history
-    events), N = 1 and 1000, ids at and near ±2**63 and ±2**53 (values a float64 would
-    corrupt), all-negative ids, duplicate candidates and events all in one second.
+    events), N = 1 and 1000, ids at and near the ends of the id dtype and ±2**53 (values a
+    float64 would corrupt) in every item, category and role-less integer feature, all-negative
+    item ids, duplicate candidates and events all in one second (from the declared roles:
+    client/split_contract.ROLES).
     """
     cases: list[tuple[str, RankingRequest]] = [
         ("empty_history", gen.request(0, 20)),
@@ -377,34 +460,77 @@ def edge_case_requests(gen: RequestGenerator, max_history: int) -> list[tuple[st
         ("single_candidate", gen.request(50, 1)),
         ("candidates_1000", gen.request(50, 1000)),
     ]
+    layout = gen.layout
+    items = {axis: feature_with(layout, "item", axis) for axis in (HISTORY, CANDIDATES)}
 
     base = gen.request(40, 30)
-    hist = base.history_item_ids.copy()
-    hist[: len(EXTREME_IDS)] = EXTREME_IDS
-    cands = base.candidate_item_ids.copy()
-    cands[: len(EXTREME_IDS)] = EXTREME_IDS[::-1]
-    cats = category_of(cands, gen.num_categories)
-    cats[:4] = [INT64_MIN, INT64_MAX, -1, 0]
-    cases.append(("extreme_ids", base.replace(
-        history_item_ids=hist, candidate_item_ids=cands, candidate_category_ids=cats)))
+    changes: dict[str, np.ndarray] = {}
+    for f in layout:
+        if f.axis == REQUEST or f.dtype not in INTEGERS or f.role not in ("item", ""):
+            continue
+        values = base.features[f.name].copy()
+        extremes = extreme_ids(f.dtype)
+        extremes = extremes if f.axis == HISTORY else extremes[::-1]
+        values[: len(extremes)] = extremes.reshape(-1, *[1] * len(f.shape))
+        changes[f.name] = values
+    for f in layout:
+        item = items.get(f.axis)
+        if f.role == "category" and item is not None:
+            values = category_of(changes[item.name], gen.num_categories).astype(
+                NUMPY_DTYPES[f.dtype])
+            values[:4] = extreme_ids(f.dtype)[[0, 1, 4, 5]]
+            changes[f.name] = values
+    cases.append(("extreme_ids", base.replace(**changes)))
 
     base = gen.request(30, 25)
     rng = np.random.default_rng(gen.seed + 1)
-    neg_hist = rng.integers(INT64_MIN, 0, size=base.history_length, dtype=np.int64)
-    neg_cands = rng.integers(INT64_MIN, 0, size=base.num_candidates, dtype=np.int64)
-    cases.append(("negative_ids", base.replace(
-        history_item_ids=neg_hist, candidate_item_ids=neg_cands,
-        candidate_category_ids=-category_of(neg_cands, gen.num_categories))))
+    changes = {}
+    for axis, item in items.items():
+        if item is not None:
+            size = base.history_length if axis == HISTORY else base.num_candidates
+            low = int(np.iinfo(NUMPY_DTYPES[item.dtype]).min)
+            changes[item.name] = rng.integers(low, 0, size=size, dtype=np.int64).astype(
+                NUMPY_DTYPES[item.dtype])
+    for f in layout:
+        item = items.get(f.axis)
+        if f.role == "category" and item is not None:
+            changes[f.name] = -category_of(changes[item.name], gen.num_categories).astype(
+                NUMPY_DTYPES[f.dtype])
+    cases.append(("negative_ids", base.replace(**changes)))
 
     base = gen.request(10, 12)
-    dup = np.repeat(base.candidate_item_ids[:3], 4)
-    cases.append(("duplicate_candidates", base.replace(
-        candidate_item_ids=dup, candidate_category_ids=category_of(dup, gen.num_categories))))
+    cases.append(("duplicate_candidates", base.replace(**{
+        f.name: np.repeat(base.features[f.name][:3], 4, axis=0)
+        for f in layout if f.axis == CANDIDATES})))
 
     base = gen.request(16, 10)
-    same = np.full(16, int(base.request_timestamp[0]), dtype=np.int64)
-    cases.append(("events_in_request_second", base.replace(history_timestamps=same)))
+    history_time = feature_with(layout, "timestamp", HISTORY)
+    request_time = feature_with(layout, "timestamp", REQUEST)
+    if history_time is not None:
+        times = base.features[history_time.name]
+        second = (int(base.features[request_time.name][0]) if request_time is not None
+                  else int(times[-1]))
+        cases.append(("events_in_request_second", base.replace(
+            **{history_time.name: np.full(16, second, dtype=times.dtype)})))
     return cases
+
+
+def _cast(f: Feature, values: np.ndarray) -> np.ndarray:
+    """Generated values as the feature's declared dtype (INT32 ids: mod 2^31)."""
+    want = NUMPY_DTYPES[f.dtype]
+    values = np.asarray(values)
+    if want == np.int32 and f.role in ("item", "category"):
+        values = values.astype(np.int64) % 2**31
+    return values.astype(want)
+
+
+def random_features(declared: Declared, history_length: int, num_candidates: int,
+                    rng: np.random.Generator, num_items: int = 100_000) -> dict[str, np.ndarray]:
+    """One request's features (name -> array) for any declared family, drawn from `rng` with
+    the generator's traffic model over a catalogue of `num_items` items: the building block for
+    tools that fuzz a family (the generator's roles say what each feature gets)."""
+    gen = RequestGenerator(declared, num_items=num_items, rng=rng)
+    return gen.request(history_length, num_candidates).features
 
 
 def returning_traffic(

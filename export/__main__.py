@@ -1,4 +1,7 @@
-"""`python -m export`: write the ONNX models, their model cards and the Triton configs."""
+"""`python -m export`: write the reference model's ONNX models, their model cards and the Triton
+configs, through the export path every family takes (export/split_export.py for the graphs,
+export/split_repository.py for the configs), from the reference model's serving plan
+(export/split_contract.reference_plan: its declaration, limits, `ranker_base`, fp16 state)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,16 @@ from export.attention import TARGETS
 from export.config import DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model, full_mask_refusal
 from export.native_rules import export_verdict
-from export.onnx_export import export_graph, graphs_for, write_model_card
+from export.onnx_export import write_model_card
 from export.repositories import (
     EVALUATION_OPTION_HELP,
     MODEL_REPOSITORY,
     evaluation_beside,
-    model_dir,
+    onnx_path,
 )
-from export.triton_configs import config_source, write_configs
+from export.split_contract import ReferenceSplitModel
+from export.split_export import export_graph, graphs_for
+from export.triton_configs import DEFAULT_USER_CACHE_BYTES, config_source, write_configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "fastest on CPU). Exact either way. Default: gpu with --fp16, else cpu")
     p.add_argument("--naive-only", action="store_true",
                    help="skip the user_encoder/target_fusion split (a `full`-mask model has none)")
+    p.add_argument("--graphs", nargs="+", default=None, metavar="GRAPH",
+                   help="graphs to export (default: every graph of the config: user_encoder, "
+                   "target_fusion, ranker_naive, user_encoder_append where the model appends, "
+                   "ranker_base); configs are written for these, with `ranker`, user_cache and "
+                   "`ranker_cached` when user_encoder and target_fusion are among them")
+    p.add_argument("--tensorrt-fp16", action="store_true",
+                   help="configs with the TensorRT execution accelerator at FP16 precision (GPU)")
+    p.add_argument("--response-cache", action="store_true",
+                   help="turn Triton's response cache on for user_encoder (serve with "
+                   "--cache-config local,size=BYTES); see README 'ranker_cached' for its limits")
+    p.add_argument("--user-cache-bytes", type=int, default=DEFAULT_USER_CACHE_BYTES,
+                   help="user_cache's LRU bound in bytes (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -59,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
                 "refusing to export the user_encoder/target_fusion split: "
                 + full_mask_refusal(cfg.mask)
             )
-        graphs = graphs_for(cfg, args.naive_only)
+        plan = cfg.serving_plan(fp16=args.fp16)
+        known = graphs_for(plan.contract, plan.evaluation_graphs, args.naive_only)
+        graphs = args.graphs or list(known)
+        unknown = [g for g in graphs if g not in known]
+        if unknown:
+            raise ValueError(f"unknown graphs {unknown} for this config: one of {list(known)}")
         model = build_model(cfg, args.checkpoint)
     except (ConfigError, SplitNotExactError, ValueError, FileNotFoundError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     if args.fp16:
         model = model.half()
+    split = ReferenceSplitModel(model)
     target = args.target or ("gpu" if args.fp16 else "cpu")
     out = Path(args.output)
     evaluation = Path(args.evaluation_output or evaluation_beside(out))
@@ -74,15 +97,18 @@ def main(argv: list[str] | None = None) -> int:
           f"(serving), {evaluation} (evaluation)")
     for name in graphs:
         t0 = time.perf_counter()
-        path = model_dir(out, name, evaluation) / "1" / "model.onnx"
-        export_graph(model, name, path, fp16=args.fp16, target=target)
+        path = onnx_path(out, name, evaluation)
+        export_graph(split, name, path, max_candidates=plan.max_candidates,
+                     naive_max_work=plan.naive_max_work, target=target)
         write_model_card(path.parent / "model_card.json", cfg, model, [name], args.fp16,
                          args.checkpoint, target)
         size_mb = path.stat().st_size / 2**20
         print(f"export: wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - t0:.1f}s")
     if not args.naive_only:
-        for path in write_configs(cfg, out, config_source(Path(args.config)), evaluation,
-                                  fp16=args.fp16):
+        for path in write_configs(plan, out, config_source(Path(args.config)), evaluation,
+                                  graphs=graphs, tensorrt_fp16=args.tensorrt_fp16,
+                                  response_cache=args.response_cache,
+                                  user_cache_bytes=args.user_cache_bytes):
             print(f"export: wrote {path}")
         # The production configs against their graphs, with the native onnxruntime backend's
         # load-time rules: a repository that backend would refuse is never left looking done.

@@ -71,6 +71,14 @@ class ModelConfig:
         layer but the last)."""
         return self.mask == "causal" and self.num_layers >= 2
 
+    def serving_plan(self, fp16: bool = False):  # -> export.split_contract.ServingPlan
+        """What an export of this model writes (its declaration, limits, task names, the
+        `ranker_base` baseline, fp16 state with `fp16`): export/split_contract.reference_plan,
+        imported here so that this module stays torch-free."""
+        from export.split_contract import reference_plan
+
+        return reference_plan(self, fp16)
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads

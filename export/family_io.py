@@ -19,10 +19,13 @@ from torch import nn
 
 class JsonConfig:
     """from_dict / load / to_dict for a frozen dataclass config: unknown keys are refused
-    (a typo must not silently keep a default), `task_names` defaults to task0..task{T-1}."""
+    (a typo must not silently keep a default), `task_names` defaults to task0..task{T-1}.
+    The family selector `"model": "package.module:factory"` (export/family.py) is accepted when
+    it names this family's `factory`, so the family's config files load here too."""
 
     error: ClassVar[type[ValueError]] = ValueError
     kind: ClassVar[str] = "model"
+    factory: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)  # type: ignore[call-overload]
@@ -32,6 +35,11 @@ class JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
+        if "model" in data:
+            if data["model"] != cls.factory:
+                raise cls.error(f"this config names the model {data['model']!r}, not the "
+                                f"{cls.kind} family's {cls.factory!r}")
+            data = {k: v for k, v in data.items() if k != "model"}
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:

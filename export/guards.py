@@ -34,12 +34,13 @@ Why this holds on every execution provider (onnxruntime sources, release 1.19):
   and 0 was the guard's "pass" value. `tests/test_guards.py` checks statically that no guard is a
   Gather and every guard is this string Reshape.
 
-The guard's output (a zero) is added to the first tensor of its group, so every node that reads
-that tensor waits for the guard: nothing of the request runs before the rule is checked. Cost: a
-handful of scalar ops per request.
+The guard's output (a zero) is added to the first integer tensor of its group, so every node that
+reads that tensor waits for the guard: nothing of the request runs before the rule is checked.
+Cost: a handful of scalar ops per request.
 
-Rules (values baked in at export, mirrored as config parameters for clients):
-* the `history_*` tensors have one length L, the `candidate_*` tensors one length N (ONNX would
+Rules (from the family's declaration, export/split_contract.py; values baked in at export,
+mirrored as config parameters for clients):
+* the history features have one length L, the candidate features one length N (ONNX would
   otherwise broadcast a length-1 tensor into silently misaligned scores, or fail with a bare
   "Concat" error that names no tensor);
 * N <= max_candidates;
@@ -54,8 +55,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from client import contract as c
-from export.config import ModelConfig
+from client.split_contract import SplitContract
 
 _PREFIX = "guard/"
 GUARD_DATA = b"0"  # the one element every guard reshapes; a string, so no GPU EP can run it
@@ -145,51 +145,53 @@ def _attach(b: _Builder, target: str, zeros: list[str]) -> None:
                 node.input[i] = checked
 
 
-def add_guards(model: onnx.ModelProto, graph_name: str, cfg: ModelConfig) -> list[str]:
-    """Write the serving guards into `model` (in place); returns the rules added, by node name."""
-    g = model.graph
-    inputs = [i.name for i in g.input]
-    b = _Builder(g)
+def add_guards(proto: onnx.ModelProto, graph: str, contract: SplitContract,
+               max_candidates: int, naive_max_work: int) -> list[str]:
+    """Write the serving guards into `proto` (in place), from a family's declaration: one L for
+    the history features, one N for the candidate features, N <= max_candidates, ranker_naive's
+    work bound, and user_encoder_append's P + ΔL <= max_history. A graph with the naive graph's
+    inputs under another name (an extra evaluation graph, e.g. a benchmark baseline) gets every
+    rule but the work bound. Returns the rules added, by node name."""
+    inputs = [i.name for i in proto.graph.input]
+    b = _Builder(proto.graph)
     rules: list[str] = []
-    history = [n for n in c.HISTORY_INPUTS if n in inputs]
-    candidates = [n for n in c.CANDIDATE_INPUTS if n in inputs]
+    history = [f.name for f in contract.history_features if f.name in inputs]
+    candidates = [f.name for f in contract.candidate_features if f.name in inputs]
     history_zeros: list[str] = []
     candidate_zeros: list[str] = []
-    if len(history) > 1:
-        rule = length_rule(history, "L")
-        history_zeros.append(b.fail_if(_lengths_differ(b, history), rule))
-        rules.append(rule)
-    if len(candidates) > 1:
-        rule = length_rule(candidates, "N")
-        candidate_zeros.append(b.fail_if(_lengths_differ(b, candidates), rule))
-        rules.append(rule)
+    for names, axis, zeros in ((history, "L", history_zeros),
+                               (candidates, "N", candidate_zeros)):
+        if len(names) > 1:
+            rules.append(length_rule(names, axis))
+            zeros.append(b.fail_if(_lengths_differ(b, names), rules[-1]))
     if candidates:
         n = b.length(candidates[0])
-        rule = limit_rule(cfg.max_candidates)
-        over = b.flag(b.op("Greater", [n, b.const(cfg.max_candidates)]))
-        candidate_zeros.append(b.fail_if(over, rule))
-        rules.append(rule)
-        if graph_name == "ranker_naive" and history:
-            kept = b.op("Min", [b.length(history[0]), b.const(cfg.max_history)])
+        rules.append(limit_rule(max_candidates))
+        candidate_zeros.append(b.fail_if(b.flag(b.op("Greater", [n, b.const(max_candidates)])),
+                                         rules[-1]))
+        if graph == "ranker_naive" and history:
+            kept = b.op("Min", [b.length(history[0]), b.const(contract.max_history)])
             tokens = b.op("Add", [kept, b.const(1)])
             work = b.op("Mul", [n, b.op("Mul", [tokens, tokens])])
-            rule = naive_rule(cfg.naive_max_work)
-            over = b.flag(b.op("Greater", [work, b.const(cfg.naive_max_work)]))
-            candidate_zeros.append(b.fail_if(over, rule))
-            rules.append(rule)
-    if graph_name == "user_encoder_append":
-        cached = b.op("Shape", [c.CACHED_USER_KV], start=3, end=4)
+            rules.append(naive_rule(naive_max_work))
+            candidate_zeros.append(b.fail_if(
+                b.flag(b.op("Greater", [work, b.const(naive_max_work)])), rules[-1]))
+    if graph == "user_encoder_append":
+        # The cached length: the "L" dim of the first state tensor that has one.
+        state = next(s for s in contract.state if s.grows)
+        axis = list(state.cached_dims).index("L")
+        cached = b.op("Shape", [state.cached_name], start=axis, end=axis + 1)
         total = b.op("Add", [cached, b.length(history[0])])
-        rule = append_rule(cfg.max_history)
-        history_zeros.append(b.fail_if(b.flag(b.op("Greater", [total, b.const(cfg.max_history)])),
-                                       rule))
-        rules.append(rule)
-    if history_zeros:
-        _attach(b, history[0], history_zeros)
-    if candidate_zeros:
-        _attach(b, candidates[0], candidate_zeros)
+        rules.append(append_rule(contract.max_history))
+        history_zeros.append(b.fail_if(
+            b.flag(b.op("Greater", [total, b.const(contract.max_history)])), rules[-1]))
+    # The zeros gate the group's first integer tensor (an Add of int64 zeros).
+    int_inputs = {f.name for f in contract.features if f.dtype == "INT64"}
+    for names, zeros in ((history, history_zeros), (candidates, candidate_zeros)):
+        if zeros:
+            _attach(b, next(n for n in names if n in int_inputs), zeros)
     # Guards first: the graph stays topologically sorted (they read only graph inputs).
-    existing = list(g.node)
-    del g.node[:]
-    g.node.extend(b.nodes + existing)
+    existing = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(b.nodes + existing)
     return rules

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,7 @@ class HSTUConfig(JsonConfig):
     seed: int = 0
     error: ClassVar[type[ValueError]] = HSTUConfigError
     kind: ClassVar[str] = "HSTU"
+    factory: ClassVar[str] = "export.hstu:from_config"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -110,31 +111,38 @@ class HSTUConfig(JsonConfig):
 def hstu_contract(cfg: HSTUConfig) -> SplitContract:
     """The family's declaration (export/split_contract.py)."""
     h, layers = cfg.num_heads, cfg.num_layers
+    reads = "all_but_last" if layers >= 2 else "all"
     return check_contract(SplitContract(
         family=FAMILY,
         features=(
             Feature(HISTORY_ITEM_IDS, "INT64", HISTORY, event=True, doc="items of past events, "
-                    "oldest first [L]"),
-            Feature(HISTORY_ACTION_IDS, "INT64", HISTORY, event=True, doc="event type [L]"),
-            Feature(HISTORY_TIMESTAMPS, "INT64", HISTORY, event=True, doc="unix seconds [L]"),
+                    "oldest first [L]", role="item"),
+            Feature(HISTORY_ACTION_IDS, "INT64", HISTORY, event=True, doc="event type [L]",
+                    role="action"),
+            Feature(HISTORY_TIMESTAMPS, "INT64", HISTORY, event=True, doc="unix seconds [L]",
+                    role="timestamp"),
             Feature(HISTORY_DWELL, "FP32", HISTORY, event=True, doc="seconds spent on the item "
-                    "[L]; negative and non-finite values count as 0"),
-            Feature(CANDIDATE_ITEM_IDS, "INT64", CANDIDATES, doc="items to score [N]"),
+                    "[L]; negative and non-finite values count as 0", role="duration"),
+            Feature(CANDIDATE_ITEM_IDS, "INT64", CANDIDATES, doc="items to score [N]",
+                    role="item"),
             Feature(REQUEST_TIMESTAMP, "INT64", REQUEST, shape=(1,), doc="unix seconds of the "
-                    "request: the candidates' time for the time bias [1]"),
+                    "request: the candidates' time for the time bias [1]", role="timestamp"),
         ),
+        # The append reads K/V of every layer but the last (no later event of the encoder
+        # attends to the last layer's) and the cached timestamps (the time bias between a new
+        # event and a cached one); it returns the new events' K, V and timestamps only.
         state=(
             StateTensor(USER_K, "FP32", (layers, h, "L", cfg.attention_dim),
-                        "per-layer keys of the kept history"),
+                        "per-layer keys of the kept history", append_reads=reads),
             StateTensor(USER_V, "FP32", (layers, h, "L", cfg.hidden_dim),
-                        "per-layer values of the kept history"),
+                        "per-layer values of the kept history", append_reads=reads),
             StateTensor(USER_TIMESTAMPS, "INT64", ("L",),
                         "timestamps of the kept history: the time bias needs them"),
         ),
         outputs=(Output(SCORES, "FP32", ("N", cfg.num_tasks),
                         "probability per candidate and task [N, T]"),),
         history_mask="causal",
-        appendable=True,
+        appendable=layers >= 2,  # the append reads the K/V of every layer but the last
         max_history=cfg.max_history,
         doc="HSTU-style ranker: pointwise SiLU attention, relative position/time bias, U gate",
     ))
@@ -283,28 +291,34 @@ class HSTURanker(nn.Module):
 
     def _encode(self, x: Tensor, q_pos: Tensor, q_time: Tensor, prefix_k: Tensor | None,
                 prefix_v: Tensor | None, k_time: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """New events x [T, d] at positions q_pos, after the cached prefix (if any) -> the state
-        of prefix + new events."""
+        """Events x [T, d] at positions q_pos, after the cached prefix (if any: its K/V of every
+        layer but the last, [layers - 1, H, P, e]) -> K, V of these T events only
+        [layers, H, T, e], and their times. Every layer but the last attends over prefix + these
+        events; the last computes only K and V."""
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             u, v, q, k = layer.project(x)
-            if prefix_k is not None:
-                k = torch.cat([prefix_k[i], k], dim=1)
-                v = torch.cat([prefix_v[i], v], dim=1)
             ks.append(k)
             vs.append(v)
             if i < len(self.layers) - 1:
+                if prefix_k is not None:
+                    k = torch.cat([prefix_k[i], k], dim=1)
+                    v = torch.cat([prefix_v[i], v], dim=1)
                 x = layer.finish(x, layer.attend(q, k, v, q_pos, q_time, k_time), u)
-        return torch.stack(ks), torch.stack(vs), k_time
+        return torch.stack(ks), torch.stack(vs), q_time
 
     def encode_append(self, cached_user_k: Tensor, cached_user_v: Tensor,
                       cached_user_timestamps: Tensor, history_item_ids: Tensor,
                       history_action_ids: Tensor, history_timestamps: Tensor,
                       history_dwell_seconds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The state of P cached events + ΔL new ones, equal to encode_user on all P + ΔL, at
-        the cost of ΔL query rows. Exact only while P + ΔL <= max_history (beyond it the oldest
-        events drop and every later state changes): refused there, re-encode instead."""
-        prefix = cached_user_k.shape[2]
+        """The cached forward of a returning user: K/V of P cached events in every layer but the
+        last ([layers - 1, H, P, e]) and their timestamps [P], plus ΔL new events -> new_user_k
+        [layers, H, ΔL, a], new_user_v [layers, H, ΔL, b] and new_user_timestamps [ΔL], the new
+        events' state only: concatenated after the cached state along the history axis, equal
+        to encode_user on all P + ΔL, at the cost of ΔL query rows and O(ΔL) bytes out. Exact
+        only while P + ΔL <= max_history (beyond it the oldest events drop and every later state
+        changes): refused there, re-encode instead."""
+        prefix = cached_user_timestamps.shape[0]
         new = history_item_ids.shape[0]
         if not torch.jit.is_tracing() and prefix + new > self.cfg.max_history:
             raise ValueError(f"append: {prefix} cached + {new} new events exceed max_history="
@@ -369,3 +383,9 @@ def build_hstu(cfg: HSTUConfig, checkpoint: str | None = None) -> HSTURanker:
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model.eval()
+
+
+def from_config(config: dict[str, Any], checkpoint: str | None = None) -> HSTURanker:
+    """The family's factory, named in its config files as "model": "export.hstu:from_config"
+    (export/family.py): the config's keys, the optional state_dict checkpoint."""
+    return build_hstu(HSTUConfig.from_dict(config), checkpoint)

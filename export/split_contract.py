@@ -4,11 +4,15 @@ client/split_contract.py, re-exported here for the export's convenience."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from client.split_contract import (  # noqa: F401  (re-exported)
+    APPEND_READS,
     AXES,
     CACHED_PREFIX,
     CANDIDATES,
@@ -16,6 +20,7 @@ from client.split_contract import (  # noqa: F401  (re-exported)
     DTYPES,
     HISTORY,
     HISTORY_MASKS,
+    NEW_PREFIX,
     REQUEST,
     ContractError,
     Feature,
@@ -49,9 +54,33 @@ class SplitModel(Protocol):
         ...
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        """Cached state + new events' history features -> the state of all events. Families
-        that are not appendable raise instead."""
+        """What the append reads of the cached state + the new events' history features -> per
+        state tensor the new events' part (tensors with an "L" dim) or the new value (the
+        others). Families that are not appendable raise instead."""
         ...
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What an export writes for a family beyond its declaration: the serving limits its graphs'
+    guards enforce and its configs advertise (candidates per request, ranker_naive's
+    N x (L'+1)^2 work bound), its task names, its extra evaluation graphs (ranker_naive's
+    inputs and outputs under another name, e.g. a benchmark baseline; the model's
+    `evaluation_graphs` says which method each traces) and the dtypes its state is served in
+    where they differ from the declared ones (an fp16 export, `half_state`)."""
+
+    contract: SplitContract
+    max_candidates: int
+    naive_max_work: int
+    task_names: tuple[str, ...] = ()
+    evaluation_graphs: tuple[str, ...] = ()
+    state_dtypes: Mapping[str, str] = field(default_factory=dict)
+
+
+def half_state(contract: SplitContract) -> dict[str, str]:
+    """The served dtypes of an fp16 export: every FP32 state tensor as FP16 (the request
+    features and the outputs keep their declared dtypes)."""
+    return {s.name: "FP16" for s in contract.state if s.dtype == "FP32"}
 
 
 def split_scores(model: SplitModel, request: dict[str, Tensor]) -> Tensor:
@@ -71,19 +100,14 @@ def naive_scores(model: SplitModel, request: dict[str, Tensor]) -> Tensor:
 
 def reference_contract(cfg) -> SplitContract:
     """The reference `RankingTransformer` (export/model.py) as one declaration, built from the
-    request contract it is served with (client/contract.py), so the two cannot drift apart.
+    names and specs it is served with (export/reference_features.py), so the two cannot drift
+    apart.
 
     `cfg` is its export.config.ModelConfig. The mask "full" is described too (a naive-only
     model); `check_contract` refuses it with the reason."""
-    from client import contract as cc
+    from export import reference_features as cc
 
-    axis = {**dict.fromkeys(cc.HISTORY_INPUTS, HISTORY),
-            **dict.fromkeys(cc.CANDIDATE_INPUTS, CANDIDATES)}
-    features = tuple(
-        Feature(s.name, s.dtype, axis.get(s.name, REQUEST),
-                () if s.name in axis else tuple(s.dims), event=s.name in cc.HISTORY_INPUTS,
-                doc=s.doc)
-        for s in cc.request_inputs(cfg.profile_dim))
+    features = cc.reference_features(cfg.profile_dim)
     kv = cc.user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim)
     last = cc.last_event_timestamp_spec()
     scores = cc.scores_output(cfg.num_tasks)
@@ -91,23 +115,40 @@ def reference_contract(cfg) -> SplitContract:
         family="reference",
         features=features,
         state=(StateTensor(kv.name, kv.dtype, tuple("L" if d == -1 else d for d in kv.dims),
-                           kv.doc),
+                           kv.doc,
+                           append_reads="all_but_last" if cfg.num_layers >= 2 else "all"),
                StateTensor(last.name, last.dtype, tuple(last.dims), last.doc)),
         outputs=(Output(scores.name, scores.dtype, ("N", *scores.dims[1:]), scores.doc),),
         history_mask=cfg.mask,
         # Its append graph (user_encoder_append) reads the cached K/V of every layer but the last
-        # and returns only the new events' K/V, so the cache moves O(ΔL) bytes back: a form this
-        # declaration (whole state in, whole state out) does not express yet.
-        appendable=False,
+        # (append_reads "all_but_last") and the newest cached timestamp, and returns only the
+        # new events' K/V (`new_user_kv`) and the new newest timestamp: O(ΔL) bytes back.
+        appendable=cfg.appends,
         max_history=cfg.max_history,
         doc="target-item + history ranking transformer with softmax attention (export/model.py)",
     )
 
 
+def reference_plan(cfg, fp16: bool = False) -> ServingPlan:
+    """What `python -m export` writes for the reference model of config `cfg`: its declaration,
+    its config's serving limits and task names, its benchmark baseline `ranker_base` as an
+    evaluation graph, and with `fp16` its state served in fp16 (fp16 weights; the request and
+    the scores stay int64 / fp32)."""
+    contract = reference_contract(cfg)
+    return ServingPlan(contract, cfg.max_candidates, cfg.naive_max_work, tuple(cfg.task_names),
+                       tuple(ReferenceSplitModel.evaluation_graphs),
+                       half_state(contract) if fp16 else {})
+
+
 class ReferenceSplitModel(nn.Module):
     """`RankingTransformer` seen through the SplitModel protocol, its code unchanged: its
-    forwards already take the protocol's argument orders; this adds `contract()`. A module
-    itself, so that an export traces its weights as weights."""
+    forwards already take the protocol's argument orders; this adds `contract()`, the request's
+    contract dtypes at the boundary of an fp16 model (`user_profile` enters in the weights'
+    dtype, the scores leave as fp32, the K/V stay in the weights' dtype) and its benchmark
+    baseline `ranker_base` (`forward_base`, an evaluation graph). A module itself, so that an
+    export traces its weights as weights."""
+
+    evaluation_graphs: ClassVar[dict[str, str]] = {"ranker_base": "forward_base"}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -116,16 +157,30 @@ class ReferenceSplitModel(nn.Module):
     def contract(self) -> SplitContract:
         return reference_contract(self.model.cfg)
 
+    def _dtype(self) -> torch.dtype:
+        return self.model.item_emb.weight.dtype
+
     def forward(self, *features: Tensor) -> Tensor:
-        return self.model(*features)
+        *ids, profile = features
+        return self.model(*ids, profile.to(self._dtype())).float()
+
+    def forward_base(self, *features: Tensor) -> Tensor:
+        """The request -> scores without the sequence module (the `ranker_base` baseline)."""
+        *ids, profile = features
+        return self.model.forward_base(*ids, profile.to(self._dtype())).float()
 
     def encode_user(self, *history: Tensor) -> tuple[Tensor, ...]:
-        return self.model.encode_user(*history)
+        user_kv, last = self.model.encode_user(*history)
+        return user_kv.to(self._dtype()), last
 
     def score_candidates(self, *inputs: Tensor) -> Tensor:
-        return self.model.score_candidates(*inputs)
+        *candidates, profile, user_kv, last = inputs
+        return self.model.score_candidates(*candidates, profile.to(self._dtype()), user_kv,
+                                           last).float()
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        raise NotImplementedError(
-            "the reference model's append returns only the new events' K/V "
-            "(RankingTransformer.encode_append); its declaration says appendable=False")
+        """cached_user_kv (every layer but the last), cached_last_event_timestamp, the new
+        events -> new_user_kv (the new events' K/V only), last_event_timestamp. Refused
+        (SplitNotExactError) unless the mask is causal."""
+        new, last = self.model.encode_append(*inputs)
+        return new.to(self._dtype()), last

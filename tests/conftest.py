@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from export.config import ModelConfig
 from export.model import RankingTransformer, build_model
 from export.onnx_export import export_graph, graphs_for

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from export.guards import append_rule
 from export.model import SplitNotExactError, build_model
 from tests.conftest import random_request, small_config

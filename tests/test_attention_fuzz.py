@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from export.model import RankingTransformer, build_model
 from export.onnx_export import export_graph
 from tests.conftest import OnnxModels, as_torch, random_request, small_config

@@ -18,9 +18,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client import contract as c
-from client.traffic import RequestGenerator
+from export import reference_features as c
 from export.config import ModelConfig
+from export.reference_features import reference_generator
 from tests.conftest import SMALL
 
 SMALL_NAIVE_WORK = ModelConfig().naive_max_work  # the small test model keeps the default
@@ -32,7 +32,7 @@ TRITON_DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32",
 
 
 def valid_request(seed: int = 0, length: int = 40, n: int = 6) -> dict[str, np.ndarray]:
-    gen = RequestGenerator(seed=seed, profile_dim=SMALL["profile_dim"])
+    gen = reference_generator(seed=seed, profile_dim=SMALL["profile_dim"])
     return gen.request(length, n).as_inputs()
 
 
@@ -125,7 +125,6 @@ def test_naive_refuses_work_above_its_memory_bound(server, still_exact) -> None:
     too) instead of growing its memory with N; the ranker serves the same request, and the
     client library scores it against the oracle in slices that fit."""
     from client.api import RankerClient
-    from client.request import RankingRequest
 
     n = SMALL_NAIVE_WORK // (SMALL["max_history"] + 1) ** 2 + 1
     request = valid_request(seed=5, length=SMALL["max_history"], n=n)
@@ -135,7 +134,7 @@ def test_naive_refuses_work_above_its_memory_bound(server, still_exact) -> None:
     assert f"naive_max_work={SMALL_NAIVE_WORK}" in info.value.message()
     split = infer(server.grpc_url, "ranker", request)
     with RankerClient(server.grpc_url, validate=False) as client:
-        naive = client.score(RankingRequest(**request), "ranker_naive")
+        naive = client.score(request, "ranker_naive")  # a feature dict, as declared
     np.testing.assert_allclose(split, naive, atol=1e-5, rtol=0)
     still_exact()
 

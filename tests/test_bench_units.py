@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from benchmarks import perf_analyzer as pa
@@ -50,42 +53,31 @@ def test_seeds_formulas() -> None:
     assert sequence_cost_ratio(1 / 2e-3, 1 / 11e-3, 1 / 1e-3) == pytest.approx(0.1)
 
 
-STDOUT = """
-Request concurrency: 1
-  Pass [1] throughput: 236.777 infer/sec. p50 latency: 3945 usec
-  Pass [2] throughput: 232.26 infer/sec. p50 latency: 4202 usec
-  Pass [3] throughput: 225.534 infer/sec. p50 latency: 4366 usec
-  Client:
-    Request count: 691
-    Throughput: 229.716 infer/sec
-    p50 latency: 4277 usec
-    Avg gRPC time: 4319 usec (marshal 4 usec + response wait 4313 usec + unmarshal 2 usec)
-  Server:
-    Inference count: 691
-    Avg request latency: 4087 usec (overhead 0 usec + queue 85 usec + compute 4121 usec)
-
-  Composing models:
-  target_fusion, version: 1
-      Inference count: 691
-      Avg request latency: 1164 usec (overhead 2 usec + queue 48 usec + compute input 50 usec + compute infer 864 usec + compute output 199 usec)
-
-  user_encoder, version: 1
-      Inference count: 690
-      Avg request latency: 3047 usec (overhead 3 usec + queue 37 usec + compute input 20 usec + compute infer 2769 usec + compute output 217 usec)
-
-Inferences/Second vs. Client p50 Batch Latency
-"""  # noqa: E501
+def test_triton_statistics_become_per_model_averages() -> None:
+    """Two snapshots of Triton's cumulative statistics -> per-request averages (us) of the
+    models that served requests in between; overhead = latency - queue - compute."""
+    before = {"user_encoder": {"count": 10.0, "success": 1e7, "queue": 1e6, "compute_input": 0.0,
+                               "compute_infer": 8e6, "compute_output": 0.0},
+              "ranker_base": {"count": 5.0, "success": 1e6, "queue": 0.0, "compute_input": 0.0,
+                              "compute_infer": 1e6, "compute_output": 0.0}}
+    after = {"user_encoder": {"count": 30.0, "success": 7e7, "queue": 3e6, "compute_input": 2e6,
+                              "compute_infer": 5.6e7, "compute_output": 4e6},
+             "ranker_base": dict(before["ranker_base"])}
+    delta = pa.stats_delta(before, after)
+    assert set(delta) == {"user_encoder"}  # ranker_base served nothing in between
+    ue = delta["user_encoder"]
+    assert ue["inference_count"] == 20
+    # 6e7 ns over 20 requests = 3000 us; queue 100 us; compute 100 + 2400 + 200 us
+    assert ue["avg_request_latency"] == pytest.approx(3000)
+    assert ue["queue"] == pytest.approx(100) and ue["compute_infer"] == pytest.approx(2400)
+    assert ue["compute"] == pytest.approx(2700) and ue["overhead"] == pytest.approx(200)
 
 
-def test_parse_passes_and_composing() -> None:
-    assert pa.parse_passes(STDOUT)[-1] == (225.534, 4366.0)
-    comp = pa.parse_composing(STDOUT)
-    assert set(comp) == {"target_fusion", "user_encoder"}
-    assert comp["user_encoder"]["compute_infer"] == 2769
-    assert comp["target_fusion"]["compute_output"] == 199
-    assert comp["target_fusion"]["inference_count"] == 691
-    server = pa.parse_server_total(STDOUT)
-    assert server["avg_request_latency"] == 4087 and server["queue"] == 85
+def test_unstable_windows_are_read_from_the_pass_lines() -> None:
+    text = ("  Pass [1] throughput: 236.777 infer/sec. p50 latency: 3945 usec\n"
+            "  Pass [2] throughput: 225.534 infer/sec. p50 latency: 4366 usec\n"
+            "Failed to obtain stable measurement within 2 measurement windows")
+    assert pa._PASS.findall(text)[-1] == ("225.534", "4366")
 
 
 # --------------------------------------------------------------------------- benchmarks.analysis
@@ -96,7 +88,7 @@ def test_csv_round_trip_keeps_missing_cells_and_status_strings(tmp_path) -> None
     rows = [{"model": "ranker", "n": 50, "p50_us": 1234.56789, "status": "ok"},
             {"model": "ranker_naive", "n": 50, "p50_us": None, "status": "n/a", "extra": 1.5}]
     an.write_csv(tmp_path / "r.csv", rows)
-    text = (tmp_path / "r.csv").read_text().splitlines()
+    text = (tmp_path / "r.csv").read_bytes().decode().split("\r\n")
     assert text[0] == "model,n,p50_us,status,extra"
     assert text[1] == "ranker,50,1234.57,ok,"  # 6 significant digits, missing = empty
     df = an.read_csv(tmp_path / "r.csv")
@@ -113,7 +105,8 @@ def test_number_formats() -> None:
         ["1,234", "12.3", "1.23", "–", "–"]
     assert an.fmt(1234.5, 1, adaptive=False, missing="-") == "1,234.5"
     assert an.fmt(None, missing="-") == "-"
-    assert (an.ms(2500), an.pct(0.1234), an.sci(3.2e-7)) == ("2.50", "12.3 %", "3.2e-07")
+    assert (an.ms(2500), an.pct(0.1234), an.sci(3.2e-7), an.count(56.0)) == \
+        ("2.50", "12.3 %", "3.2e-07", "56")
     assert an.ratio(3, 2) == 1.5
     assert an.ratio(3, 0) is None and an.ratio(None, 2) is None and an.ratio("x", 2) is None
 
@@ -153,3 +146,45 @@ def test_machine_and_figure(tmp_path) -> None:
             ax.plot([1, 10], [1, 100], label="line")
             an.loglog(ax, "x", "y", "t")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- committed reports
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def test_committed_bench_report_is_the_generator_output(tmp_path: Path) -> None:
+    """report.md and summary.csv of the committed run equal what benchmarks/report.py makes of
+    the committed CSVs and run.json: the report holds no figure its files do not."""
+    from benchmarks import report
+
+    for name in ("run.json", *(f"{n}.csv" for n in report.CSVS)):
+        shutil.copy(RESULTS / name, tmp_path / name)
+    report.write(tmp_path)
+    assert (tmp_path / "report.md").read_text() == (RESULTS / "report.md").read_text()
+    assert (tmp_path / "summary.csv").read_text() == (RESULTS / "summary.csv").read_text()
+    assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("run", ["long_history", "long_history_bidirectional"])
+def test_committed_long_history_report_is_the_generator_output(run: str, tmp_path: Path) -> None:
+    from benchmarks import long_report
+
+    for f in (RESULTS / run).glob("long_*.*"):
+        if f.suffix in (".csv", ".json"):
+            shutil.copy(f, tmp_path / f.name)
+    assert long_report.main([str(tmp_path)]) == 0
+    assert (tmp_path / "long_history.md").read_text() == (RESULTS / run / "long_history.md"
+                                                         ).read_text()
+
+
+def test_rebuilding_a_report_from_a_folder_without_a_run_says_so(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture
+                                                                  ) -> None:
+    from benchmarks import long_report, report
+
+    for module, marker in ((report, "run.json"), (long_report, "long_facts.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert f"{marker} not found" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.api import RankerClient, RankerError
-from client.traffic import RequestGenerator
+from export.reference_features import reference_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_no_torch_in_the_client() -> None:
 
 
 def test_score_retries_unavailable_then_raises_ranker_error() -> None:
-    req = RequestGenerator(seed=0, profile_dim=16).request(3, 2)
+    req = reference_generator(seed=0, profile_dim=16).request(3, 2)
     with RankerClient(closed_port(), retries=2, backoff_s=0.05, validate=False) as client:
         start = time.monotonic()
         with pytest.raises(RankerError) as info:
@@ -78,7 +78,7 @@ def test_score_retries_unavailable_then_raises_ranker_error() -> None:
 
 def test_backoff_is_capped() -> None:
     """Uncapped, 5 retries from 0.1 s would sleep 3.1 s; capped at 0.15 s they sleep 0.55 s."""
-    req = RequestGenerator(seed=0, profile_dim=16).request(3, 2)
+    req = reference_generator(seed=0, profile_dim=16).request(3, 2)
     with RankerClient(closed_port(), retries=5, backoff_s=0.1, max_backoff_s=0.15,
                       validate=False) as client:
         start = time.monotonic()

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import contract as c
 from client.request import INT64_MAX, INT64_MIN, RankingRequest
 from client.traffic import Action, RequestGenerator, category_of, edge_case_requests
 from client.validation import RequestError, validate_request
+from export import reference_features as c
+from export.reference_features import reference_generator
 
 P = 16
 MAX_HISTORY = 64
@@ -19,27 +20,27 @@ MAX_HISTORY = 64
 
 @pytest.fixture(scope="module")
 def gen() -> RequestGenerator:
-    return RequestGenerator(seed=11, profile_dim=P)
+    return reference_generator(seed=11)
 
 
 @pytest.fixture(scope="module")
 def traffic() -> list[RankingRequest]:
-    return list(RequestGenerator(seed=3, profile_dim=P).requests(300, [20, 100, 300], [50, 200]))
+    return list(reference_generator(seed=3).requests(300, [20, 100, 300], [50, 200]))
 
 
 @pytest.fixture(scope="module")
 def edge_cases() -> list[tuple[str, RankingRequest]]:
-    return edge_case_requests(RequestGenerator(seed=5, profile_dim=P), MAX_HISTORY)
+    return edge_case_requests(reference_generator(seed=5), MAX_HISTORY)
 
 
 # --------------------------------------------------------------------------- generator
 def test_same_seed_same_requests_and_different_seed_differs() -> None:
-    a = list(RequestGenerator(seed=7, profile_dim=P).requests(5, [0, 3, 40], [1, 10]))
-    b = list(RequestGenerator(seed=7, profile_dim=P).requests(5, [0, 3, 40], [1, 10]))
-    other = list(RequestGenerator(seed=8, profile_dim=P).requests(5, [0, 3, 40], [1, 10]))
+    a = list(reference_generator(seed=7).requests(5, [0, 3, 40], [1, 10]))
+    b = list(reference_generator(seed=7).requests(5, [0, 3, 40], [1, 10]))
+    other = list(reference_generator(seed=8).requests(5, [0, 3, 40], [1, 10]))
     assert a == b
     assert a != other
-    ga, gb = RequestGenerator(seed=7), RequestGenerator(seed=7)
+    ga, gb = reference_generator(seed=7), reference_generator(seed=7)
     assert ga.request(30, 7) == gb.request(30, 7)
 
 
@@ -56,7 +57,7 @@ def test_request_shapes_dtypes_and_contract_order(gen: RequestGenerator) -> None
     assert inputs[c.REQUEST_TIMESTAMP].shape == (1,)
     assert inputs[c.USER_PROFILE].shape == (P,)
     assert np.all(np.isfinite(req.user_profile))
-    validate_request(req, profile_dim=P, now=2_000_000_000)
+    validate_request(req, now=2_000_000_000)
 
 
 def test_as_inputs_refuses_to_cast(gen: RequestGenerator) -> None:
@@ -93,7 +94,7 @@ def test_actions_are_documented_codes_with_decreasing_frequency(
 
 
 def test_item_popularity_is_zipf_like(traffic: list[RankingRequest]) -> None:
-    gen = RequestGenerator(seed=3, profile_dim=P)
+    gen = reference_generator(seed=3)
     top = gen.item_ids[: gen.num_items // 100]  # the 1% most popular items
     events = np.concatenate([r.history_item_ids for r in traffic])
     share = np.isin(events, top).mean()
@@ -123,7 +124,7 @@ def test_candidates_relate_to_history(traffic: list[RankingRequest]) -> None:
 
 
 def test_requests_draws_sizes_from_the_sequences() -> None:
-    reqs = list(RequestGenerator(seed=1, profile_dim=4).requests(40, [0, 2, 9], [1, 3]))
+    reqs = list(reference_generator(seed=1, profile_dim=4).requests(40, [0, 2, 9], [1, 3]))
     assert len(reqs) == 40
     assert {r.history_length for r in reqs} == {0, 2, 9}
     assert {r.num_candidates for r in reqs} == {1, 3}
@@ -131,7 +132,7 @@ def test_requests_draws_sizes_from_the_sequences() -> None:
 
 
 def test_small_catalogue_and_bounds() -> None:
-    gen = RequestGenerator(seed=0, profile_dim=2, num_items=50, num_categories=7)
+    gen = reference_generator(seed=0, profile_dim=2, num_items=50, num_categories=7)
     req = gen.request(10, 50)
     assert sorted(req.candidate_item_ids.tolist()) == sorted(gen.item_ids.tolist())
     with pytest.raises(ValueError, match="exceeds the catalogue"):
@@ -151,7 +152,7 @@ def test_edge_cases_cover_the_contract_corners(
     assert {0, 1, MAX_HISTORY, MAX_HISTORY + 37} <= lengths
     assert {1, 1000} <= sizes
     for name, req in edge_cases:
-        validate_request(req, profile_dim=P)  # edge cases are valid requests
+        validate_request(req)  # edge cases are valid requests
         assert req.as_inputs(), name
 
 
@@ -172,7 +173,8 @@ def test_edge_cases_include_extreme_and_negative_ids(
 # --------------------------------------------------------------------------- JSON
 def test_json_round_trip_is_exact(edge_cases: list[tuple[str, RankingRequest]]) -> None:
     for name, req in edge_cases:
-        back = RankingRequest.from_json_dict(json.loads(json.dumps(req.to_json_dict())))
+        back = RankingRequest.from_json_dict(
+            req.layout, json.loads(json.dumps(req.to_json_dict())))
         assert back == req, name
         for field in c.request_inputs(P):
             assert getattr(back, field.name).dtype == np.dtype(field.np_dtype)
@@ -186,14 +188,14 @@ def test_json_keeps_int64_extremes_and_float32_bits(tmp_path: Path) -> None:
     profile = np.concatenate([profile, np.float32([np.nan, np.inf, -np.inf, -0.0, 1e-45])])
     ids = np.array([INT64_MIN, INT64_MIN + 1, -(2**53) - 1, 0, 2**53 + 1, INT64_MAX - 1,
                     INT64_MAX], dtype=np.int64)
-    req = RankingRequest(
+    req = c.reference_request(
         history_item_ids=ids, history_action_ids=ids[::-1].copy(), history_timestamps=ids,
         candidate_item_ids=ids, candidate_category_ids=ids,
         request_timestamp=np.array([INT64_MAX], dtype=np.int64), user_profile=profile,
     )
     path = tmp_path / "req.json"
     req.save(path)
-    back = RankingRequest.load(path)
+    back = RankingRequest.load(path, req.layout)
     assert back == req
     assert back.history_item_ids.tolist() == ids.tolist()
     assert np.array_equal(back.user_profile.view(np.uint32), profile.view(np.uint32))
@@ -201,7 +203,7 @@ def test_json_keeps_int64_extremes_and_float32_bits(tmp_path: Path) -> None:
 
 
 def _json(**changes: object) -> dict:
-    d = RequestGenerator(seed=2, profile_dim=3).request(3, 2).to_json_dict()
+    d = reference_generator(seed=2, profile_dim=3).request(3, 2).to_json_dict()
     d.update(changes)
     return d
 
@@ -222,7 +224,7 @@ def _json(**changes: object) -> dict:
 )
 def test_from_json_dict_is_strict(changes: dict, words: list[str]) -> None:
     with pytest.raises(RequestError) as info:
-        RankingRequest.from_json_dict(_json(**changes))
+        RankingRequest.from_json_dict(c.reference_features(3), _json(**changes))
     for word in words:
         assert word in str(info.value)
 
@@ -231,8 +233,8 @@ def test_from_json_dict_missing_field_and_bad_file(tmp_path: Path) -> None:
     d = _json()
     del d["user_profile"]
     with pytest.raises(RequestError, match="user_profile"):
-        RankingRequest.from_json_dict(d)
+        RankingRequest.from_json_dict(c.reference_features(3), d)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(RequestError, match="not valid JSON"):
-        RankingRequest.load(bad)
+        RankingRequest.load(bad, c.reference_features(3))

@@ -12,23 +12,39 @@ from concurrent import futures
 
 import grpc
 import pytest
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER, nginx_variable
 from client.request import INT64_MAX, INT64_MIN
-from client.traffic import RequestGenerator
+from client.split_contract import (
+    CONTRACT_PARAMETER,
+    Output,
+    SplitContract,
+    StateTensor,
+    contract_to_json,
+)
+from export.reference_features import reference_features, reference_generator
 
 _SERVICE = "/inference.GRPCInferenceService/"
+_CONTRACT = SplitContract(
+    family="reference", features=reference_features(4),
+    state=(StateTensor("user_kv", "FP32", (1, 2, 1, "L", 4)),),
+    outputs=(Output("scores", "FP32", ("N", 2)),), history_mask="causal", appendable=False,
+    max_history=64)
 _MODEL = service_pb2.ModelMetadataResponse(
     name="ranker_cached",
     inputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name=n, datatype="INT64", shape=s)
-            for n, s in (("user_id", [1]), ("user_profile", [4]))],
+            for n, s in (("user_id", [1]), *((f.name, [-1]) for f in _CONTRACT.features))],
     outputs=[service_pb2.ModelMetadataResponse.TensorMetadata(name="scores", datatype="FP32",
                                                               shape=[-1, 2])],
 )
+# The model config carries the family's declaration, as the export writes it.
+_CONFIG = service_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
+    name="ranker_cached", parameters={CONTRACT_PARAMETER: model_config_pb2.ModelParameter(
+        string_value=contract_to_json(_CONTRACT))}))
 _ANSWERS = {"ModelMetadata": (service_pb2.ModelMetadataRequest, _MODEL),
-            "ModelConfig": (service_pb2.ModelConfigRequest, service_pb2.ModelConfigResponse())}
+            "ModelConfig": (service_pb2.ModelConfigRequest, _CONFIG)}
 
 
 class _Recorder(grpc.GenericRpcHandler):
@@ -66,7 +82,7 @@ def recorder() -> Iterator[tuple[_Recorder, str]]:
 @pytest.mark.parametrize("user_id", [42, -7, 0, INT64_MIN, INT64_MAX])
 def test_user_id_travels_as_metadata(recorder: tuple[_Recorder, str], user_id: int) -> None:
     handler, url = recorder
-    req = RequestGenerator(seed=1, profile_dim=4).request(5, 3)
+    req = reference_generator(seed=1, profile_dim=4).request(5, 3)
     with RankerClient(url, model="ranker_cached", retries=0) as client, \
             pytest.raises(RankerError, match="UNIMPLEMENTED"):
         client.score(req, user_id=user_id)
@@ -76,7 +92,7 @@ def test_user_id_travels_as_metadata(recorder: tuple[_Recorder, str], user_id: i
 
 def test_no_user_id_no_header(recorder: tuple[_Recorder, str]) -> None:
     handler, url = recorder
-    req = RequestGenerator(seed=1, profile_dim=4).request(5, 3)
+    req = reference_generator(seed=1, profile_dim=4).request(5, 3)
     with RankerClient(url, model="ranker_cached", validate=False, retries=0) as client, \
             pytest.raises(RankerError, match="UNIMPLEMENTED"):
         client.score(req)

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from client.request import RankingRequest
-from client.traffic import RequestGenerator
 from client.validation import MAX_FUTURE_SKEW_S, RequestError, validate_request
+from export.reference_features import (
+    reference_features,
+    reference_generator,
+    reference_request,
+)
 
 P = 16
 NOW = 1_800_000_000
@@ -17,7 +21,7 @@ NOW = 1_800_000_000
 
 def make_request() -> RankingRequest:
     """A small valid request built by hand, so each case changes exactly one thing."""
-    return RankingRequest(
+    return reference_request(
         history_item_ids=np.array([11, -5, 2**62, 11, 7], dtype=np.int64),
         history_action_ids=np.array([1, 1, 2, 3, 4], dtype=np.int64),
         history_timestamps=np.array([100, 100, 160, 5_000, 5_030], dtype=np.int64),
@@ -29,16 +33,16 @@ def make_request() -> RankingRequest:
 
 
 def test_valid_requests_pass() -> None:
-    validate_request(make_request(), profile_dim=P, now=NOW)
+    validate_request(make_request(), now=NOW)
     validate_request(make_request())  # without the optional checks
     empty = make_request().replace(
         history_item_ids=np.zeros(0, np.int64), history_action_ids=np.zeros(0, np.int64),
         history_timestamps=np.zeros(0, np.int64),
     )
-    validate_request(empty, profile_dim=P, now=NOW)
-    gen = RequestGenerator(seed=4, profile_dim=P)
+    validate_request(empty, now=NOW)
+    gen = reference_generator(seed=4)
     for req in gen.requests(20, [0, 1, 50, 300], [1, 20]):
-        validate_request(req, profile_dim=P, now=NOW)
+        validate_request(req, now=NOW)
 
 
 def _set(**changes: object) -> Callable[[RankingRequest], RankingRequest]:
@@ -110,7 +114,7 @@ def test_each_violation_names_the_tensor(
 ) -> None:
     req = mutate(make_request())
     with pytest.raises(RequestError) as info:
-        validate_request(req, profile_dim=P, now=NOW)
+        validate_request(req, now=NOW)
     message = str(info.value)
     for word in words:
         assert word in message, f"{label}: {word!r} not in {message!r}"
@@ -118,9 +122,9 @@ def test_each_violation_names_the_tensor(
 
 def test_optional_checks_only_when_asked() -> None:
     short_profile = make_request().replace(user_profile=np.zeros(3, np.float32))
-    validate_request(short_profile)  # no profile_dim: any length
+    validate_request(short_profile, reference_features(3))  # a model declaring P = 3
     with pytest.raises(RequestError, match="user_profile"):
-        validate_request(short_profile, profile_dim=P)
+        validate_request(short_profile)  # its own declaration: P = 16
     req = make_request()
     ts = int(req.request_timestamp[0])
     validate_request(req, now=ts - MAX_FUTURE_SKEW_S)  # exactly at the allowed skew
@@ -141,10 +145,10 @@ def test_validation_never_changes_the_request() -> None:
         user_profile=np.full(P, np.nan, dtype=np.float32),
         history_timestamps=np.array([5, 4, 3, 2, 1], dtype=np.int64),
     )
-    before = RankingRequest(**{k: v.copy() for k, v in vars(req).items()})
+    before = reference_request(**{k: v.copy() for k, v in req.features.items()})
     for _ in range(2):
         with pytest.raises(RequestError):
-            validate_request(req, profile_dim=P)
+            validate_request(req)
     assert req == before
 
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from export.config import CONFIG_DIR, DEFAULT_CONFIG, ConfigError, ModelConfig
 from export.model import SplitNotExactError, build_model
 from export.onnx_export import OPSET, export_graph
@@ -23,6 +23,7 @@ from export.triton_configs import (
     SERVING_MODELS,
     build_configs,
     config_source,
+    parse,
     stale_configs,
     to_flavour,
     write_configs,
@@ -216,6 +217,33 @@ def test_export_cli_writes_models_cards_and_configs(tmp_path: Path) -> None:
     assert not any((tmp_path / "repo" / name).exists() for name in EVALUATION_MODELS)
     assert sorted(p.name for p in (tmp_path / "repo_evaluation").iterdir()) == sorted(
         EVALUATION_MODELS)
+
+
+def test_export_cli_graphs_and_config_options(tmp_path: Path) -> None:
+    """--graphs exports only the graphs named, with the configs that go with them (`ranker`,
+    user_cache without append, ranker_cached; no append graph, no baseline); --response-cache and
+    --tensorrt-fp16 reach the configs; an unknown graph is refused before anything is written."""
+    config = tmp_path / "tiny_causal.json"
+    config.write_text(json.dumps({**small_config("causal").to_dict(), "max_history": 64}))
+    repo = tmp_path / "repo"
+    bad = run_export("--config", str(config), "--output", str(repo), "--graphs", "ranker")
+    assert bad.returncode == 2 and "unknown graphs ['ranker']" in bad.stderr
+    assert not repo.exists()
+    result = run_export("--config", str(config), "--output", str(repo), "--graphs",
+                        "user_encoder", "target_fusion", "ranker_naive", "--response-cache",
+                        "--tensorrt-fp16")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.parent.parent.name for p in tmp_path.rglob("model.onnx")) == [
+        "ranker_naive", "target_fusion", "user_encoder"]
+    assert sorted(p.parent.name for p in tmp_path.rglob("config.pbtxt")) == sorted(
+        ["user_encoder", "target_fusion", "ranker_naive", "ranker", "user_cache",
+         "ranker_cached"])
+    written = {p.parent.name: parse(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+    configs = {name: to_flavour(config, "production", True) for name, config in written.items()}
+    assert written["user_encoder"].response_cache.enable
+    assert not written["target_fusion"].response_cache.enable
+    assert written["target_fusion"] == configs["target_fusion"]  # TensorRT lines in
+    assert written["user_cache"].parameters["append_model"].string_value == ""
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:

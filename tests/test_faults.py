@@ -35,7 +35,8 @@ from tritonclient.utils import InferenceServerException
 from benchmarks.load_test import stop_server
 from client.api import RankerClient, RankerError
 from client.request import RankingRequest
-from client.traffic import RequestGenerator, edge_case_requests
+from client.traffic import edge_case_requests
+from export.reference_features import reference_generator
 from export.repositories import evaluation_beside
 from export.triton_configs import parse
 from local_server.processes import (
@@ -126,7 +127,7 @@ class Worker:
             self.crashed = e
 
     def _run(self) -> None:
-        gen = RequestGenerator(seed=700 + self.index, profile_dim=SMALL["profile_dim"])
+        gen = reference_generator(seed=700 + self.index, profile_dim=SMALL["profile_dim"])
         rng = np.random.default_rng(self.index)
         client = RankerClient(self.url, timeout_s=TIMEOUT_S, retries=RETRIES,
                               max_backoff_s=BACKOFF_S * 2**RETRIES,
@@ -171,7 +172,7 @@ def test_server_sigkill_under_load_then_restart_on_same_port(small_repository: P
     probe: list[tuple[float, str]] = []  # a client without retries: what callers see
 
     def run_probe() -> None:
-        gen = RequestGenerator(seed=99, profile_dim=SMALL["profile_dim"])
+        gen = reference_generator(seed=99, profile_dim=SMALL["profile_dim"])
         request = gen.request(20, 5)
         with RankerClient(url, timeout_s=2.0, retries=0) as client:
             client.model_info()
@@ -272,7 +273,7 @@ def test_server_sigkill_under_load_then_restart_on_same_port(small_repository: P
 
         # After recovery the ensemble equals the oracle: the answers that crossed the outage,
         # then fresh requests including the contract's edge cases, on the restarted server.
-        gen = RequestGenerator(seed=31, profile_dim=SMALL["profile_dim"])
+        gen = reference_generator(seed=31, profile_dim=SMALL["profile_dim"])
         with RankerClient(url, timeout_s=60) as client:
             for call in spanning[:8]:
                 naive = client.score(call.request, model="ranker_naive")
@@ -297,7 +298,7 @@ def test_killed_python_backend_stub_is_detected_and_healed(small_repository: Pat
     brings the ensemble back, exact, on the same port, with the dead stub's shm removed.
     """
     server = start_server(grpc_port=free_port(), repository=small_repository, timeout_s=240)
-    gen = RequestGenerator(seed=17, profile_dim=SMALL["profile_dim"])
+    gen = reference_generator(seed=17, profile_dim=SMALL["profile_dim"])
     requests = [gen.request(int(length), int(n)) for length, n in
                 [(0, 3), (40, 10), (SMALL["max_history"], 20), (120, 64), (7, 1)]]
     try:

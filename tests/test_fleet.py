@@ -35,8 +35,9 @@ from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER
 from client.metrics import CacheStats
 from client.request import RankingRequest
-from client.traffic import RequestGenerator, returning_traffic
+from client.traffic import returning_traffic
 from deploy.production import grpc_restriction
+from export.reference_features import reference_generator
 from local_server.fleet import Fleet, FleetError, start_fleet
 from local_server.triton import REPO_ROOT, free_port
 from tests.conftest import SMALL, Output
@@ -143,7 +144,7 @@ def test_only_inference_metadata_and_health_pass(fleet: Fleet) -> None:
     # the CLI's health check through the edge: the named models; the index is not exposed
     assert client_main(["--url", fleet.url, "health", "--model", "ranker_cached"]) == 0
     assert client_main(["--url", fleet.url, "--timeout", "5", "health"]) == 2
-    gen = RequestGenerator(seed=31, profile_dim=P)
+    gen = reference_generator(seed=31, profile_dim=P)
     with RankerClient(fleet.url, retries=0) as client:
         req = gen.request(40, 7)
         check_against_naive(client, req, client.score(req, "ranker_cached", gen.user_id()))
@@ -152,7 +153,7 @@ def test_only_inference_metadata_and_health_pass(fleet: Fleet) -> None:
 
 def test_requests_without_user_id_spread_evenly(fleet: Fleet) -> None:
     start = len(fleet.nginx.access_log())
-    gen = RequestGenerator(seed=32, profile_dim=P)
+    gen = reference_generator(seed=32, profile_dim=P)
     with RankerClient(fleet.url, retries=0) as client:
         for _ in range(30):
             client.score(gen.request(10, 3), "ranker")
@@ -171,7 +172,7 @@ def test_affinity_keeps_one_servers_hit_rate(fleet: Fleet) -> None:
     full encode (within 5 points); round robin loses what affinity saves."""
     shares = {}
     for mode, seed in (("one server", 41), ("hash", 42), ("round robin", 43)):
-        traffic = returning_traffic(RequestGenerator(seed=seed, profile_dim=P), 24, 5)
+        traffic = returning_traffic(reference_generator(seed=seed, profile_dim=P), 24, 5)
         url = fleet.replicas[0].grpc_url if mode == "one server" else fleet.url
         if mode == "round robin":
             fleet.nginx.reload([s.grpc_url for s in fleet.replicas], balance="round-robin")
@@ -195,7 +196,7 @@ def test_added_replica_moves_only_its_share_of_users(fleet: Fleet) -> None:
     new replica. 30 of them send real requests: those that moved miss once on the new replica,
     the others keep hitting."""
     probe = [str(u) for u in np.random.default_rng(5).integers(-2**63, 2**63 - 1, 1000)]
-    gen = RequestGenerator(seed=51, profile_dim=P)
+    gen = reference_generator(seed=51, profile_dim=P)
     real = {int(u): gen.request(30, 4) for u in probe[:30]}
 
     def route_all() -> dict[str, str]:
@@ -286,7 +287,7 @@ def test_replica_killed_under_load(fleet: Fleet) -> None:
     already on the dead replica come back UNAVAILABLE (HTTP 502) and RankerClient's retry of
     UNAVAILABLE sends them again: the balancer now skips the dead replica. Leaves the fleet
     with a dead replica (the last fleet test of the module)."""
-    gen = RequestGenerator(seed=61, profile_dim=P)
+    gen = reference_generator(seed=61, profile_dim=P)
     users = {gen.user_id(): gen.request(int(length), 5)
              for length in np.random.default_rng(6).integers(15, 60, 12)}
     start = len(fleet.nginx.access_log())
@@ -303,7 +304,7 @@ def test_replica_killed_under_load(fleet: Fleet) -> None:
     done = Counter()
     lock = threading.Lock()
     mine = [list(users)[i::4] for i in range(4)]
-    generators = [RequestGenerator(seed=70 + i, profile_dim=P) for i in range(4)]
+    generators = [reference_generator(seed=70 + i, profile_dim=P) for i in range(4)]
 
     def worker(index: int) -> None:
         with RankerClient(fleet.url, model="ranker_cached") as client:
@@ -396,7 +397,7 @@ def test_fleet_sh_serves_until_stopped(small_repository: Path) -> None:
             assert ready, "fleet.sh exited: " + "".join(output.seen)
         assert f"grpc 127.0.0.1:{port}" in ready and "hash $http_user_id consistent" in ready
         pids = [int(p) for p in re.findall(r"pid (\d+)", ready)]
-        gen = RequestGenerator(seed=81, profile_dim=P)
+        gen = reference_generator(seed=81, profile_dim=P)
         with RankerClient(f"127.0.0.1:{port}", retries=0) as client:
             req = gen.request(12, 3)
             check_against_naive(client, req, client.score(req, "ranker_cached", 7))

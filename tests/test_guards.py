@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from client import contract as c
+from export import reference_features as c
 from export.guards import GUARD_DATA, append_rule, length_rule, limit_rule, naive_rule
 from export.model import build_model
 from export.onnx_export import export_graph, graphs_for

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,10 @@ from export.split_export import (
     graph_specs,
     native_model_config,
 )
-from tests.conftest import INT64_MAX, INT64_MIN, SMALL
+from export.split_fuzz import SplitGraphs, appended, as_torch, max_diff
+from export.split_fuzz import random_request as fuzz_request
+from tests.conftest import SMALL
+from tests.conftest import random_request as reference_request
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
@@ -55,54 +59,16 @@ CFG = HSTUConfig(d_model=32, num_heads=2, num_layers=3, attention_dim=8, hidden_
                  time_buckets=20, head_hidden=16, attention_block=64, seed=3)
 LENGTHS = [0, 1, 7, 65, 300, 341]  # 341: past max_history (the newest 300 kept)
 CANDIDATE_COUNTS = [0, 1, 17]
-GAPS = [0, 1, 5, 70, 3_600, 90_000, 2_000_000]
+
+
+CONTRACT = hstu_contract(CFG)
 
 
 def random_request(rng: np.random.Generator, length: int, n: int,
-                   gaps: list[int] = GAPS) -> dict[str, np.ndarray]:
-    """HSTU request tensors, ids over the whole int64 range (both extremes included)."""
-    def ids(size: int) -> np.ndarray:
-        out = rng.integers(INT64_MIN, INT64_MAX, size, dtype=np.int64, endpoint=True)
-        out[:2] = (INT64_MIN, INT64_MAX)[:size]
-        return out
-
-    timestamps = 1_600_000_000 + np.cumsum(rng.choice(gaps, size=length)).astype(np.int64)
-    last = int(timestamps[-1]) if length else 1_600_000_000
-    return {
-        "history_item_ids": ids(length),
-        "history_action_ids": rng.integers(-3, 10, length).astype(np.int64),
-        "history_timestamps": timestamps,
-        "history_dwell_seconds": rng.exponential(30.0, length).astype(np.float32),
-        "candidate_item_ids": ids(n),
-        "request_timestamp": np.array([last + int(rng.integers(0, 10_000))], dtype=np.int64),
-    }
-
-
-def as_torch(request: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in request.items()}
-
-
-class Graphs:
-    """The four exported graphs run with the project's ONNX Runtime settings."""
-
-    def __init__(self, model, directory: Path) -> None:
-        self.contract = model.contract()
-        self.directory = directory
-        self.sessions = {g: make_session(directory / g / "1" / "model.onnx") for g in GRAPHS}
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = graph_io(self.contract, graph)[0]
-        return self.sessions[graph].run(None, {n: feeds[n] for n in names})
-
-    def state(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip((s.name for s in self.contract.state), self.run("user_encoder", request),
-                        strict=True))
-
-    def split(self, request: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run("target_fusion", {**request, **self.state(request)})[0]
-
-    def naive(self, request: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run("ranker_naive", request)[0]
+                   gaps: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """HSTU request tensors from its declaration (export/split_fuzz.py): the client's traffic
+    by role, extreme int64 ids, non-decreasing timestamps (from `gaps` when given)."""
+    return fuzz_request(CONTRACT, rng, length, n, gaps)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +76,7 @@ def hstu(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     model = build_hstu(CFG)
     directory = tmp_path_factory.mktemp("hstu")
     export_hstu(model, directory)
-    return model, Graphs(model, directory)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
+    return model, SplitGraphs(model.contract(), directory, GRAPHS)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -147,27 +108,50 @@ def test_many_candidates_in_blocks(hstu) -> None:
         assert max_diff(graphs.split(alone), together[i:i + 1]) <= 1e-6
 
 
-@pytest.mark.parametrize(("cached", "new"), [(0, 0), (0, 1), (0, 37), (1, 0), (12, 7),
-                                             (64, 65), (200, 100), (299, 1), (300, 0)])
-def test_append_equals_full_encode(hstu, cached: int, new: int) -> None:
-    model, graphs = hstu
-    request = random_request(np.random.default_rng(cached * 1000 + new), cached + new, 1)
-    history = [f.name for f in graphs.contract.history_features]
-    full = graphs.run("user_encoder", request)
-    prefix = graphs.run("user_encoder", {h: request[h][:cached] for h in history})
-    appended = graphs.run("user_encoder_append", {
-        **{s.cached_name: t for s, t in zip(graphs.contract.state, prefix, strict=True)},
-        **{h: request[h][cached:] for h in history}})
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The small causal reference model exported through its declaration (all four graphs)."""
+    model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
+    directory = tmp_path_factory.mktemp("reference")
+    export_all(model, directory, max_candidates=500, naive_max_work=2**24)
+    return model, SplitGraphs(model.contract(), directory, GRAPHS)
+
+
+APPEND_CASES = [(0, 0), (0, 1), (0, 37), (1, 0), (12, 7), (64, 65), (200, 100), (299, 1),
+                (300, 0)]
+
+
+@pytest.mark.parametrize("family", ["hstu", "reference"])
+@pytest.mark.parametrize(("cached", "new"), APPEND_CASES)
+def test_append_equals_full_encode(request, family: str, cached: int, new: int) -> None:
+    """The declared append form for both families: encode_append reads what `append_reads`
+    says of the cached state and returns the new events' part of each growing state tensor (and
+    the new value of the others); cached part + new part == encode_user on the whole history,
+    in torch and in ONNX Runtime, and the returned part has exactly ΔL events."""
+    model, graphs = request.getfixturevalue(family)
+    contract = graphs.contract
+    rng = np.random.default_rng(cached * 1000 + new)
+    req = fuzz_request(contract, rng, cached + new, 1)  # one generator for both families
+    history = [f.name for f in contract.history_features]
+    full = graphs.run("user_encoder", req)
+    prefix = graphs.run("user_encoder", {h: req[h][:cached] for h in history})
+    new_part = graphs.append(prefix, {h: req[h][cached:] for h in history})
     with torch.no_grad():
-        t = as_torch(request)
-        torch_full = model.encode_user(*(t[h] for h in history))
+        t = as_torch(req)
+        torch_full = [x.numpy() for x in model.encode_user(*(t[h] for h in history))]
         torch_prefix = model.encode_user(*(t[h][:cached] for h in history))
-        torch_appended = model.encode_append(*torch_prefix, *(t[h][cached:] for h in history))
+        torch_new = [x.numpy() for x in model.encode_append(
+            *contract.cached_reads(torch_prefix).values(), *(t[h][cached:] for h in history))]
+    for part in (new_part, torch_new):
+        for s, x in zip(contract.state, part, strict=True):
+            if s.grows:
+                assert x.shape[s.dims.index("L")] == new, s.new_name
     for state, onnx_full, onnx_app, t_full, t_app in zip(
-            graphs.contract.state, full, appended, torch_full, torch_appended, strict=True):
+            contract.state, full, appended(contract, prefix, new_part), torch_full,
+            appended(contract, [x.numpy() for x in torch_prefix], torch_new), strict=True):
         assert max_diff(onnx_app, onnx_full) <= TOLERANCE, f"onnx {state.name}"
-        assert max_diff(t_app.numpy(), t_full.numpy()) <= TOLERANCE, f"torch {state.name}"
-        assert max_diff(onnx_full, t_full.numpy()) <= TOLERANCE, f"onnx vs torch {state.name}"
+        assert max_diff(t_app, t_full) <= TOLERANCE, f"torch {state.name}"
+        assert max_diff(onnx_full, t_full) <= TOLERANCE, f"onnx vs torch {state.name}"
 
 
 def test_time_buckets_agree_at_powers_of_two(hstu) -> None:
@@ -241,12 +225,12 @@ def test_bad_inputs_are_refused(hstu) -> None:
     prefix = graphs.run("user_encoder", {h: request[h][:10] for h in names})
     big = random_request(np.random.default_rng(8), CFG.max_history, 1)
     with pytest.raises(Exception, match="running Reshape node") as info:
-        graphs.run("user_encoder_append", {
-            **{s.cached_name: t for s, t in zip(graphs.contract.state, prefix, strict=True)},
-            **{h: big[h] for h in names}})
+        graphs.run("user_encoder_append", {**graphs.contract.cached_reads(prefix),
+                                           **{h: big[h] for h in names}})
     assert append_rule(CFG.max_history) in str(info.value)
     with pytest.raises(ValueError, match="exceed max_history"), torch.no_grad():
-        model.encode_append(*(torch.from_numpy(p) for p in prefix),
+        model.encode_append(*(torch.from_numpy(p) for p in
+                              graphs.contract.cached_reads(prefix).values()),
                             *(as_torch(big)[h] for h in names))
     assert graphs.split(request).shape == (3, CFG.num_tasks)  # the next request is served
 
@@ -260,42 +244,62 @@ def test_both_families_declare_a_valid_contract() -> None:
                                     "user_v", "user_timestamps")
     assert hstu_c.appendable and {f.name for f in hstu_c.event_features} == {
         f.name for f in hstu_c.history_features}
+    assert hstu_c.append_inputs[:3] == ("cached_user_k", "cached_user_v",
+                                        "cached_user_timestamps")
+    assert hstu_c.append_outputs == ("new_user_k", "new_user_v", "new_user_timestamps")
     ref = check_contract(reference_contract(ModelConfig(**{**SMALL, "mask": "causal"})))
-    assert not ref.appendable and [s.name for s in ref.state] == ["user_kv", "last_event_timestamp"]
+    assert ref.appendable and [s.name for s in ref.state] == ["user_kv", "last_event_timestamp"]
+    assert [s.append_reads for s in ref.state] == ["all_but_last", "all"]
+    assert ref.append_outputs == ("new_user_kv", "last_event_timestamp")
+    assert not check_contract(reference_contract(
+        ModelConfig(**{**SMALL, "mask": "causal", "num_layers": 1}))).appendable
     assert not check_contract(reference_contract(
         ModelConfig(**{**SMALL, "mask": "bidirectional"}))).appendable
     with pytest.raises(ContractError, match="depends on which candidate"):
         check_contract(reference_contract(ModelConfig(**{**SMALL, "mask": "full"})))
 
 
-@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
-def test_reference_declaration_names_its_graphs_io(mask: str) -> None:
-    """The reference declaration, read generically, gives the reference export's own graph
-    inputs and outputs (export/onnx_export.GRAPHS) and its Triton tensor shapes."""
-    from export.onnx_export import GRAPHS as REFERENCE_GRAPHS
-    from export.onnx_export import contract_specs, graphs_for
+@pytest.mark.parametrize(("mask", "fp16"), [("causal", False), ("causal", True),
+                                             ("bidirectional", False)])
+def test_reference_graphs_keep_their_names(mask: str, fp16: bool) -> None:
+    """The reference graphs, exported from the declaration, keep the inputs and outputs (names,
+    order, dtypes, Triton dims) that clients, the benchmarks and the committed configs have
+    always used; an fp16 export serves user_kv in fp16 and nothing else."""
+    from export.split_export import graphs_for
 
     cfg = ModelConfig(**{**SMALL, "mask": mask})
-    contract = reference_contract(cfg)
-    specs = contract_specs(cfg)
-    for graph in graphs_for(cfg):
-        if graph in ("ranker_base", "user_encoder_append"):
-            # ranker_base: a benchmark reference, not part of the split; the reference's append
-            # returns only the new K/V, a form the declaration does not express yet
-            continue
-        inputs, outputs = graph_specs(contract, graph)
-        assert [t.name for t in inputs] == REFERENCE_GRAPHS[graph].inputs, graph
-        assert [t.name for t in outputs] == REFERENCE_GRAPHS[graph].outputs, graph
-        for t in (*inputs, *outputs):
-            assert (t.dtype, t.dims) == (specs[t.name].dtype, specs[t.name].dims), t.name
+    plan = cfg.serving_plan(fp16=fp16)
+    layers, heads, dh, kv = cfg.num_layers, cfg.num_heads, cfg.head_dim, "FP16" if fp16 else "FP32"
+    history = [("history_item_ids", "INT64", (-1,)), ("history_action_ids", "INT64", (-1,)),
+               ("history_timestamps", "INT64", (-1,))]
+    request = [*history, ("candidate_item_ids", "INT64", (-1,)),
+               ("candidate_category_ids", "INT64", (-1,)), ("request_timestamp", "INT64", (1,)),
+               ("user_profile", "FP32", (cfg.profile_dim,))]
+    scores = [("scores", "FP32", (-1, cfg.num_tasks))]
+    user_kv = ("user_kv", kv, (layers, 2, heads, -1, dh))
+    last = ("last_event_timestamp", "INT64", (1,))
+    expected = {
+        "user_encoder": (history, [user_kv, last]),
+        "target_fusion": ([*request[3:], user_kv, last], scores),
+        "ranker_naive": (request, scores),
+        "ranker_base": (request, scores),
+        "user_encoder_append": (
+            [("cached_user_kv", kv, (layers - 1, 2, heads, -1, dh)),
+             ("cached_last_event_timestamp", "INT64", (1,)), *history],
+            [("new_user_kv", kv, (layers, 2, heads, -1, dh)), last]),
+    }
+    graphs = graphs_for(plan.contract, plan.evaluation_graphs)
+    assert set(graphs) == set(expected) - (set() if cfg.appends else {"user_encoder_append"})
+    for graph in graphs:
+        inputs, outputs = graph_specs(plan.contract, graph, plan.state_dtypes)
+        assert [(t.name, t.dtype, t.dims) for t in inputs] == expected[graph][0], graph
+        assert [(t.name, t.dtype, t.dims) for t in outputs] == expected[graph][1], graph
 
 
 def test_reference_model_through_the_protocol() -> None:
     """The unchanged reference model, seen through SplitModel: the generic split equals its
     naive oracle, and its declared names are its forwards' argument orders."""
     model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
-    from tests.conftest import random_request as reference_request
-
     request = reference_request(np.random.default_rng(2), model.model.cfg, 40, 7)
     with torch.no_grad():
         split = split_scores(model, as_torch(request)).numpy()
@@ -310,14 +314,11 @@ def test_reference_model_exports_through_its_declaration(tmp_path: Path) -> None
     model = ReferenceSplitModel(build_model(ModelConfig(**{**SMALL, "mask": "causal"})))
     contract = model.contract()
     paths = export_all(model, tmp_path, max_candidates=50, naive_max_work=2**24)
-    assert [p.parent.parent.name for p in paths] == [
-        g for g in GRAPHS if g != "user_encoder_append"]
+    assert [p.parent.parent.name for p in paths] == [*GRAPHS, "ranker_base"]
     sessions = {p.parent.parent.name: make_session(p) for p in paths}
 
     def run(graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return sessions[graph].run(None, {n: feeds[n] for n in graph_io(contract, graph)[0]})
-
-    from tests.conftest import random_request as reference_request
 
     for length, n in ((0, 3), (41, 7), (SMALL["max_history"] + 20, 17)):
         request = reference_request(np.random.default_rng(length), model.model.cfg, length, n)
@@ -375,6 +376,15 @@ BAD_DECLARATIONS = {
     "bad tensor name": (_bad(outputs=(Output("scores:0", "FP32", ("N", 2)),)),
                         "not a valid name"),
     "bad max_history": (_bad(max_history=0), "max_history"),
+    "unknown append_reads": (_bad(state=(dataclasses.replace(_C.state[0], append_reads="some"),
+                                         *_C.state[1:])), "append_reads"),
+    "all_but_last of L": (_bad(state=(*_C.state[:2], dataclasses.replace(
+        _C.state[2], append_reads="all_but_last"))), "constant >= 2"),
+    "all_but_last of 1": (_bad(state=(StateTensor("s", "FP32", (1, "L"), append_reads=
+                                                  "all_but_last"),)), "constant >= 2"),
+    "append without L state": (_bad(state=(StateTensor("s", "FP32", (4,)),)), "no state tensor "
+                               "has an 'L' dim"),
+    "new name clash": (_bad(outputs=(Output("new_user_k", "FP32", ("N", 2)),)), "unique"),
 }
 
 

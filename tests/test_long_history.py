@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from client import contract as c
+from export import reference_features as c
 from export.config import CONFIG_DIR, ModelConfig
 from export.guards import length_rule, limit_rule
 from export.model import build_model

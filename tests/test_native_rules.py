@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client import contract as c
+from export import reference_features as c
 from export.model import build_model
 from export.native_rules import check_model, check_repositories, check_repository
-from export.onnx_export import GRAPHS, export_graph, graphs_for
+from export.onnx_export import export_graph, graphs_for
 from export.repositories import (
     EVALUATION_MODELS,
     copy_repositories,
@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # (mask, fp16): the small causal model is `small_repository`; the others are exported here.
 VARIANTS = [("causal", False), ("bidirectional", False), ("causal", True)]
+GRAPHS = graphs_for(small_config("causal"))  # every reference graph: the causal model has all
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer, export_peers
-from client import contract as c
+from export import reference_features as c
 from export.hstu import build_hstu
 from export.hstu_export import export_hstu
 from export.model import build_model
 from export.onnx_export import export_graph
 from export.runtime import make_session
 from export.split_contract import naive_scores
+from export.split_fuzz import as_torch, max_diff
 from tests.conftest import OnnxModels, random_request, small_config
-from tests.test_hstu import CFG, REPO_ROOT, TOLERANCE, as_torch, max_diff
+from tests.test_hstu import CFG, REPO_ROOT, TOLERANCE
 from tests.test_hstu import random_request as hstu_request
 
 
@@ -80,7 +81,7 @@ def test_long_history_benchmark_runs_any_family(tmp_path: Path, family: str) -> 
     the fresh-process peaks and the report were written."""
     config = tmp_path / f"long_{family}_{tmp_path.name}.json"
     if family == "hstu":
-        config.write_text(json.dumps(CFG.to_dict()))
+        config.write_text(json.dumps({"model": CFG.factory, **CFG.to_dict()}))
     else:
         config.write_text(json.dumps(small_config("causal").to_dict()))
     out = tmp_path / "out"

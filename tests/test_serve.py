@@ -56,7 +56,7 @@ def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> No
     """A dead python-backend stub leaves its model failing while 'ready' (Triton 2.51); the
     watchdog of serve.sh notices and restarts the server on the same port: exact again."""
     from client.api import RankerClient, RankerError
-    from client.traffic import RequestGenerator
+    from export.reference_features import reference_generator
     from local_server.processes import stub_pids, wait_gone
     from tests.conftest import SMALL
 
@@ -73,7 +73,7 @@ def test_serve_watchdog_restarts_after_a_stub_dies(small_repository: Path) -> No
             ready = output.readline(240)
             assert ready, "serve.sh exited before it was ready"
         server_pid = int(ready.split("tritonserver pid ")[1].split(";")[0])
-        request = RequestGenerator(seed=4, profile_dim=SMALL["profile_dim"]).request(60, 12)
+        request = reference_generator(seed=4, profile_dim=SMALL["profile_dim"]).request(60, 12)
         with RankerClient(f"127.0.0.1:{port}", timeout_s=20, retries=8) as client:
             expected = client.score(request, model="ranker_naive")
             (victim,) = stub_pids(server_pid, "target_fusion")
@@ -144,7 +144,9 @@ def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> 
     [sys.executable, "-m", "benchmarks.perf_inputs"],
     [sys.executable, "-m", "local_server.repository"],
     [sys.executable, "-m", "benchmarks.cache_load"],
+    [sys.executable, "-m", "benchmarks.report"], [sys.executable, "-m", "benchmarks.long_report"],
     [sys.executable, "-m", "export.hstu_export"],
+    [sys.executable, "-m", "export.family"], [sys.executable, "-m", "export.check"],
 ])
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run([*command, "--help"], cwd=REPO_ROOT, capture_output=True,

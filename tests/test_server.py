@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from client.api import RankerClient
-from client.traffic import RequestGenerator, edge_case_requests
+from client.traffic import edge_case_requests
+from export.reference_features import profile_dim_of, reference_generator
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.server
@@ -28,12 +29,13 @@ def test_all_models_ready(server) -> None:
         for model in ("ranker", "ranker_naive", "ranker_base", "user_encoder", "target_fusion"):
             assert client.is_ready(model), model
         info = client.model_info("ranker")
-        assert info.profile_dim == SMALL["profile_dim"]
+        assert info.contract.family == "reference"
+        assert profile_dim_of(info.contract) == SMALL["profile_dim"]
         assert list(info.task_names) == list(SMALL["task_names"])
 
 
 def test_ensemble_equals_naive(server) -> None:
-    gen = RequestGenerator(seed=21, profile_dim=SMALL["profile_dim"])
+    gen = reference_generator(seed=21, profile_dim=SMALL["profile_dim"])
     requests = [("random", gen.request(length, n)) for length, n in
                 [(1, 1), (7, 2), (64, 17), (256, 50), (SMALL["max_history"], 5), (420, 9)]]
     requests += edge_case_requests(gen, SMALL["max_history"])
@@ -48,7 +50,7 @@ def test_ensemble_equals_naive(server) -> None:
 
 
 def test_user_encoder_runs_once_per_request(server) -> None:
-    gen = RequestGenerator(seed=5, profile_dim=SMALL["profile_dim"])
+    gen = reference_generator(seed=5, profile_dim=SMALL["profile_dim"])
     with RankerClient(server.grpc_url) as client:
         before = {m: client.inference_count(m) for m in ("ranker", "user_encoder",
                                                           "target_fusion")}
@@ -71,7 +73,7 @@ def test_user_encoder_runs_once_per_request(server) -> None:
 
 
 def test_rank_orders_by_task(server) -> None:
-    gen = RequestGenerator(seed=8, profile_dim=SMALL["profile_dim"])
+    gen = reference_generator(seed=8, profile_dim=SMALL["profile_dim"])
     request = gen.request(100, 30)
     with RankerClient(server.grpc_url) as client:
         scores = client.score(request)
@@ -113,7 +115,7 @@ def test_client_refuses_above_the_served_limit(server) -> None:
     """The client reads max_candidates from the served config and refuses before sending."""
     from client.validation import RequestError
 
-    gen = RequestGenerator(seed=2, profile_dim=SMALL["profile_dim"])
+    gen = reference_generator(seed=2, profile_dim=SMALL["profile_dim"])
     with RankerClient(server.grpc_url) as client:
         assert client.model_info("ranker").max_candidates == 20_000
         with pytest.raises(RequestError, match="exceed the served limit of 20000"):

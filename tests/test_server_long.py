@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from client.api import RankerClient
-from client.traffic import RequestGenerator
 from export.attention import PLAIN_CAUSAL_MAX, PLAIN_FUSION_MAX_CELLS
 from export.model import build_model
 from export.onnx_export import export_graph, graphs_for
+from export.reference_features import reference_generator
 from export.repositories import onnx_path
 from export.triton_configs import write_configs
 from tests.conftest import SMALL, small_config
@@ -54,7 +54,7 @@ def long_server(tmp_path_factory: pytest.TempPathFactory):
     (1500, 3),  # truncated to the newest 1100 events: the Loop over 5 blocks of 220
 ])
 def test_long_paths_through_triton_equal_naive(long_server, length: int, n: int) -> None:
-    request = RequestGenerator(seed=length + n, profile_dim=SMALL["profile_dim"]).request(
+    request = reference_generator(seed=length + n, profile_dim=SMALL["profile_dim"]).request(
         length, n)
     with RankerClient(long_server.grpc_url) as client:
         split = client.score(request, model="ranker")

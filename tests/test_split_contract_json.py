@@ -42,6 +42,7 @@ def test_damaged_declarations_are_refused() -> None:
 
 @pytest.mark.parametrize("name,repository", [("ranker", MODEL_REPOSITORY),
                                              ("ranker_cached", MODEL_REPOSITORY),
+                                             ("user_cache", MODEL_REPOSITORY),
                                              ("ranker_naive", EVALUATION_REPOSITORY),
                                              ("ranker_base", EVALUATION_REPOSITORY)])
 def test_reference_configs_carry_the_declaration(name: str, repository) -> None:
@@ -54,6 +55,7 @@ def test_split_configs_carry_the_declaration() -> None:
     contract = hstu_contract(HSTU)
     configs = split_configs(contract, max_candidates=10, naive_max_work=100)
     carried = {n for n, c in configs.items() if CONTRACT_PARAMETER in c.parameters}
-    assert carried == {"ranker", "ranker_naive"}
-    assert contract_from_json(configs["ranker"].parameters[CONTRACT_PARAMETER].string_value) \
-        == contract
+    assert carried == {"ranker", "ranker_cached", "ranker_naive", "user_cache"}
+    for name in carried:  # the clients' models, and the cache that serves from it
+        assert contract_from_json(configs[name].parameters[CONTRACT_PARAMETER].string_value) \
+            == contract, name

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import contract as c
+from export import reference_features as c
 from tests.conftest import SMALL, as_torch, in_chunks, random_request
 
 TOLERANCE = 1e-5

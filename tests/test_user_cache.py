@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from client import contract as c
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
+from export import reference_features as c
+from export.reference_features import reference_generator
 from tests.conftest import SMALL, SMALL_CACHE_BYTES
 from tests.test_bad_input import REJECTED, infer, with_
 
@@ -45,7 +46,7 @@ def client(cache_server):
 
 
 def gen(seed: int) -> RequestGenerator:
-    return RequestGenerator(seed=seed, profile_dim=SMALL["profile_dim"], num_items=50_000)
+    return reference_generator(seed=seed, profile_dim=SMALL["profile_dim"], num_items=50_000)
 
 
 def visit(client: RankerClient, user_id: int, request: RankingRequest) -> tuple[str, float]:
@@ -382,6 +383,7 @@ def test_a_rollout_under_explicit_model_control(small_repository: Path, tmp_path
 
 # ------------------------------------------------------------------ no server needed
 def test_generated_configs_of_the_cache() -> None:
+    from client.split_contract import CONTRACT_PARAMETER, contract_from_json
     from export.triton_configs import build_configs, to_flavour
     from tests.conftest import small_config
 
@@ -389,7 +391,8 @@ def test_generated_configs_of_the_cache() -> None:
     bidirectional = build_configs(small_config("bidirectional"))
     params = {k: v.string_value for k, v in causal["user_cache"].parameters.items()}
     assert params["append_model"] == "user_encoder_append"
-    assert params["max_history"] == str(MAX_HISTORY)
+    declared = contract_from_json(params[CONTRACT_PARAMETER])  # what the cache serves from
+    assert declared.max_history == MAX_HISTORY and declared.appendable
     assert bidirectional["user_cache"].parameters["append_model"].string_value == ""
     assert "user_encoder_append" not in bidirectional and "ranker_cached" in bidirectional
     assert to_flavour(causal["user_cache"], "local") == causal["user_cache"]

@@ -1,15 +1,19 @@
-"""user_cache: the cross-request user K/V cache in front of target_fusion (ensemble ranker_cached).
+"""user_cache: the cross-request user-state cache in front of target_fusion (ensemble
+ranker_cached), for any split family.
 
-A thin Triton adapter around kv_cache.UserKvCache (beside this file, importable without Triton
-and unit-tested on its own): it reads the request, asks Triton which encoder version is served,
-calls user_encoder / user_encoder_append through BLS, and answers with the same two tensors as
-user_encoder plus `cache_path` (hit / append / miss), the path this request took.
+A thin Triton adapter around kv_cache.UserStateCache (beside this file, importable without
+Triton and unit-tested on its own). It reads the family's declaration from its own config
+(parameter `split_contract`, written by the export): the history features it takes, the event
+features it compares, the state tensors it holds and returns (the same tensors as user_encoder,
+plus `cache_path`: hit / append / miss, the path this request took). It asks Triton which
+encoder version is served and calls user_encoder / user_encoder_append through BLS with the
+declared names. Nothing here names a family's tensors.
 
 * Weights come from Triton, never from the repository's folders (which may be on S3/GCS): BLS
   calls are pinned to the encoder version `pb_utils.is_model_ready` reports ready, asked on every
   request (a hit runs no encoder, yet must miss once new weights are loaded). Entries are tagged
   with that version; an entry of another version is a miss. A call whose version was unloaded
-  meanwhile is re-planned on the new version as a full miss: K/V of two weights never meet.
+  meanwhile is re-planned on the new version as a full miss: state of two weights never meets.
 * No head-of-line blocking: `execute` hands each request to this instance's own event loop
   (a thread) and returns at once, without responses; each request is answered later through its
   response sender (allowed in the default, non-decoupled mode: one final response per request).
@@ -28,28 +32,26 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from kv_cache import (
     PATHS,
+    Arrays,
     Encoders,
-    UserKvCache,
+    Layout,
+    StateLayout,
+    UserStateCache,
     Weights,
     WeightsChangedError,
-    in_buffer,
     resolve_version,
-    stack_events,
 )
 
+# The cache's own tensors (client/contract.py's USER_ID and CACHE_PATH); the rest is declared.
 USER_ID = "user_id"
-HISTORY = ("history_item_ids", "history_action_ids", "history_timestamps")
-USER_KV = "user_kv"
-LAST_EVENT_TIMESTAMP = "last_event_timestamp"
 CACHE_PATH = "cache_path"
-CACHED_USER_KV = "cached_user_kv"
-CACHED_LAST_EVENT_TIMESTAMP = "cached_last_event_timestamp"
-NEW_USER_KV = "new_user_kv"
+CONTRACT_PARAMETER = "split_contract"  # client/split_contract.py's
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -70,13 +72,14 @@ class TritonPythonModel:
         self.append_model = params.get("append_model") or None
         # versions are looked for within this distance of the pinned one (kv_cache.resolve_version)
         self.version_window = int(params.get("version_window") or 16)
-        self.cache = UserKvCache(
-            capacity_bytes=int(params.get("cache_bytes") or 1 << 30),
-            max_history=int(params["max_history"]),
+        self.layout = Layout.from_declaration(params[CONTRACT_PARAMETER])
+        self.cache = UserStateCache(
+            layout=self.layout, capacity_bytes=int(params.get("cache_bytes") or 1 << 30),
             # more new events than this re-encode: the append's attention is [ΔL, P + ΔL]
             max_append=int(params.get("max_append_events") or 256))
-        self.kv_dtype = pb_utils.triton_string_to_numpy(
-            next(o["data_type"] for o in config["output"] if o["name"] == USER_KV))
+        # the state's dtypes as served (an fp16 export's K/V), from this model's own outputs
+        self.dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"])
+                       for o in config["output"]}
         self.pinned: dict[str, int | None] = {self.encoder: None, self.append_model: None}
         self.encoders = Encoders(resolve=self._resolve, encode=self._encode,
                                  append=self._append)
@@ -103,17 +106,16 @@ class TritonPythonModel:
         return Weights(encoder, self.pinned[self.append_model] if self.append_model else None)
 
     # ------------------------------------------------------------------ encoders (BLS)
-    async def _bls(self, model: str, version: int, inputs: dict[str, np.ndarray],
-                   kv_name: str = USER_KV,
-                   capacity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Run `model` at `version` on `inputs`: (its K/V output `kv_name`, copied into a buffer
-        of `capacity` along the history axis when given, last_event_timestamp), owned copies
-        (the response's shared memory is released after this call). A failure because the
-        version is no longer served is WeightsChangedError; any other is the request's."""
+    async def _bls(self, model: str, version: int, inputs: Arrays,
+                   keep: dict[str, Callable[[np.ndarray], np.ndarray]]) -> Arrays:
+        """Run `model` at `version` on `inputs`: each output named in `keep`, turned by its
+        function into an owned copy while the response's shared memory is still held. A failure
+        because the version is no longer served is WeightsChangedError; any other is the
+        request's."""
         response = await pb_utils.InferenceRequest(
             model_name=model, model_version=version,
             inputs=[pb_utils.Tensor(n, v) for n, v in inputs.items()],
-            requested_output_names=[kv_name, LAST_EVENT_TIMESTAMP],
+            requested_output_names=list(keep),
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         ).async_exec()
         if response.has_error():
@@ -123,27 +125,30 @@ class TritonPythonModel:
             code = error.code() if hasattr(error, "code") else pb_utils.TritonError.INTERNAL
             raise RequestRefusedError(f"{model}: {error.message()}", code)
         out = {t.name(): t for t in response.output_tensors()}
-        kv = out[kv_name].as_numpy()
-        kv = (in_buffer(kv, max(capacity, kv.shape[3])) if capacity is not None
-              else np.array(kv, dtype=self.kv_dtype))
-        return kv, np.array(out[LAST_EVENT_TIMESTAMP].as_numpy(), dtype=np.int64)
+        return {name: own(out[name].as_numpy()) for name, own in keep.items()}
 
-    @staticmethod
-    def _columns(events: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: np.ascontiguousarray(events[:, i]) for i, name in enumerate(HISTORY)}
+    def _copy(self, name: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda value: np.array(value, dtype=self.dtypes[name])
 
-    async def _encode(self, weights: Weights, events: np.ndarray,
-                      capacity: int) -> tuple[np.ndarray, np.ndarray]:
-        return await self._bls(self.encoder, weights.encoder_version, self._columns(events),
-                               capacity=capacity)
+    async def _encode(self, weights: Weights, history: Arrays, capacity: int) -> Arrays:
+        """user_encoder on the whole history: each growing state tensor copied once, straight
+        into a buffer with room for `capacity` events (the entry adopts it)."""
+        def into_buffer(s: StateLayout) -> Callable[[np.ndarray], np.ndarray]:
+            return lambda value: s.in_buffer(value.astype(self.dtypes[s.name], copy=False),
+                                             max(capacity, value.shape[s.axis]))
 
-    async def _append(self, weights: Weights, cached_kv: np.ndarray, cached_last_ts: np.ndarray,
-                      new_events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """user_encoder_append reads the cached K/V of every layer but the last and returns the
-        new events' K/V only: O(ΔL) bytes back, and the last layer's O(P) never sent."""
-        return await self._bls(self.append_model, weights.append_version, {
-            CACHED_USER_KV: cached_kv[:-1], CACHED_LAST_EVENT_TIMESTAMP: cached_last_ts,
-            **self._columns(new_events)}, NEW_USER_KV)
+        return await self._bls(self.encoder, weights.encoder_version, history, {
+            s.name: self._copy(s.name) if s.axis is None else into_buffer(s)
+            for s in self.layout.state})
+
+    async def _append(self, weights: Weights, cached: Arrays, new_history: Arrays) -> Arrays:
+        """user_encoder_append reads what the declaration says of the cached state (e.g. every
+        layer's K/V but the last) and returns the new events' part of each growing tensor:
+        O(ΔL) bytes back."""
+        out = await self._bls(self.append_model, weights.append_version,
+                              {**cached, **new_history},
+                              {s.new_name: self._copy(s.name) for s in self.layout.state})
+        return {s.name: out[s.new_name] for s in self.layout.state}
 
     # ------------------------------------------------------------------ metrics
     def _make_metrics(self, version: str) -> dict | None:
@@ -167,7 +172,7 @@ class TritonPythonModel:
             for key, name, doc, kind in (
                 ("evictions", "user_cache_evictions_total", "users evicted by the LRU bound",
                  counter),
-                ("bytes", "user_cache_bytes", "bytes held: the events and user_kv buffers of "
+                ("bytes", "user_cache_bytes", "bytes held: the events and state buffers of "
                  "every user", gauge),
                 ("users", "user_cache_users", "users held", gauge),
                 ("capacity", "user_cache_capacity_bytes", "the LRU bound (cache_bytes)", gauge),
@@ -190,7 +195,7 @@ class TritonPythonModel:
         self._metrics["users"].set(len(store.entries))
 
     # ------------------------------------------------------------------ one request
-    def _inputs(self, request: object) -> tuple[int, dict[str, np.ndarray]]:
+    def _inputs(self, request: object) -> tuple[int, Arrays]:
         tensor = pb_utils.get_input_tensor_by_name(request, USER_ID)
         if tensor is None:  # Triton's own check refuses this first; kept for direct BLS callers
             raise RequestRefusedError(f"{self.name}: missing input '{USER_ID}'",
@@ -200,7 +205,7 @@ class TritonPythonModel:
             raise RequestRefusedError(f"{self.name}: input '{USER_ID}' must be INT64 [1]",
                                       pb_utils.TritonError.INVALID_ARG)
         history = {}
-        for name in HISTORY:
+        for name in self.layout.history:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise RequestRefusedError(f"{self.name}: missing input '{name}'",
@@ -210,21 +215,20 @@ class TritonPythonModel:
 
     async def _answer(self, request: object) -> pb_utils.InferenceResponse:
         user_id, history = self._inputs(request)
-        if len({v.shape for v in history.values()}) != 1:
+        if len({v.shape[:1] for v in history.values()}) != 1:
             # Lengths that disagree: user_encoder's guard answers (the same INTERNAL error as
             # `ranker` gives), and nothing is cached.
             weights = await self._resolve()
-            user_kv, last_ts = await self._bls(self.encoder, weights.encoder_version, history)
+            state = await self._bls(self.encoder, weights.encoder_version, history,
+                                    {s.name: self._copy(s.name) for s in self.layout.state})
             path = "miss"
         else:
             evictions = self.cache.store.evictions
-            answer = await self.cache.serve(user_id, stack_events(*history.values()),
-                                            self.encoders)
-            user_kv, last_ts, path = answer.user_kv, answer.last_ts, answer.path
+            answer = await self.cache.serve(user_id, history, self.encoders)
+            state, path = answer.state, answer.path
             self._record(path, evictions)
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(USER_KV, user_kv),
-            pb_utils.Tensor(LAST_EVENT_TIMESTAMP, last_ts),
+            *(pb_utils.Tensor(s.name, state[s.name]) for s in self.layout.state),
             pb_utils.Tensor(CACHE_PATH, np.array([path], dtype=np.object_))])
 
     async def _serve(self, request: object) -> None:
