@@ -364,17 +364,26 @@ def report(run: Run, compare: list[Path]) -> str:
         (run.triton, "`ranker` through Triton (local tritonserver 2.51, gRPC, concurrency 1)")]
     for data, title in sections:
         lines += [f"## {title}", "", an.table(data), ""] if data else []
-    if compare:
-        both, shown = rows[["L", "N", "method", "p50_ms"]], {"p50 ms, this run": "p50_ms"}
+    if compare:  # p50 and p50 / split per run: the ratios compare across machines and loads
+        def frame(df: pd.DataFrame, i: int) -> pd.DataFrame:
+            df = df[["L", "N", "method", "p50_ms"]].dropna()
+            df = df.merge(df[df.method == "split"][["L", "N", "p50_ms"]], on=["L", "N"],
+                          suffixes=("", "_split"))
+            return df.assign(**{f"p{i}": df.p50_ms, f"x{i}": df.p50_ms / df.p50_ms_split})[
+                ["L", "N", "method", f"p{i}", f"x{i}"]]
+
+        both = frame(rows, 0)
         for i, path in enumerate(compare, 1):
-            both = both.merge(an.read_csv(path)[["L", "N", "method", "p50_ms"]].rename(
-                columns={"p50_ms": f"p{i}"}), on=["L", "N", "method"])
-            both[f"r{i}"] = both.p50_ms / both[f"p{i}"]
-            shown |= {f"({i}) p50 ms": f"p{i}", f"this / ({i})": f"r{i}"}
-        lines += ["## This run beside earlier ones", "", *(
-            f"({i}) `{config_source(p)}`" + "  " for i, p in enumerate(compare, 1)), "",
-            an.table(both.dropna(), {"L": "L", "N": "N", "method": "method", **shown},
-                  {f"r{i}": "{:.2f}" for i in range(1, len(compare) + 1)}), ""]
+            both = both.merge(frame(an.read_csv(path), i), on=["L", "N", "method"])
+        names = ["this run", *(f"({i})" for i in range(1, len(compare) + 1))]
+        lines += ["## This run beside earlier ones", "", "Each method's p50 (ms) and its ratio to "
+                  "the split's p50 in the same run: the ratios compare across machines and "
+                  "loads, the times do not.", "", *(f"({i}) `{config_source(p)}`  " for i, p in
+                                                    enumerate(compare, 1)), "",
+                  an.table(both, {"L": "L", "N": "N", "method": "method",
+                                  **{f"{n} {k}": f"{c}{i}" for i, n in enumerate(names)
+                                     for k, c in (("ms", "p"), ("/ split", "x"))}},
+                           {f"x{i}": "{:.2f}" for i in range(len(names))}), ""]
     lines += ["## Facts", "", *(f"- {k}: {v}" for k, v in run.facts.items() if k != "machine"),
               "", "## Machine", "", an.machine_table(info), "", "![latency](latency.png)", ""]
     ns = sorted(rows.N.unique())
