@@ -43,8 +43,8 @@ from benchmarks.state import (
     Progress,
     State,
 )
+from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
-from export.reference_features import reference_generator
 
 T = TypeVar("T")
 
@@ -100,7 +100,7 @@ def grid(mode: Mode) -> list[tuple[int, int]]:
 
 
 def make_requests(st: State, seed: int) -> None:
-    gen = reference_generator(seed=seed, profile_dim=st.cfg.profile_dim)
+    gen = RequestGenerator(st.contract, seed=seed)
     wanted = list(grid(st.mode))
     if st.mode.sweep_point and st.mode.sweep_point not in wanted:
         wanted.append(st.mode.sweep_point)
@@ -119,7 +119,7 @@ def naive_estimate_s(st: State, sessions: direct.Sessions, n: int, length: int) 
     scaled by the FLOP model's C_naive(N, L) / C_naive(N_ref, L); without one, a single timed
     request at N = 1 first."""
     if length not in st.naive_ref:
-        req = reference_generator(seed=12345, profile_dim=st.cfg.profile_dim).request(length, 1)
+        req = RequestGenerator(st.contract, seed=12345).request(length, 1)
         inputs = req.as_inputs()
         sessions.naive(inputs)  # warm-up
         t0 = time.perf_counter()
@@ -270,7 +270,7 @@ def benchmark_server(st: State, seed: int) -> None:
         (*m.sweep_point, c) for c in m.sweep_concurrency
         if m.sweep_point and (c != 1 or m.sweep_point not in pts)]
     st.progress(f"loading ONNX Runtime sessions for the in-process timings ({st.repository})")
-    sessions = direct.Sessions(st.repository)
+    sessions = direct.Sessions(st.repository, st.contract)
     st.progress("starting tritonserver (local flavour, gRPC only, free port)")
     t0 = time.monotonic()
     server = start_server(grpc_port=free_port(), http_port=None, repository=st.repository,

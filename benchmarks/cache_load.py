@@ -21,7 +21,7 @@ from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
 from client.traffic import RequestGenerator
 from export.config import ModelConfig
-from export.reference_features import profile_dim_of, reference_generator
+from export.reference_features import reference_contract
 from export.triton_configs import install_python_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -119,13 +119,13 @@ def head_of_line(url: str, gen: RequestGenerator, args: argparse.Namespace) -> d
         record = Record()
 
         def repeats(stop: float, user: int, record: Record = record) -> None:
-            own = reference_generator(seed=user % 10_000, profile_dim=profile_dim_of(gen.layout))
+            own = RequestGenerator(gen.layout, seed=user % 10_000)
             with RankerClient(url, timeout_s=600) as client:
                 while time.monotonic() < stop:
                     visit(client, user, own.returning(users[user], 0), record)
 
         def first_visits(stop: float, record: Record = record) -> None:
-            own = reference_generator(seed=gen.seed + 99, profile_dim=profile_dim_of(gen.layout))
+            own = RequestGenerator(gen.layout, seed=gen.seed + 99)
             with RankerClient(url, timeout_s=600) as client:
                 while time.monotonic() < stop:
                     visit(client, own.user_id(), own.request(length, n), record)
@@ -156,8 +156,7 @@ def mixed_load(url: str, metrics: str, gen: RequestGenerator, args: argparse.Nam
     sample_every = 7
 
     def client_loop(stop: float, index: int) -> None:
-        own = reference_generator(seed=args.seed * 1000 + index,
-                                  profile_dim=profile_dim_of(gen.layout))
+        own = RequestGenerator(gen.layout, seed=args.seed * 1000 + index)
         rng = np.random.default_rng(index)
         users: dict[int, RankingRequest] = {}
         sent = 0
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     install_python_models(args.repository)  # serve the user_cache code of this checkout
-    gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
+    gen = RequestGenerator(reference_contract(cfg), seed=args.seed)
     start = snapshot()
     with serving(args.repository) as (server, metrics):
         with RankerClient(server.grpc_url, timeout_s=600) as client:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export import reference_features as c
+from benchmarks.feeds import fusion_feeds, history_feeds
+from client.split_contract import SplitContract
 from export.repositories import onnx_path
 from export.runtime import make_session
 
 MODELS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
-FUSION_REQUEST_INPUTS = (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)
 
 
 def model_path(repository: Path, name: str) -> Path:
@@ -25,21 +25,19 @@ def model_path(repository: Path, name: str) -> Path:
 
 
 class Sessions:
-    """One ORT session per served ONNX model."""
+    """One ORT session per served ONNX model, fed by the names of the model's declaration."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, contract: SplitContract) -> None:
         self.repository = repository
+        self.contract = contract
         self.sessions = {name: make_session(model_path(repository, name)) for name in MODELS}
 
     def encode(self, request: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions["user_encoder"].run(
-            None, {n: request[n] for n in c.HISTORY_INPUTS})
+        return self.sessions["user_encoder"].run(None, history_feeds(self.contract, request))
 
     def fusion_inputs(self, request: Mapping[str, np.ndarray],
                       encoded: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {n: request[n] for n in FUSION_REQUEST_INPUTS}
-        inputs[c.USER_KV], inputs[c.LAST_EVENT_TIMESTAMP] = encoded
-        return inputs
+        return fusion_feeds(self.contract, request, encoded)
 
     def fuse(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.sessions["target_fusion"].run(None, dict(inputs))[0]

@@ -19,8 +19,8 @@ from benchmarks.cpu import external_cores, snapshot
 from client.api import RankerClient, RankerError
 from client.contract import USER_ID_HEADER, nginx_variable
 from client.request import RankingRequest
-from client.traffic import returning_traffic
-from export.reference_features import profile_dim_of, reference_generator
+from client.split_contract import SplitContract
+from client.traffic import RequestGenerator, returning_traffic
 from local_server.fleet import Fleet, start_fleet
 from local_server.triton import MODEL_REPOSITORY, free_port
 
@@ -61,10 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def warm_up(fleet: Fleet, profile_dim: int, lengths: list[int], n: int) -> None:
+def warm_up(fleet: Fleet, contract: SplitContract, lengths: list[int], n: int) -> None:
     """Every path (miss, append, hit) of every model once per replica, directly, so that no
     run pays ONNX Runtime's first calls."""
-    gen = reference_generator(seed=999, profile_dim=profile_dim)
+    gen = RequestGenerator(contract, seed=999)
     for server in fleet.replicas:
         with RankerClient(server.grpc_url, model=MODEL, timeout_s=300) as client:
             for length in lengths:
@@ -116,11 +116,11 @@ def run(fleet: Fleet, traffic: list[tuple[int, RankingRequest]], concurrency: in
             "failures": failures, "scores": kept}
 
 
-def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, profile_dim: int,
+def measure(fleet: Fleet, k: int, balance: str, args: argparse.Namespace, contract: SplitContract,
             seed: int) -> dict:
     urls = [s.grpc_url for s in fleet.replicas]
     fleet.nginx.reload(urls, balance=balance)
-    gen = reference_generator(seed=seed, profile_dim=profile_dim)
+    gen = RequestGenerator(contract, seed=seed)
     traffic = returning_traffic(gen, args.users, args.visits, args.history_lengths,
                                 args.num_candidates)
     rng = np.random.default_rng(seed)
@@ -215,17 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         with RankerClient(fleet.url) as client:
-            profile_dim = profile_dim_of(client.model_info(MODEL).contract)
+            contract = client.model_info(MODEL).contract
         for k in args.replicas:
             while len(fleet.replicas) < k:
                 log(f"adding replica {len(fleet.replicas) + 1}")
                 fleet.add_replica()
             log(f"K={k}: warming up every replica")
-            warm_up(fleet, profile_dim, args.history_lengths, args.num_candidates)
+            warm_up(fleet, contract, args.history_lengths, args.num_candidates)
             order = ("hash", "round-robin") if k % 2 else ("round-robin", "hash")
             for balance in order:
                 seed = args.seed * 1000 + k * 10 + (balance == "hash")
-                rows.append(measure(fleet, k, balance, args, profile_dim, seed))
+                rows.append(measure(fleet, k, balance, args, contract, seed))
         info = an.machine(**an.LOCAL_SERVER, nginx="1.22 (Debian), one worker")
     finally:
         fleet.stop()

@@ -81,7 +81,7 @@ class FlopModel:
 
     # ------------------------------------------------------------------ memory
     def user_kv_bytes(self, length: int) -> int:
-        """The shared user_kv of one request: layers x 2 x H x L x dh x 4 bytes."""
+        """The shared user K/V of one request: layers x 2 x H x L x dh x 4 bytes."""
         return self.layers * 2 * self.heads * length * self.head_dim * FP32_BYTES
 
     def naive_kv_bytes(self, n: int, length: int) -> int:

@@ -4,8 +4,8 @@
 graphs (or takes --repository); per provider (CUDA, TensorRT where offered) compares
 user_encoder + target_fusion scores with the CPU EP's at every (L, N) (fp32 1e-4, fp16 5e-3),
 sends each guard's bad request and checks it is refused by name, times both graphs and records
-user_kv bytes and GPU memory. Writes gpu_check.csv and gpu_check.md; `--cpu` runs the same path
-on the CPU EP (CI checks the script).
+the user state's bytes and GPU memory. Writes gpu_check.csv and gpu_check.md; `--cpu` runs the
+same path on the CPU EP (CI checks the script). Every feed is named by the config's declaration.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks import analysis as an
-from export import reference_features as c
+from benchmarks.feeds import named_state, stand_in_state
+from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
 from export.guards import append_rule, length_rule, limit_rule, naive_rule
 from export.model import build_model
 from export.onnx_export import export_graph
-from export.reference_features import reference_generator
+from export.reference_features import reference_contract
 from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -71,31 +72,32 @@ def gpu_memory_mib() -> float | None:
 
 def bad_requests(cfg: ModelConfig, fp16: bool) -> list[tuple[str, str, dict[str, np.ndarray]]]:
     """(graph, rule, request) for every guard: each request breaks exactly that rule."""
-    gen = reference_generator(seed=9, profile_dim=cfg.profile_dim)
+    contract = reference_contract(cfg)
+    gen = RequestGenerator(contract, seed=9)
     ok = gen.request(10, 4).as_inputs()
-    dt = np.float16 if fp16 else np.float32
-    kv = np.zeros((cfg.num_layers, 2, cfg.num_heads, 10, cfg.head_dim), dt)
-    base = {**ok, c.USER_KV: kv, c.LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:],
-            c.CACHED_LAST_EVENT_TIMESTAMP: ok[c.HISTORY_TIMESTAMPS][-1:]}
+    base = {**ok, **named_state(contract, stand_in_state(contract, 10, half=fp16))}
+    history = [f.name for f in contract.history_features]
+    candidates_of = [f.name for f in contract.candidate_features]
+
     def candidates(request: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        return {**request, **{k: np.resize(request[k], n) for k in c.CANDIDATE_INPUTS}}
+        return {**request, **{k: np.resize(request[k], n) for k in candidates_of}}
 
     long = gen.request(min(1000, cfg.max_history), 4).as_inputs()
     naive_n = cfg.naive_max_work // (min(1000, cfg.max_history) + 1) ** 2 + 1
-    cases = [
-        ("user_encoder", length_rule(list(c.HISTORY_INPUTS), "L"),
-         {**base, c.HISTORY_TIMESTAMPS: ok[c.HISTORY_TIMESTAMPS][:1]}),
-        ("target_fusion", length_rule(list(c.CANDIDATE_INPUTS), "N"),
-         {**base, c.CANDIDATE_CATEGORY_IDS: ok[c.CANDIDATE_CATEGORY_IDS][:1]}),
+    cases = [  # the last history / candidate feature one entry long: lengths disagree
+        ("user_encoder", length_rule(history, "L"),
+         {**base, history[-1]: ok[history[-1]][:1]}),
+        ("target_fusion", length_rule(candidates_of, "N"),
+         {**base, candidates_of[-1]: ok[candidates_of[-1]][:1]}),
         ("target_fusion", limit_rule(cfg.max_candidates),
          candidates(base, cfg.max_candidates + 1)),
         ("ranker_naive", naive_rule(cfg.naive_max_work), candidates(long, naive_n)),
     ]
-    if cfg.mask == "causal":
-        # the append graph reads the cached K/V of every layer but the last (reference_features)
-        full = np.zeros((cfg.num_layers - 1, *kv.shape[1:3], cfg.max_history, cfg.head_dim), dt)
+    if contract.appendable:
+        # a cached state already max_history events long, each tensor cut as the append reads it
+        full = stand_in_state(contract, contract.max_history, half=fp16)
         cases.append(("user_encoder_append", append_rule(cfg.max_history),
-                      {**base, c.CACHED_USER_KV: full}))
+                      {**base, **contract.cached_reads(full)}))
     return cases
 
 
@@ -113,7 +115,8 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
     path = {g: repo / g / "1" / "model.onnx" for g in graphs}
     reference = {g: session(path[g], "cpu") for g in ("user_encoder", "target_fusion")}
     rows: list[dict[str, object]] = []
-    gen = reference_generator(seed=3, profile_dim=cfg.profile_dim)
+    contract = reference_contract(cfg)
+    gen = RequestGenerator(contract, seed=3)
     for provider in args.providers:
         sessions = {g: session(path[g], provider) for g in graphs}
         active = sessions["user_encoder"].get_providers()[0]
@@ -122,11 +125,11 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
                 request = gen.request(length, n).as_inputs()
                 scores = {}
                 for name, graphs_of in (("cpu", reference), (provider, sessions)):
-                    user_kv, last = run(graphs_of["user_encoder"], request)
-                    feeds = {**request, c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last}
+                    state = run(graphs_of["user_encoder"], request)
+                    feeds = {**request, **named_state(contract, state)}
                     scores[name] = run(graphs_of["target_fusion"], feeds)[0]
                 timings = {}
-                for g in ("user_encoder", "target_fusion"):  # feeds: the provider's user_kv
+                for g in ("user_encoder", "target_fusion"):  # feeds: the provider's state
                     times = []
                     for _ in range(args.repeats):
                         t0 = time.perf_counter()
@@ -139,7 +142,7 @@ def check(args: argparse.Namespace) -> list[dict[str, object]]:
                              "ok": diff <= TOLERANCE[args.fp16],
                              "user_encoder_p50_ms": timings["user_encoder"],
                              "target_fusion_p50_ms": timings["target_fusion"],
-                             "user_kv_mib": user_kv.nbytes / 2**20,
+                             "user_kv_mib": sum(a.nbytes for a in state) / 2**20,
                              "gpu_memory_mib": gpu_memory_mib()})
                 print(f"gpu_check: {provider} L={length} N={n}: max |diff| vs CPU {diff:.2e}, "
                       f"user_encoder {timings['user_encoder']:.2f} ms, target_fusion "
@@ -169,7 +172,7 @@ def write(rows: list[dict[str, object]], out: Path, args: argparse.Namespace) ->
                    {"provider": "active_provider", "L": "L", "N": "N",
                     "max abs diff vs CPU": "max_abs_diff",
                     "user_encoder p50 ms": "user_encoder_p50_ms",
-                    "target_fusion p50 ms": "target_fusion_p50_ms", "user_kv MiB": "user_kv_mib",
+                    "target_fusion p50 ms": "target_fusion_p50_ms", "user state MiB": "user_kv_mib",
                     "GPU MiB": "gpu_memory_mib"},
                    {"max_abs_diff": an.sci, "user_encoder_p50_ms": "{:.2f}",
                     "target_fusion_p50_ms": "{:.2f}", "user_kv_mib": "{:.1f}"}), "",

@@ -2,9 +2,10 @@
 
 scripts/load_test.sh; what it does and its committed figures: docs/robustness.md. --clients
 threads, each with its own RankerClient, send --requests requests to `ranker` (L uniform in
-0..max_history, N in 1..--max-candidates, client i from reference_generator(seed + i)); every
---check-every-th is scored by `ranker_naive` in --checkers threads beside the clients (the oracle
-is far slower: the clients keep the ensemble loaded) and must match within 1e-5. Memory: RSS of
+0..max_history, N in 1..--max-candidates, client i's from the traffic generator of the served
+model's declaration, seeded seed + i); every --check-every-th is scored by `ranker_naive` in
+--checkers threads beside the clients (the oracle is far slower: the clients keep the ensemble
+loaded) and must match within 1e-5. Memory: RSS of
 tritonserver and its descendants (psutil) after a warm-up (the largest shape first), every second
 during the run and at the end; growth = end - after warm-up. Exit 0 when nothing failed, 1 on
 errors, mismatches, requests not sent or memory growth above --max-growth-pct, 2 without a server.
@@ -30,8 +31,9 @@ import psutil
 
 from benchmarks import analysis as an
 from client.api import RankerClient, RankerError
-from client.request import RankingRequest
-from export.reference_features import profile_dim_of, reference_generator
+from client.request import Declared, RankingRequest
+from client.split_contract import SplitContract
+from client.traffic import RequestGenerator
 from local_server.processes import process_label, process_tree, rss_bytes
 from local_server.triton import MODEL_REPOSITORY, LocalServer, ServerError, free_port, start_server
 
@@ -121,13 +123,14 @@ class Stats:
             "checks_skipped", "mismatches", "mismatch_samples", "max_abs_diff")}
 
 
-def plan(count: int, clients: int, seed: int, profile_dim: int, max_history: int,
+def plan(count: int, clients: int, seed: int, declared: Declared, max_history: int,
          max_candidates: int, check_every: int, largest_first: bool) -> list[list[Job]]:
     """Jobs per client: job j goes to client j % clients, drawn from client i's own generator
     and RNG; every check_every-th job is checked (none if 0); with `largest_first` each client's
-    first request has the largest shape."""
+    first request has the largest shape. `declared`: the served model's declaration (or its
+    features), which the requests follow."""
     per_client: list[list[Job]] = [[] for _ in range(clients)]
-    gens = [reference_generator(seed=seed + i, profile_dim=profile_dim) for i in range(clients)]
+    gens = [RequestGenerator(declared, seed=seed + i) for i in range(clients)]
     rngs = [np.random.default_rng([seed, i]) for i in range(clients)]
     for j in range(count):
         i = j % clients
@@ -329,9 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(args: argparse.Namespace, profile_dim: int, pid: int | None,
+def measure(args: argparse.Namespace, contract: SplitContract, pid: int | None,
             deadline: float) -> dict[str, Any]:
-    shape = dict(clients=args.clients, profile_dim=profile_dim, max_history=args.max_history,
+    shape = dict(clients=args.clients, declared=contract, max_history=args.max_history,
                  max_candidates=args.max_candidates, check_every=args.check_every)
     warm_jobs = plan(args.warmup, seed=args.seed + 100_000, largest_first=True, **shape)
     if args.warmup:  # the oracle sees the largest shape once too
@@ -416,11 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with RankerClient(args.url, timeout_s=30.0, retries=3) as probe:
                 probe.wait_ready([MODEL, ORACLE], timeout_s=60.0)
-                profile_dim = profile_dim_of(probe.model_info(MODEL).contract)
+                contract = probe.model_info(MODEL).contract
         except RankerError as e:
             print(f"load_test: error: {e}", file=sys.stderr)
             return 2
-        figures = measure(args, profile_dim, args.server_pid, started + args.time_limit)
+        figures = measure(args, contract, args.server_pid, started + args.time_limit)
     except KeyboardInterrupt:
         print("load_test: interrupted", file=sys.stderr)
         return 1

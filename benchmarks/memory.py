@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from export import reference_features as c
+from benchmarks.feeds import fusion_feeds, history_feeds, stand_in_state
+from client.split_contract import SplitContract
+from client.traffic import RequestGenerator
 from export.config import ModelConfig
-from export.reference_features import reference_generator
+from export.reference_features import reference_contract
 from export.repositories import onnx_path
 from export.runtime import make_session
 
@@ -53,21 +55,15 @@ def reset_peak() -> bool:
     return True
 
 
-def feeds(model: str, n: int, length: int, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    request = reference_generator(seed=seed, profile_dim=cfg.profile_dim).request(length, n)
-    inputs = request.as_inputs()
+def feeds(model: str, n: int, length: int, contract: SplitContract,
+          seed: int) -> dict[str, np.ndarray]:
+    inputs = RequestGenerator(contract, seed=seed).request(length, n).as_inputs()
     if model == "user_encoder":
-        return {k: inputs[k] for k in c.HISTORY_INPUTS}
+        return history_feeds(contract, inputs)
     if model in ("target_fusion", "replicated_fusion"):
-        rng = np.random.default_rng(seed)
-        kept = min(length, cfg.max_history)
-        kv = rng.standard_normal(
-            (cfg.num_layers, 2, cfg.num_heads, kept, cfg.head_dim)).astype(np.float32)
-        last = inputs[c.HISTORY_TIMESTAMPS][-1:] if length else np.zeros(1, np.int64)
-        out = {k: inputs[k] for k in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
-        out[c.USER_KV] = kv
-        out[c.LAST_EVENT_TIMESTAMP] = np.ascontiguousarray(last, dtype=np.int64)
-        return out
+        # a stand-in state: running user_encoder here would count its session in the peak
+        state = stand_in_state(contract, length, np.random.default_rng(seed))
+        return fusion_feeds(contract, inputs, state)
     return inputs
 
 
@@ -82,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=None,
                    help="model config the ONNX files were exported from (default: the default)")
     args = p.parse_args(argv)
-    cfg = ModelConfig.load(args.config)
+    contract = reference_contract(ModelConfig.load(args.config))
     session = make_session(onnx_path(args.repository, args.model))
-    inputs = feeds(args.model, args.n, args.length, cfg, args.seed)
+    inputs = feeds(args.model, args.n, args.length, contract, args.seed)
     before = maxrss_bytes()
     hwm_ok = reset_peak()
     rss_before = psutil.Process().memory_info().rss

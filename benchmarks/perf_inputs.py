@@ -1,7 +1,8 @@
 """perf_analyzer `--input-data` JSON for every served model at one (L, N) (README, "Tuning with
 Model Analyzer"): random data cannot drive these models (lengths must agree, target_fusion needs
-the real user_kv of its user_encoder), so each `<out>/<model>.json` comes from the seeded traffic
-generator, with the inputs that model's config.pbtxt declares."""
+the real user state of its user_encoder), so each `<out>/<model>.json` comes from the seeded
+traffic generator, with the inputs that model's config.pbtxt declares, named by the config's
+declaration."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.feeds import history_feeds, named_state
 from benchmarks.perf_analyzer import write_input_data
+from client.contract import USER_ID
+from client.split_contract import SplitContract
 from client.traffic import RequestGenerator
-from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
-from export.reference_features import reference_generator
+from export.reference_features import reference_contract
 from export.repositories import (
     EVALUATION_OPTION_HELP,
     MODEL_REPOSITORY,
@@ -38,21 +41,18 @@ def served_models(repositories: list[Path]) -> dict[str, list[str]]:
     return models
 
 
-def all_tensors(encoder: object, gen: RequestGenerator, length: int, n: int,
-                new_events: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Every tensor any model takes for one request (contract, user_id, user_kv, ...), and the
+def all_tensors(encoder: object, contract: SplitContract, gen: RequestGenerator, length: int,
+                n: int, new_events: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every tensor any model takes for one request (the declared features, user_id, the user
+    state, what the append reads of the state of all but the last `new_events` events), and the
     append model's own history (the ΔL new events)."""
     request = gen.request(length, n).as_inputs()
-    history = {k: request[k] for k in c.HISTORY_INPUTS}
-    user_kv, last_ts = encoder.run(None, history)
-    tensors = {**request, c.USER_ID: np.array([gen.user_id()], dtype=np.int64),
-               c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts}
+    history = history_feeds(contract, request)
+    tensors = {**request, USER_ID: np.array([gen.user_id()], dtype=np.int64),
+               **named_state(contract, encoder.run(None, history))}
     cut = max(length - new_events, 0)
-    cached_kv, cached_ts = encoder.run(None, {k: v[:cut] for k, v in history.items()})
-    if cut == 0:
-        cached_ts = np.zeros(1, dtype=np.int64)  # the contract's "no cached event"
-    # the append model reads the cached K/V of every layer but the last (reference_features)
-    tensors.update({c.CACHED_USER_KV: cached_kv[:-1], c.CACHED_LAST_EVENT_TIMESTAMP: cached_ts})
+    cached = encoder.run(None, {k: v[:cut] for k, v in history.items()})
+    tensors.update(contract.cached_reads(cached))
     return tensors, {k: v[cut:] for k, v in history.items()}
 
 
@@ -65,8 +65,9 @@ def write_inputs(out: Path, repositories: list[Path], cfg: ModelConfig, length: 
     if unknown:
         raise ValueError(f"no such model in {[str(r) for r in repositories]}: {unknown}")
     encoder = make_session(onnx_path(repositories[0], "user_encoder"))
-    gen = reference_generator(seed=seed, profile_dim=cfg.profile_dim)
-    rows = [all_tensors(encoder, gen, length, n, new_events) for _ in range(count)]
+    contract = reference_contract(cfg)
+    gen = RequestGenerator(contract, seed=seed)
+    rows = [all_tensors(encoder, contract, gen, length, n, new_events) for _ in range(count)]
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for model, inputs in models.items():
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="ΔL of user_encoder_append's entries (default %(default)s)")
     p.add_argument("--requests", type=int, default=2,
                    help="distinct entries per file, sent round-robin (default %(default)s; a "
-                        "user_kv entry is layers x 2 x L x d_model floats of JSON)")
+                        "user K/V entry is layers x 2 x L x d_model floats of JSON)")
     p.add_argument("--models", default="",
                    help="comma-separated models (default: every served model)")
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
-                   help="serving repository (its user_encoder computes user_kv; default "
+                   help="serving repository (its user_encoder computes the user state; default "
                         "%(default)s)")
     p.add_argument("--evaluation-repository", type=Path, default=None,
                    help=EVALUATION_OPTION_HELP)

@@ -368,7 +368,7 @@ def _mib(v: object, digits: int) -> str:
 def _memory_section(run: Run) -> str:
     fm = run.flops
     out = ["## Memory", "",
-           f"user_kv per request = {fm.layers} x 2 x {fm.heads} x L x {fm.head_dim} x 4 = "
+           f"user K/V per request = {fm.layers} x 2 x {fm.heads} x L x {fm.head_dim} x 4 = "
            f"{fm.user_kv_bytes(1)} L bytes: "
            + ", ".join(f"{fm.user_kv_bytes(L) / 2**20:.2f} MiB at L={L}" for L in run.mode.lengths)
            + "; the naive model holds N such K/V sets.", "",
@@ -378,7 +378,7 @@ def _memory_section(run: Run) -> str:
                    _mib(r["naive_kv_bytes"], 1), r.get("method") or "", r.get("status")]
                   for r in run.memory],
                  ["graph", "N", "L", "peak RSS delta MiB (measured)", "naive attention est. MiB",
-                  "user_kv MiB", "naive K/V copies MiB", "method", "status"])]
+                  "user K/V MiB", "naive K/V copies MiB", "method", "status"])]
     peaks = {(r["model"], r["n"], r["length"]): float(r["peak_delta_bytes"])  # type: ignore[arg-type]
              for r in run.memory if an.num(r.get("peak_delta_bytes")) is not None}
     notes = []
@@ -439,7 +439,7 @@ def _where_time_goes(run: Run, summary: list[Row], tg: list[Row]) -> str:
                    if grpc is not None and server is not None else "")
                 + f"the composing models' queues {an.fmt(queue, 0)} us, their compute input + "
                 "output "
-                f"(tensors into and out of the Python-backend stubs, user_kv "
+                f"(tensors into and out of the Python-backend stubs, user K/V "
                 f"{run.flops.user_kv_bytes(length) / 2**20:.2f} MiB included) {an.fmt(comp_io, 0)} "
                 "us; the rest is the stubs' own per-call cost inside compute infer and noise.", ""]
     rows = [r for r in summary if r["concurrency"] == 1 and an.num(r["speedup_over_bound"])]

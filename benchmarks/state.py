@@ -12,7 +12,9 @@ import numpy as np
 from benchmarks import cpu
 from benchmarks.analysis import Progress
 from benchmarks.flops import FlopModel
+from client.split_contract import SplitContract
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_contract
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -95,3 +97,8 @@ class State:
     memory: list[dict[str, object]] = field(default_factory=list)  # memory.csv
     naive_ref: dict[int, tuple[int, float]] = field(default_factory=dict)  # L -> (N, seconds)
     machine: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def contract(self) -> SplitContract:
+        """The declaration of the benchmarked config: the names every feed is built from."""
+        return reference_contract(self.cfg)

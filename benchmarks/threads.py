@@ -19,9 +19,11 @@ import onnxruntime as ort
 
 from benchmarks import analysis as an
 from benchmarks.direct import model_path
-from export import reference_features as c
+from benchmarks.feeds import fusion_feeds, history_feeds
+from client.split_contract import SplitContract
+from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
-from export.reference_features import reference_generator
+from export.reference_features import reference_contract
 from export.runtime import session_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +38,11 @@ def sessions(repository: Path, threads: int, spinning: bool) -> dict[str, ort.In
     return out
 
 
-def ranker_once(s: dict[str, ort.InferenceSession], request: dict[str, np.ndarray]) -> float:
+def ranker_once(s: dict[str, ort.InferenceSession], contract: SplitContract,
+                request: dict[str, np.ndarray]) -> float:
     start = time.perf_counter()
-    user_kv, last_ts = s["user_encoder"].run(None, {n: request[n] for n in c.HISTORY_INPUTS})
-    feeds = {n: request[n] for n in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
-    s["target_fusion"].run(None, {**feeds, c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts})
+    state = s["user_encoder"].run(None, history_feeds(contract, request))
+    s["target_fusion"].run(None, fusion_feeds(contract, request, state))
     return time.perf_counter() - start
 
 
@@ -58,21 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no exported models in {args.repository}: run `python -m export` first",
               file=sys.stderr)
         return 2
-    cfg = ModelConfig.load(args.config)
+    contract = reference_contract(ModelConfig.load(args.config))
     cores = os.cpu_count() or 1
     policies = {f"threads={t} spinning={'on' if s else 'off'}": sessions(args.repository, t, s)
                 for t in (1, cores) for s in (True, False)}
-    gen = reference_generator(seed=0, profile_dim=cfg.profile_dim)
+    gen = RequestGenerator(contract, seed=0)
     rows = []
     for point in args.points.split(","):
         length, n = (int(v) for v in point.split("x"))
         requests = [gen.request(length, n).as_inputs() for _ in range(8)]
         times: dict[str, list[float]] = {name: [] for name in policies}
         for s in policies.values():  # warm-up
-            ranker_once(s, requests[0])
+            ranker_once(s, contract, requests[0])
         for i in range(args.rounds):  # policies interleaved: the machine's noise hits them all
             for name, s in policies.items():
-                times[name].append(ranker_once(s, requests[i % len(requests)]))
+                times[name].append(ranker_once(s, contract, requests[i % len(requests)]))
         for name, values in times.items():
             p50 = an.percentile_ms(values, 50)
             rows.append({"L": length, "N": n, "policy": name, "p50_ms": round(p50, 3),

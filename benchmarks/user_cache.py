@@ -21,13 +21,14 @@ from tritonclient.utils import np_to_triton_dtype
 
 from benchmarks import analysis as an
 from benchmarks.cpu import CONTENDED_CORES, Snapshot, external_cores, snapshot
+from benchmarks.feeds import fusion_feeds, history_feeds
 from client.api import RankerClient
 from client.metrics import fetch_cache_stats
 from client.request import RankingRequest
+from client.split_contract import SplitContract
 from client.traffic import RequestGenerator
-from export import reference_features as c
 from export.config import DEFAULT_CONFIG, ModelConfig
-from export.reference_features import reference_generator
+from export.reference_features import reference_contract
 from export.repositories import copy_repositories, evaluation_beside
 from export.triton_configs import MODEL_REPOSITORY, write_configs
 from local_server.processes import rss_bytes, stub_pids
@@ -135,19 +136,18 @@ def raw(url: str, model: str, tensors: dict[str, np.ndarray], outputs: list[str]
     return [result.as_numpy(o) for o in outputs], seconds
 
 
-def references(url: str, gen: RequestGenerator, length: int, n: int, count: int
-               ) -> tuple[Timings, Timings]:
-    """target_fusion alone (fed a user_kv from user_encoder) and user_encoder alone."""
+def references(url: str, contract: SplitContract, gen: RequestGenerator, length: int, n: int,
+               count: int) -> tuple[Timings, Timings]:
+    """target_fusion alone (fed the user state from user_encoder) and user_encoder alone, fed by
+    the names of the served model's declaration."""
     fusion, encoder = Timings(), Timings()
+    state_names = [s.name for s in contract.state]
     for _ in range(count):
         req = gen.request(length, n).as_inputs()
-        history = {k: req[k] for k in c.HISTORY_INPUTS}
-        (kv, last), seconds = raw(url, "user_encoder", history, [c.USER_KV,
-                                                                   c.LAST_EVENT_TIMESTAMP])
+        state, seconds = raw(url, "user_encoder", history_feeds(contract, req), state_names)
         encoder.cached.append(seconds)
-        feeds = {k: req[k] for k in (*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE)}
-        _, seconds = raw(url, "target_fusion", {**feeds, c.USER_KV: kv,
-                                                c.LAST_EVENT_TIMESTAMP: last}, [c.SCORES])
+        _, seconds = raw(url, "target_fusion", fusion_feeds(contract, req, state),
+                         [contract.outputs[0].name])
         fusion.cached.append(seconds)
     return fusion, encoder
 
@@ -185,7 +185,8 @@ def bench_length(client: RankerClient, gen: RequestGenerator, length: int, args:
         rows.append(row(length, n, "append", delta, t,
                         f"{length - delta} cached + {delta} new: user_encoder_append"))
     log(f"L={length}: target_fusion and user_encoder alone x{count}")
-    fusion, encoder = references(client.url, gen, length, n, count)
+    fusion, encoder = references(client.url, client.model_info("ranker").contract, gen, length,
+                                 n, count)
     rows.append(row(length, n, "target_fusion alone", "", fusion, "the floor of a hit"))
     rows.append(row(length, n, "user_encoder alone", "", encoder, "a full encode"))
     return rows
@@ -256,19 +257,19 @@ def markdown(cfg: ModelConfig, args: argparse.Namespace, rows: list[dict], mem: 
     ]
     lines += ["", "Rows `target_fusion alone` and `user_encoder alone` call those models "
               "directly (their p50 is in the ranker_cached column); `target_fusion alone` receives "
-              "user_kv from the client over gRPC (2 MiB at L = 1000), which a hit does not, so a "
-              "hit can undercut it.", ""]
+              "the user K/V from the client over gRPC (2 MiB at L = 1000), which a hit does not, "
+              "so a hit can undercut it.", ""]
     lines += targets(rows)
     if mem:
         lines += ["## Memory per cached user", "",
                   f"At L = {mem['L']}: user_cache holds {mem['bytes_per_user'] / 2**20:.3f} MiB "
-                  "per user by its own accounting (bytes held / users held: user_kv + events); "
+                  "per user by its own accounting (bytes held / users held: user K/V + events); "
                   + (f"the stub's RSS grew {mem['rss_per_user'] / 2**20:.3f} MiB per user over "
                      f"{mem['users_added']} added users; " if mem["rss_per_user"] is not None
                      else f"RSS growth not measured: the cache was full ({mem['evictions']} "
                      "evictions while adding users); ")
                   + f"the formula `layers x 2 x L x d_model x 4` gives "
-                  f"{kv_bytes * mem['L'] / 2**20:.3f} MiB of fp32 user_kv.", ""]
+                  f"{kv_bytes * mem['L'] / 2**20:.3f} MiB of fp32 user K/V.", ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
@@ -290,7 +291,7 @@ def targets(rows: list[dict]) -> list[str]:
                         an.check(ratio, 1.1, higher=False)[0]])
         if ("append", 10) in by and ("repeat", 0) in by and ("miss", 0) in by:
             # Both increments over a hit, through the same ensemble: what the append adds vs
-            # what a full encode adds (target_fusion alone would also count sending user_kv
+            # what a full encode adds (target_fusion alone would also count sending the user K/V
             # over gRPC, which neither path does).
             hit = by[("repeat", 0)]["cached_p50_ms"]
             share = ((by[("append", 10)]["cached_p50_ms"] - hit)
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     mem: dict = {}
-    gen = reference_generator(seed=args.seed, profile_dim=cfg.profile_dim)
+    gen = RequestGenerator(reference_contract(cfg), seed=args.seed)
     start = snapshot()
     with serving(args.repository) as (server, metrics), \
             RankerClient(server.grpc_url, timeout_s=300) as client:

@@ -2,7 +2,7 @@
 
 `RankingTransformer`'s features, user state and outputs by name, as its declaration,
 benchmarks and tests use them, and `reference_features` (its request features with their roles)
-from which `export.split_contract.reference_contract` declares it. Torch-free, so that tools and
+and `reference_contract`, its whole declaration, built from them. Torch-free, so that tools and
 tests build reference requests without loading the model. The family-independent names (the
 tensor spec, the user id and its metadata header, the cache path) live in client/contract.py and
 are re-exported here, so that reference code imports one module.
@@ -28,7 +28,15 @@ from client.contract import (  # noqa: F401  (re-exported: the reference code's 
     user_id_spec,
 )
 from client.request import Declared, RankingRequest, features_of
-from client.split_contract import CANDIDATES, HISTORY, REQUEST, Feature
+from client.split_contract import (
+    CANDIDATES,
+    HISTORY,
+    REQUEST,
+    Feature,
+    Output,
+    SplitContract,
+    StateTensor,
+)
 from client.traffic import RequestGenerator
 
 HISTORY_ITEM_IDS = "history_item_ids"
@@ -125,4 +133,33 @@ def last_event_timestamp_spec() -> TensorSpec:
     return TensorSpec(
         LAST_EVENT_TIMESTAMP, "INT64", (1,),
         "timestamp of the newest history event (0 when L = 0); the candidates' time gap needs it",
+    )
+
+
+def reference_contract(cfg) -> SplitContract:
+    """The reference `RankingTransformer` (export/model.py) as one declaration, built from the
+    names and specs it is served with (this module), so the two cannot drift apart.
+
+    `cfg` is its export.config.ModelConfig. The mask "full" is described too (a naive-only
+    model); `check_contract` refuses it with the reason. Torch-free: benchmarks and tools read
+    the names they feed from it without loading the model."""
+    features = reference_features(cfg.profile_dim)
+    kv = user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim)
+    last = last_event_timestamp_spec()
+    scores = scores_output(cfg.num_tasks)
+    return SplitContract(
+        family="reference",
+        features=features,
+        state=(StateTensor(kv.name, kv.dtype, tuple("L" if d == -1 else d for d in kv.dims),
+                           kv.doc,
+                           append_reads="all_but_last" if cfg.num_layers >= 2 else "all"),
+               StateTensor(last.name, last.dtype, tuple(last.dims), last.doc)),
+        outputs=(Output(scores.name, scores.dtype, ("N", *scores.dims[1:]), scores.doc),),
+        history_mask=cfg.mask,
+        # Its append graph (user_encoder_append) reads the cached K/V of every layer but the last
+        # (append_reads "all_but_last") and the newest cached timestamp, and returns only the
+        # new events' K/V (`new_user_kv`) and the new newest timestamp: O(ΔL) bytes back.
+        appendable=cfg.appends,
+        max_history=cfg.max_history,
+        doc="target-item + history ranking transformer with softmax attention (export/model.py)",
     )

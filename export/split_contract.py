@@ -31,6 +31,7 @@ from client.split_contract import (  # noqa: F401  (re-exported)
     contract_from_json,
     contract_to_json,
 )
+from export.reference_features import reference_contract
 
 
 @runtime_checkable
@@ -96,37 +97,6 @@ def split_scores(model: SplitModel, request: dict[str, Tensor]) -> Tensor:
 def naive_scores(model: SplitModel, request: dict[str, Tensor]) -> Tensor:
     """The naive oracle on a request given by feature name."""
     return model.forward(*(request[f.name] for f in model.contract().features))
-
-
-def reference_contract(cfg) -> SplitContract:
-    """The reference `RankingTransformer` (export/model.py) as one declaration, built from the
-    names and specs it is served with (export/reference_features.py), so the two cannot drift
-    apart.
-
-    `cfg` is its export.config.ModelConfig. The mask "full" is described too (a naive-only
-    model); `check_contract` refuses it with the reason."""
-    from export import reference_features as cc
-
-    features = cc.reference_features(cfg.profile_dim)
-    kv = cc.user_kv_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim)
-    last = cc.last_event_timestamp_spec()
-    scores = cc.scores_output(cfg.num_tasks)
-    return SplitContract(
-        family="reference",
-        features=features,
-        state=(StateTensor(kv.name, kv.dtype, tuple("L" if d == -1 else d for d in kv.dims),
-                           kv.doc,
-                           append_reads="all_but_last" if cfg.num_layers >= 2 else "all"),
-               StateTensor(last.name, last.dtype, tuple(last.dims), last.doc)),
-        outputs=(Output(scores.name, scores.dtype, ("N", *scores.dims[1:]), scores.doc),),
-        history_mask=cfg.mask,
-        # Its append graph (user_encoder_append) reads the cached K/V of every layer but the last
-        # (append_reads "all_but_last") and the newest cached timestamp, and returns only the
-        # new events' K/V (`new_user_kv`) and the new newest timestamp: O(ΔL) bytes back.
-        appendable=cfg.appends,
-        max_history=cfg.max_history,
-        doc="target-item + history ranking transformer with softmax attention (export/model.py)",
-    )
 
 
 def reference_plan(cfg, fp16: bool = False) -> ServingPlan:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import load_test as lt
+from export.reference_features import reference_features
 from local_server import processes
 from tests.conftest import SMALL, Output
 
@@ -123,10 +124,10 @@ def test_verdict_and_figures() -> None:
 
 
 def test_plan_is_seeded_and_checks_every_kth() -> None:
-    jobs = lt.plan(20, clients=4, seed=3, profile_dim=5, max_history=50, max_candidates=7,
-                   check_every=5, largest_first=True)
-    again = lt.plan(20, clients=4, seed=3, profile_dim=5, max_history=50, max_candidates=7,
-                    check_every=5, largest_first=True)
+    jobs = lt.plan(20, clients=4, seed=3, declared=reference_features(5), max_history=50,
+                   max_candidates=7, check_every=5, largest_first=True)
+    again = lt.plan(20, clients=4, seed=3, declared=reference_features(5), max_history=50,
+                    max_candidates=7, check_every=5, largest_first=True)
     assert [len(j) for j in jobs] == [5, 5, 5, 5]
     flat = sorted((job for client in jobs for job in client), key=lambda j: j.index)
     assert [j.index for j in flat] == list(range(20))
