@@ -370,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
-                      "request takes <= 2 s (about 3 min)")
+                      "request takes <= 5 s, so the headline point L=1000, N=50 is in (~4 min)")
     size.add_argument("--smoke", action="store_true",
                       help="one tiny point (N=5, L=64), for CI (seconds)")
     p.add_argument("--out", type=Path, default=None,

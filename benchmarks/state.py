@@ -54,7 +54,7 @@ FULL = Mode(
 )
 QUICK = Mode(
     name="quick", ns=(1, 10, 50), lengths=(256, 1000), requests_per_point=4,
-    window_s=1.0, k_min=2, stability=15.0, max_trials=5, naive_limit_s=2.0,
+    window_s=1.0, k_min=2, stability=15.0, max_trials=5, naive_limit_s=5.0,
     direct_budget_s=0.4, sweep_point=(50, 1000), sweep_concurrency=(1, 2, 4),
     memory_points=(("user_encoder", 1000, 1000), ("target_fusion", 50, 1000),
                    ("ranker_naive", 50, 1000), ("target_fusion", 1000, 1000)),
