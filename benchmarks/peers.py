@@ -27,9 +27,9 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from export import reference_features as c
 from export.model import RankingTransformer
 from export.onnx_export import DYNAMIC_AXES, OPSET, example_inputs
+from export.reference_features import reference_contract
 from export.split_contract import ReferenceSplitModel, SplitModel
 from export.split_export import _Graph, declare_io_shapes, graph_io, tensor_dims
 from export.split_export import example_inputs as declared_inputs
@@ -40,9 +40,6 @@ PEERS = (MFALCON, REPLICATED_FUSION)
 # Which graph's inputs a peer reads: the request (a single pass) or target_fusion's (after the
 # same user_encoder, whose time is added to the peer's).
 READS = {MFALCON: "ranker_naive", REPLICATED_FUSION: "target_fusion"}
-REQUEST = [s.name for s in c.request_inputs(1)]
-FUSION_INPUTS = [*c.CANDIDATE_INPUTS, c.REQUEST_TIMESTAMP, c.USER_PROFILE, c.USER_KV,
-                 c.LAST_EVENT_TIMESTAMP]
 
 
 class MFalcon(nn.Module):
@@ -100,16 +97,18 @@ class ReplicatedFusion(nn.Module):
 
 def export_peer(model: RankingTransformer, name: str, path: Path) -> None:
     """Trace one peer into `path` (dynamic L and N, the project's opset)."""
-    module, inputs = (MFalcon(model), REQUEST) if name == MFALCON else (
-        ReplicatedFusion(model), FUSION_INPUTS)
+    contract = reference_contract(model.cfg)  # the names, from the model's declaration
+    module, inputs = (MFalcon(model), [f.name for f in contract.features]) if name == MFALCON \
+        else (ReplicatedFusion(model), list(contract.fusion_inputs))
+    scores = contract.outputs[0].name
     example = example_inputs(model.cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(), tuple(example[n] for n in inputs), str(path), dynamo=False,
-            opset_version=OPSET, input_names=inputs, output_names=[c.SCORES],
-            dynamic_axes={n: DYNAMIC_AXES[n] for n in [*inputs, c.SCORES] if n in DYNAMIC_AXES},
+            opset_version=OPSET, input_names=inputs, output_names=[scores],
+            dynamic_axes={n: DYNAMIC_AXES[n] for n in [*inputs, scores] if n in DYNAMIC_AXES},
         )
     onnx.checker.check_model(str(path))
 
