@@ -146,7 +146,7 @@ def calibrate(run: Run, config: Path, length: int = 1024) -> None:
 
 def naive_slice(run: Run, n: int, kept: int) -> tuple[int, str]:
     """Candidates per naive call (within naive_max_work and the budget), or 0 and why not."""
-    work, tokens = run.family.limits.naive_max_work, (kept + 1) ** 2
+    work, tokens = run.family.plan.naive_max_work, (kept + 1) ** 2
     if tokens > work:
         return 0, f"one candidate is above naive_max_work={work} (its graph refuses)"
     if (one := bytes_needed(run, "naive", 1, kept)) > run.budget_bytes:

@@ -42,10 +42,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.family import Family, FamilyError, ServingLimits, describe, load_family
+from export.family import Family, FamilyError, describe, load_family
 from export.guards import append_rule, length_rule, limit_rule
 from export.native_rules import check_model
-from export.split_contract import SplitContract
+from export.split_contract import ServingPlan, SplitContract
 from export.split_export import export_all, graph_io, graphs_for, native_model_config
 from export.split_fuzz import SplitGraphs, appended, history_slice, max_diff, random_request
 
@@ -73,7 +73,7 @@ class Plan:
     notes: tuple[str, ...]
 
 
-def plan(contract: SplitContract, limits: ServingLimits, quick: bool,
+def plan(contract: SplitContract, limits: ServingPlan, quick: bool,
          lengths: Sequence[int] | None, candidates: Sequence[int] | None,
          max_length: int | None, naive_budget: int) -> Plan:
     """The grid: the given one, else the default (full or quick) with the edge cases; lengths
@@ -176,7 +176,7 @@ class Checker:
 
     def __init__(self, family: Family, graphs: SplitGraphs, table: Table, seed: int) -> None:
         self.model, self.contract = family.model, family.contract
-        self.max_candidates = family.limits.max_candidates
+        self.max_candidates = family.plan.max_candidates
         self.graphs, self.table, self.seed = graphs, table, seed
 
     def _request(self, length: int, n: int) -> dict[str, np.ndarray]:
@@ -374,8 +374,8 @@ def run_check(family: Family, p: Plan, tolerance: float, seed: int,
     with tempfile.TemporaryDirectory(prefix="export_check_") as tmp:
         t0 = time.perf_counter()
         out(f"exporting {', '.join(graphs)} into a temporary folder")
-        export_all(family.model, Path(tmp), max_candidates=family.limits.max_candidates,
-                   naive_max_work=family.limits.naive_max_work, graphs=graphs)
+        export_all(family.model, Path(tmp), max_candidates=family.plan.max_candidates,
+                   naive_max_work=family.plan.naive_max_work, graphs=graphs)
         out(f"exported in {time.perf_counter() - t0:.1f} s; L in {list(p.lengths)}, N in "
             f"{list(p.candidates)}; ids include the int64 extremes")
         for note in p.notes:
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(family), flush=True)
     # ONNX Runtime logs every refused request on stderr; the table reports them instead.
     ort.set_default_logger_severity(4)
-    grid = plan(family.contract, family.limits, args.quick, args.lengths, args.candidates,
+    grid = plan(family.contract, family.plan, args.quick, args.lengths, args.candidates,
                 args.max_length,
                 args.naive_budget or (QUICK_NAIVE_BUDGET if args.quick else NAIVE_BUDGET))
     failures = run_check(family, grid, args.tolerance, args.seed,

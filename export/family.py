@@ -40,7 +40,13 @@ from torch import nn
 
 from export.native_rules import export_verdict
 from export.repositories import EVALUATION_OPTION_HELP, evaluation_beside
-from export.split_contract import ContractError, SplitContract, SplitModel, check_contract
+from export.split_contract import (
+    ContractError,
+    ServingPlan,
+    SplitContract,
+    SplitModel,
+    check_contract,
+)
 from export.split_export import GRAPHS, graphs_for
 from export.split_repository import write_split_repositories
 from export.triton_configs import config_source
@@ -58,40 +64,37 @@ class FamilyError(ValueError):
     message says which and why."""
 
 
-@dataclass(frozen=True)
-class ServingLimits:
-    """What the export writes into the graphs as guards and into the Triton configs."""
-
-    max_candidates: int = DEFAULT_MAX_CANDIDATES
-    naive_max_work: int = DEFAULT_NAIVE_MAX_WORK
-    task_names: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], contract: SplitContract) -> ServingLimits:
-        """The limits a config states, the defaults for the others (task names: task0.. over
-        the first output's second dim, when it has one)."""
-        limits = {}
-        for key in ("max_candidates", "naive_max_work"):
-            value = config.get(key, getattr(cls, key))
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FamilyError(f"{key} must be a positive integer, got {value!r}")
-            limits[key] = value
-        dims = contract.outputs[0].dims
-        tasks = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else 0
-        names = config.get("task_names", [f"task{i}" for i in range(tasks)])
-        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-            raise FamilyError(f"task_names must be a list of strings, got {names!r}")
-        return cls(task_names=tuple(names), **limits)
+def serving_plan(config: dict[str, Any], contract: SplitContract) -> ServingPlan:
+    """The serving plan a family config states (export/split_contract.py's ServingPlan, as the
+    reference model's ModelConfig builds it): its limits, the defaults for those it omits (task
+    names: task0.. over the first output's second dim, when it has one)."""
+    limits = {}
+    for key, default in (("max_candidates", DEFAULT_MAX_CANDIDATES),
+                         ("naive_max_work", DEFAULT_NAIVE_MAX_WORK)):
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FamilyError(f"{key} must be a positive integer, got {value!r}")
+        limits[key] = value
+    dims = contract.outputs[0].dims
+    tasks = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else 0
+    names = config.get("task_names", [f"task{i}" for i in range(tasks)])
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise FamilyError(f"task_names must be a list of strings, got {names!r}")
+    return ServingPlan(contract, task_names=tuple(names), **limits)
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model loaded from a family config: the model, its checked declaration, its limits."""
+    """A model loaded from a family config: the model, its serving plan (its checked
+    declaration and limits), the factory that built it."""
 
     model: SplitModel
-    contract: SplitContract
-    limits: ServingLimits
+    plan: ServingPlan
     factory: str
+
+    @property
+    def contract(self) -> SplitContract:
+        return self.plan.contract
 
 
 def reference_model(config: dict[str, Any], checkpoint: str | None = None) -> SplitModel:
@@ -174,7 +177,7 @@ def build_family(config: dict[str, Any], checkpoint: str | None = None,
         check_contract(contract)
     except ContractError as e:
         raise FamilyError(f"the declaration of {spec} is refused: {e}") from e
-    return Family(model.eval(), contract, ServingLimits.from_config(config, contract), spec)
+    return Family(model.eval(), serving_plan(config, contract), spec)
 
 
 def load_family(path: str | Path, checkpoint: str | None = None,
@@ -188,10 +191,10 @@ def write_family_repositories(family: Family, serving: Path, evaluation: Path | 
                               command: str = COMMAND, progress: bool = False) -> list[Path]:
     """The family's servable repository pair (export/split_repository.py), its limits as guards
     and config parameters."""
-    limits = family.limits
-    return write_split_repositories(family.model, serving, max_candidates=limits.max_candidates,
-                                    naive_max_work=limits.naive_max_work,
-                                    task_names=limits.task_names, evaluation=evaluation,
+    plan = family.plan
+    return write_split_repositories(family.model, serving, max_candidates=plan.max_candidates,
+                                    naive_max_work=plan.naive_max_work,
+                                    task_names=plan.task_names, evaluation=evaluation,
                                     graphs=graphs, source=source, command=command,
                                     progress=progress)
 

@@ -73,7 +73,7 @@ def test_client_reads_the_model_from_the_server(served) -> None:
             info = client.model_info(model)
             assert info.contract == family.contract, model
             assert (info.num_tasks, info.task_names) == (1, ("buy",)), model
-            assert info.max_candidates == family.limits.max_candidates, model
+            assert info.max_candidates == family.plan.max_candidates, model
         assert client.model_info("ranker_cached").needs_user_id
 
 

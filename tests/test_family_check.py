@@ -208,5 +208,5 @@ def test_family_config_loads_with_its_own_class_only() -> None:
     with pytest.raises(HSTUConfigError, match="names the model 'byom_ranker:build'"):
         HSTUConfig.from_dict({**data, "model": "byom_ranker:build"})
     loaded = family.load_family(CONFIG_DIR / "hstu_causal.json")
-    assert loaded.contract.family == "hstu" and loaded.limits.task_names == ("click", "like")
-    assert loaded.limits.max_candidates == data["max_candidates"]
+    assert loaded.contract.family == "hstu" and loaded.plan.task_names == ("click", "like")
+    assert loaded.plan.max_candidates == data["max_candidates"]
