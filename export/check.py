@@ -20,9 +20,11 @@ returns the new events' part of each state tensor with an "L" dim (exactly ΔL a
 new value of the others; the cached part followed by the new part, as the user cache joins them,
 must equal a full encode. The append past max_history must be refused. Every graph
 must refuse a request where one feature of an axis has length 1 and the others not (what would
-otherwise broadcast into misaligned scores), more candidates than max_candidates, and name the
-guard's rule. Shapes must be the declared ones, and each graph must meet the native onnxruntime
-backend's load-time rules against the Triton config derived from the declaration.
+otherwise broadcast into misaligned scores), more candidates than max_candidates, ranker_naive
+more work than naive_max_work, and name the guard's rule. Shapes must be the declared ones, and
+each graph must meet the native onnxruntime backend's load-time rules against the Triton config
+derived from the declaration. `--provider`, `--target gpu` and `--fp16` check the graphs a GPU
+serves (scripts/gpu_check.sh): on that execution provider, the fp16 copy against the fp32 model.
 
 One table row per comparison, printed as it is computed; exit 1 if any row fails, 2 if the
 config or the declaration is refused (a `full` history mask is, with the reason).
@@ -31,6 +33,7 @@ config or the declaration is refused (a `full` history mask is, with the reason)
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -43,9 +46,10 @@ import onnxruntime as ort
 import torch
 
 from export.family import Family, FamilyError, describe, load_family
-from export.guards import append_rule, length_rule, limit_rule
+from export.guards import append_rule, length_rule, limit_rule, naive_rule
 from export.native_rules import check_model
-from export.split_contract import ServingPlan, SplitContract
+from export.runtime import PROVIDERS
+from export.split_contract import ServingPlan, SplitContract, half_state
 from export.split_export import export_all, graph_io, graphs_for, native_model_config
 from export.split_fuzz import SplitGraphs, appended, history_slice, max_diff, random_request
 
@@ -177,6 +181,7 @@ class Checker:
     def __init__(self, family: Family, graphs: SplitGraphs, table: Table, seed: int) -> None:
         self.model, self.contract = family.model, family.contract
         self.max_candidates = family.plan.max_candidates
+        self.naive_max_work = family.plan.naive_max_work
         self.graphs, self.table, self.seed = graphs, table, seed
 
     def _request(self, length: int, n: int) -> dict[str, np.ndarray]:
@@ -298,21 +303,23 @@ class Checker:
         table.compare(name, "torch append", "torch encode_user", torch_append)
         table.compare(name, "onnx append", "torch encode_user", onnx_append)
 
-    def native_rules(self, graphs: Sequence[str]) -> None:
+    def native_rules(self, graphs: Sequence[str], fp16: bool) -> None:
         """Each graph against the Triton config derived from the declaration, with the native
         onnxruntime backend's load-time rules (names, dtypes, ranks, fixed dims)."""
+        dtypes = half_state(self.contract) if fp16 else None
         for graph in graphs:
             path = self.graphs.directory / graph / "1" / "model.onnx"
             try:
-                found = check_model(native_model_config(self.contract, graph), path)
+                found = check_model(native_model_config(self.contract, graph,
+                                                        state_dtypes=dtypes), path)
             except Exception as e:
                 found = [_short(e)]
             verdict = "pass" if not found else f"FAIL: {'; '.join(found)}"
             self.table.add(Row("config vs graph", graph, "native backend rules", None, verdict))
 
     def refusals(self, graphs: Sequence[str]) -> None:
-        """Length-1 broadcasts, N > max_candidates and the append past max_history: each graph
-        must refuse, naming the guard's rule."""
+        """Length-1 broadcasts, N > max_candidates, the naive graph's work bound and the append
+        past max_history: each graph must refuse, naming the guard's rule."""
         c = self.contract
         for symbol, features in (("L", c.history_features), ("N", c.candidate_features)):
             if len(features) < 2:
@@ -343,6 +350,10 @@ class Checker:
         else:
             self._refused(f"N={limit} > max_candidates", "target_fusion", {**request, **state},
                           limit_rule(self.max_candidates))
+        n = self.naive_max_work // (c.max_history + 1) ** 2 + 1
+        if "ranker_naive" in graphs and n <= self.max_candidates:  # else no N reaches the bound
+            self._refused(f"N={n} L={c.max_history} > naive_max_work", "ranker_naive",
+                          self._request(c.max_history, n), naive_rule(self.naive_max_work))
         if c.appendable and "user_encoder_append" in graphs:
             request = self._request(c.max_history, 1)
             try:
@@ -367,21 +378,29 @@ class Checker:
 
 
 def run_check(family: Family, p: Plan, tolerance: float, seed: int,
-              out: Callable[[str], None] = print) -> int:
-    """Export into a temporary folder, run every comparison; the number of failed rows."""
+              out: Callable[[str], None] = print, provider: str = "cpu", target: str = "cpu",
+              fp16: bool = False, output: Path | None = None) -> int:
+    """Export (the `target`'s graphs, fp16 ones from the model's fp16 copy) into `output` or a
+    temporary folder, run every comparison on `provider`; the number of failed rows."""
     c = family.contract
     graphs = tuple(g for g in graphs_for(c) if p.naive_graph or g != "ranker_naive")
+    model = copy.deepcopy(family.model).half() if fp16 else family.model
     with tempfile.TemporaryDirectory(prefix="export_check_") as tmp:
+        folder = output or Path(tmp)
         t0 = time.perf_counter()
-        out(f"exporting {', '.join(graphs)} into a temporary folder")
-        export_all(family.model, Path(tmp), max_candidates=family.plan.max_candidates,
-                   naive_max_work=family.plan.naive_max_work, graphs=graphs)
+        out(f"exporting {', '.join(graphs)} (target {target}{', fp16' if fp16 else ''}) into "
+            f"{folder if output else 'a temporary folder'}")
+        export_all(model, folder, max_candidates=family.plan.max_candidates,
+                   naive_max_work=family.plan.naive_max_work, graphs=graphs, target=target)
         out(f"exported in {time.perf_counter() - t0:.1f} s; L in {list(p.lengths)}, N in "
             f"{list(p.candidates)}; ids include the int64 extremes")
         for note in p.notes:
             out(f"note: {note}")
         table = Table(tolerance, out)
-        checker = Checker(family, SplitGraphs(c, Path(tmp), graphs), table, seed)
+        checker = Checker(family, SplitGraphs(c, folder, graphs, provider), table, seed)
+        active = checker.graphs.sessions[graphs[0]].get_providers()  # ORT falls back silently
+        table.add(Row("execution provider", graphs[0], provider, None, "pass" if active[0] ==
+                      PROVIDERS[provider][0] else f"FAIL: ONNX Runtime runs it on {active}"))
         for length in p.lengths:
             # which case runs, in case a graph kills the process (ONNX Runtime can)
             print(f"export.check: running L={length}", file=sys.stderr, flush=True)
@@ -392,7 +411,7 @@ def run_check(family: Family, p: Plan, tolerance: float, seed: int,
             checker.append(cached, new)
         print("export.check: running the refusals", file=sys.stderr, flush=True)
         checker.refusals(graphs)
-        checker.native_rules(graphs)
+        checker.native_rules(graphs, fp16)
     out(f"{len(table.rows)} rows, {table.failures} failed (tolerance {tolerance:g}) in "
         f"{time.perf_counter() - t0:.1f} s")
     return table.failures
@@ -429,6 +448,15 @@ def main(argv: list[str] | None = None) -> int:
                         "run (the ONNX split is then compared with the torch split) (default: "
                         f"{NAIVE_BUDGET}, quick {QUICK_NAIVE_BUDGET})")
     p.add_argument("--seed", type=int, default=0, help="request seed (default: %(default)s)")
+    p.add_argument("--provider", choices=PROVIDERS, default="cpu",
+                   help="ONNX Runtime execution provider to run the graphs on; one it falls back "
+                        "from fails (default: %(default)s)")
+    p.add_argument("--target", choices=("cpu", "gpu"), default="cpu",
+                   help="export target, as `python -m export --target` (default: %(default)s)")
+    p.add_argument("--fp16", action="store_true",
+                   help="export the fp16 copy (against the fp32 torch model: raise --tolerance)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="export into this folder and keep it (default: a temporary one)")
     args = p.parse_args(argv)
     if args.tolerance <= 0 or any(x < 0 for x in (*(args.lengths or ()),
                                                   *(args.candidates or ()))):
@@ -445,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_length,
                 args.naive_budget or (QUICK_NAIVE_BUDGET if args.quick else NAIVE_BUDGET))
     failures = run_check(family, grid, args.tolerance, args.seed,
-                         out=lambda line: print(line, flush=True))
+                         lambda line: print(line, flush=True), args.provider, args.target,
+                         args.fp16, args.output)
     return 1 if failures else 0
 
 

@@ -30,13 +30,19 @@ def session_options(threads: int | None = None, inter_threads: int = 1,
     return so
 
 
-def make_session(path: str | Path, threads: int | None = None,
-                 inter_threads: int = 1) -> ort.InferenceSession:
-    providers = ["CPUExecutionProvider"]
-    if os.environ.get("RANKER_ORT_CUDA") == "1":
-        providers.insert(0, "CUDAExecutionProvider")
+# Execution providers by short name, each falling back as Triton's onnxruntime backend does.
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                          "CPUExecutionProvider"]}
+
+
+def make_session(path: str | Path, threads: int | None = None, inter_threads: int = 1,
+                 provider: str | None = None) -> ort.InferenceSession:
+    """A session on `provider` (default: cuda where RANKER_ORT_CUDA=1, else cpu)."""
+    provider = provider or ("cuda" if os.environ.get("RANKER_ORT_CUDA") == "1" else "cpu")
     return ort.InferenceSession(str(path), session_options(threads, inter_threads),
-                                providers=providers)
+                                providers=PROVIDERS[provider])
 
 
 def run_in_chunks(

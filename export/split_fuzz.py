@@ -99,13 +99,15 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 class SplitGraphs:
     """A family's exported graphs (directory/<graph>/1/model.onnx) run with the project's ONNX
-    Runtime settings; inputs are picked from a request by the declaration's names."""
+    Runtime settings on `provider` (export.runtime.PROVIDERS); inputs are picked from a request
+    by the declaration's names."""
 
     def __init__(self, contract: SplitContract, directory: Path,
-                 graphs: Sequence[str] | None = None) -> None:
+                 graphs: Sequence[str] | None = None, provider: str = "cpu") -> None:
         self.contract = contract
         self.directory = Path(directory)
-        self.sessions = {g: make_session(self.directory / g / "1" / "model.onnx")
+        self.sessions = {g: make_session(self.directory / g / "1" / "model.onnx",
+                                         provider=provider)
                          for g in (graphs or graphs_for(contract))}
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -114,6 +114,23 @@ def test_check_fails_a_graph_the_native_backend_would_refuse(
     assert rows[0].endswith("pass") and "FAIL" in rows[1] and "scores" in rows[1], rows
 
 
+def test_check_an_fp16_gpu_target_export(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """What scripts/gpu_check.sh --fp16 checks on a GPU, on the CPU EP: the fp16 export of the
+    gpu target within 5e-3 of the fp32 torch model (and off it by fp16's rounding, so fp16 did
+    run), its fp16 user state as the native backend's config declares it."""
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({**SMALL, "mask": "causal"}))
+    assert check.main(["--config", str(config), "--quick", "--fp16", "--target", "gpu",
+                       "--tolerance", "5e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "(target gpu, fp16)" in out and " 0 failed" in out
+    diffs = [float(line.split()[-3]) for line in out.splitlines()
+             if line.startswith("L=") and " onnx split " in line]
+    assert diffs and 1e-5 < max(diffs) <= 5e-3, diffs
+    assert out.count("native backend rules") == 3  # user_encoder, target_fusion, the append
+
+
 def test_check_refuses_a_full_mask_declaration(tmp_path: Path) -> None:
     """The real command on an outside model that declares a BST-style mask: exit 2, the reason,
     nothing exported."""
