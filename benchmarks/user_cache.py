@@ -120,7 +120,7 @@ def per_path(url: str, gen: RequestGenerator, length: int, args: argparse.Namesp
             contract, req, state), [contract.outputs[0].name])[1])
     return rows + [{"L": length, "N": n, "path": path, "delta": "", "requests": count,
                     **latencies("cached", pd.Series(seconds)), "note": NOTES[path]}
-                   for path, seconds in sorted(alone.items(), reverse=True)]
+                   for path, seconds in sorted(alone.items())]
 
 
 def memory_per_user(url: str, server_pid: int, metrics: str, gen: RequestGenerator,
@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     an.write_csv(args.out / f"{name}.csv", rows)
     (args.out / f"{name}.json").write_text(json.dumps(run, indent=2) + "\n")
     write_reports(args.out)
-    return int(any(float(r.get("max_abs_diff_vs_ranker") or 0) > TOLERANCE for r in rows))
+    return int(any(float(r.get("max_abs_diff_vs_ranker") or 0) > TOLERANCE
+                   or (r.get("quantity") == "errors" and r["value"]) for r in rows))
 
 
 if __name__ == "__main__":
