@@ -110,17 +110,20 @@ def per_path(url: str, gen: RequestGenerator, length: int, args: argparse.Namesp
                      "paths_seen": seen, "max_abs_diff_vs_ranker": f"{diff:.2e}",
                      "note": NOTES.get(path, f"{length - int(delta)} cached + {delta} new: "
                                        "user_encoder_append")})
-    contract, alone = RankerClient(url).model_info("ranker").contract, {}
+    with RankerClient(url) as client:
+        contract = client.model_info("ranker").contract
+    encoder, fusion = [], []
     for _ in range(count):
         req = gen.request(length, n).as_inputs()
         state, seconds = raw(url, "user_encoder", history_feeds(contract, req),
                              [s.name for s in contract.state])
-        alone.setdefault("user_encoder alone", []).append(seconds)
-        alone.setdefault("target_fusion alone", []).append(raw(url, "target_fusion", fusion_feeds(
-            contract, req, state), [contract.outputs[0].name])[1])
+        encoder.append(seconds)
+        fusion.append(raw(url, "target_fusion", fusion_feeds(contract, req, state),
+                          [contract.outputs[0].name])[1])
     return rows + [{"L": length, "N": n, "path": path, "delta": "", "requests": count,
                     **latencies("cached", pd.Series(seconds)), "note": NOTES[path]}
-                   for path, seconds in sorted(alone.items())]
+                   for path, seconds in (("target_fusion alone", fusion),
+                                         ("user_encoder alone", encoder))]
 
 
 def memory_per_user(url: str, server_pid: int, metrics: str, gen: RequestGenerator,
@@ -280,15 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     load = external_cores(start).get("ext_cpu_cores", 0.0)
-    notes += [f"Contended run: other processes used {load:.2f} cores meanwhile; compare "
-              "ranker_cached and ranker on the same rows rather than absolute times."] * (
-                  load > CONTENDED_CORES)
+    if load > CONTENDED_CORES:
+        notes.append(f"Contended run: other processes used {load:.2f} cores meanwhile; compare "
+                     "ranker_cached and ranker on the same rows rather than absolute times.")
     run = {"command": f"python -m benchmarks.user_cache{' --concurrent' * args.concurrent}",
            "date": time.strftime("%Y-%m-%d"), "config": Path(args.config).name,
            "model": f"d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
            f"max_history {cfg.max_history}, mask {cfg.mask}",
            "settings": {"num_candidates": args.num_candidates, "requests": args.requests,
-                        "length": lengths[0]},
+                        "length": lengths[0], "seconds": args.seconds},
            "machine": an.machine(**an.LOCAL_SERVER, **{
                "other processes' CPU during the run": f"{load:.2f} cores"}),
            "memory": None if args.concurrent else memory, "notes": notes,
