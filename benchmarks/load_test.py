@@ -163,8 +163,10 @@ def percentiles_ms(seconds: Sequence[float] | pd.Series) -> dict[str, float] | N
 
 def summary(t: Traffic, planned: int) -> dict[str, Any]:
     """A phase's counts: requests, errors (the clients' and the oracle's), checks."""
-    failed = pd.concat([t.requests, t.checks]).query("status == 'error'")
+    failed = pd.concat([f for f in (t.requests, t.checks) if len(f)] or [t.requests])
+    failed = failed[failed.status == "error"]
     done = t.checks[t.checks.status.isin(["ok", "mismatch"])]
+    finite = pd.to_numeric(done.max_abs_diff).replace(math.inf, np.nan).dropna()
     return {"completed": int((t.requests.status == "ok").sum()), "errors": len(failed),
             "error_codes": {k: int(v) for k, v in failed.code.value_counts().items()},
             "error_samples": an.records(failed[COLUMNS[1:-2]].head(100)),
@@ -172,7 +174,7 @@ def summary(t: Traffic, planned: int) -> dict[str, Any]:
             "checks_skipped": int((t.checks.status == "skipped").sum()),
             "mismatches": int((done.status == "mismatch").sum()),
             "mismatch_samples": an.records(done.query("status == 'mismatch'")[COLUMNS[1:-1]]),
-            "max_abs_diff": float(done.max_abs_diff.replace(math.inf, np.nan).max() or 0.0)}
+            "max_abs_diff": float(finite.max()) if len(finite) else 0.0}
 
 
 def sample_memory(server_pid: int) -> pd.Series:
