@@ -255,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     card = args.repository / "user_encoder" / "1" / "model_card.json"
     if args.max_history is None and not card.exists():
         p.error(f"no model card in {card.parent}: pass --max-history")
-    args.max_history = args.max_history or json.loads(card.read_text())["config"]["max_history"]
+    if args.max_history is None:
+        args.max_history = int(json.loads(card.read_text())["config"]["max_history"])
     return args
 
 
