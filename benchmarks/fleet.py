@@ -39,7 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--visits", type=int, default=6, help="visits per user")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fleet"), help="folder")
     p.add_argument("--report-only", type=Path, metavar="DIR", help="rebuild DIR's fleet.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.replicas != sorted(args.replicas) or args.replicas[0] < 1:
+        p.error("--replicas must be ascending counts >= 1")
+    return args
 
 
 def warm_up(fleet: Fleet, contract: SplitContract) -> None:
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = pd.DataFrame(rows).sort_values(["replicas", "balance"])
         an.write_csv(args.out / "fleet.csv", rows)
         (args.out / "fleet.json").write_text(json.dumps(
-            {"date": time.strftime("%Y-%m-%d"), "settings": settings, "machine": machine}) + "\n")
+            {"date": time.strftime("%Y-%m-%d"), "settings": settings, "machine": machine},
+            indent=2) + "\n")
     (args.report_only / "fleet.md").write_text(report(args.report_only))
     log(f"wrote {args.report_only}/fleet.md")
     bad = an.read_csv(args.report_only / "fleet.csv").query(f"failed > 0 or not "
