@@ -224,8 +224,9 @@ class Bench:
                             memory.probe, model, n, length, self.repository, self.config).result()}
                 except Exception as e:  # the probe's own error, or its process died (memory)
                     row["status"] = f"error: {type(e).__name__}: {e}"
-            self.log(f"memory {model} N={n} L={length}: {row['status']}, peak +"
-                     f"{an.fmt(row.get('peak_delta_bytes', math.nan) / 2**20)} MiB")
+            peak = row.get("peak_delta_bytes")
+            self.log(f"memory {model} N={n} L={length}: {row['status']}"
+                     + (f", peak +{peak / 2**20:.1f} MiB" if peak is not None else ""))
             self.rows["memory"].append(row)
 
 

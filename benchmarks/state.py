@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.analysis import Progress  # noqa: F401 (long_history's import until it moves)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("ranker", "ranker_naive", "ranker_base")  # the order of every point
 
