@@ -103,7 +103,7 @@ class SplitGraphs:
     by the declaration's names."""
 
     def __init__(self, contract: SplitContract, directory: Path,
-                 graphs: Sequence[str] | None = None, provider: str = "cpu") -> None:
+                 graphs: Sequence[str] | None = None, provider: str | None = None) -> None:
         self.contract = contract
         self.directory = Path(directory)
         self.sessions = {g: make_session(self.directory / g / "1" / "model.onnx",
