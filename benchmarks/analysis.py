@@ -24,7 +24,6 @@ import psutil
 MISSING = "–"
 Formatter = Callable[[Any], str] | str
 Rows = pd.DataFrame | Sequence[Mapping[str, Any]]
-# The server the benchmarks start (local_server/): its line in a machine description.
 LOCAL_SERVER = {"tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
                                 "python-backend stand-ins running ONNX Runtime)"}
 
@@ -110,18 +109,16 @@ def check(value: float | None, threshold: float, higher: bool = True) -> tuple[s
     if value is None:
         return "not measured", MISSING
     met = value >= threshold if higher else value <= threshold
-    margin = abs((value / threshold - 1) if higher else (threshold / value - 1))
-    return ("met", f"+{100 * margin:.0f} % headroom") if met else \
-        ("missed", f"short by {100 * margin:.0f} %")
+    margin = 100 * abs((value / threshold - 1) if higher else (threshold / value - 1))
+    return ("met", f"+{margin:.0f} % headroom") if met else ("missed", f"short by {margin:.0f} %")
 
 
 def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Sequence[str]
           | None = None, formats: Mapping[str, Formatter] | None = None,
           missing: str = MISSING) -> str:
     """A markdown table of a DataFrame, row dicts, or row lists (then `columns` are the headers).
-    `columns`: header -> source column, or the columns to show (default: all); `formats`: column
-    or header -> a callable or a format string ("{:.2f}"); other cells: strings and integers as
-    they are, floats by `fmt`, missing ones as `missing`."""
+    `columns`: header -> column, or the columns to show (default: all); `formats`: column or
+    header -> a callable or format string; else floats by `fmt`, missing cells as `missing`."""
     formats = formats or {}
     if isinstance(data, pd.DataFrame) or not data or isinstance(data[0], Mapping):
         frame = pd.DataFrame(data)
@@ -174,10 +171,9 @@ def _gpu() -> str:
 
 
 def machine(**extra: str) -> dict[str, str]:
-    """What every result file states about where it was measured: date, CPU model and SIMD
-    flags, cores, GPU (nvidia-smi), available memory, OS and the versions that set the numbers;
-    `extra` adds or overrides items (tritonserver, perf_analyzer, nginx; LOCAL_SERVER). CPU model
-    and flags from /proc/cpuinfo: psutil has neither, platform.processor() is empty on Linux."""
+    """Where a result was measured: date, CPU (/proc/cpuinfo: psutil has no model name or flags),
+    cores, GPU, available memory, OS and the versions that set the numbers; `extra` adds or
+    overrides items (tritonserver, perf_analyzer, nginx; LOCAL_SERVER, the local server's)."""
     cpuinfo = Path("/proc/cpuinfo")
     first = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else ""
     fields = dict(tuple(p.strip() for p in line.split(":", 1))
@@ -201,8 +197,7 @@ def machine_table(info: Mapping[str, Any]) -> str:
 @contextlib.contextmanager
 def figure(path: Path, ncols: int = 1, size: tuple[float, float] = (6.5, 4.5),
            dpi: int = 110) -> Iterator[list[Any]]:
-    """Axes of a one-row figure, saved to `path` (tight layout) on exit; a bare Figure, without
-    pyplot's global state, so nothing is left to close and no GUI backend is chosen."""
+    """Axes of a one-row figure saved to `path` on exit (a bare Figure: no pyplot state)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size)
