@@ -52,16 +52,15 @@ def pick(df: pd.DataFrame | Sequence[Mapping[str, Any]], column: str | None = No
     row matches (or the value is missing)."""
     for row in records(df) if isinstance(df, pd.DataFrame) else df:
         if all(row.get(k) == v for k, v in where.items()):
-            if column is None:
-                return dict(row)
-            return None if pd.isna(row.get(column)) else row[column]
+            value = dict(row) if column is None else row.get(column)
+            return None if np.ndim(value) == 0 and pd.isna(value) else value
     return None
 
 
 def num(v: Any) -> float | None:
     """A number, or None for a missing/empty/non-numeric value."""
-    x = pd.to_numeric(v, errors="coerce")
-    return None if pd.isna(x) else float(x)
+    x = pd.to_numeric(v, errors="coerce") if np.ndim(v) == 0 else None
+    return None if x is None or pd.isna(x) else float(x)
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float:
@@ -135,7 +134,7 @@ def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Seq
 def _cell(v: Any, formatter: Formatter | None, missing: str) -> str:
     if callable(formatter):
         return formatter(v)
-    if pd.isna(v):
+    if np.ndim(v) == 0 and pd.isna(v):  # a scalar missing value (a list cell is shown as it is)
         return missing
     if isinstance(formatter, str):
         return formatter.format(v)

@@ -143,6 +143,8 @@ def test_table_from_frames_dicts_and_lists() -> None:
     assert an.table([[1, 2.5]], ["a", "b"], {"b": "{:.3f}"}) == \
         "| a | b |\n|---|---|\n| 1 | 2.500 |"
     assert an.machine_table({"cores": "2"}) == "| item | value |\n|---|---|\n| cores | 2 |"
+    assert an.table([[[1, 2], None]], ["a", "b"]) == "| a | b |\n|---|---|\n| [1, 2] | – |"
+    assert an.pick([{"a": 1, "b": [1, 2]}], "b", a=1) == [1, 2] and an.num([1, 2]) is None
 
 
 def test_machine_and_figure(tmp_path) -> None:
