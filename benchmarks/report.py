@@ -185,7 +185,7 @@ def report(mode: Mode, cfg: ModelConfig, info: dict, csv: dict[str, pd.DataFrame
         _table(c1.assign(fixed_ratio_model=flops.seeds_model_speedup(c1.n.astype(float))),
                "length n speedup_p50 fixed_ratio_model drop_naive drop_shared seq_cost_ratio "
                "drop_shared_seeds_scaled"), "",
-        f"## Concurrency sweep (N={n}, L={length})", "",
+        "## Concurrency sweep" + (f" (N={n}, L={length})" if mode.sweep_point else ""), "",
         _table(sweep.sort_values("concurrency", kind="stable"), "concurrency model throughput "
                "p50_us p99_us status") if mode.sweep_point else "Not run in this mode.", "",
         "## In-process ONNX Runtime (model time without Triton)", "",
