@@ -159,12 +159,6 @@ def example_inputs(contract: SplitContract, graph: str, model: SplitModel) -> tu
     return tuple(named[n] for n in graph_io(contract, graph)[0])
 
 
-def dynamic_axes(contract: SplitContract) -> dict[str, dict[int, str]]:
-    """Every tensor's variable axes by name (the torch.onnx.export argument), any graph."""
-    return {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)}
-            for name, dims in tensor_dims(contract, "").items()}
-
-
 def declare_io_shapes(proto: onnx.ModelProto, dims: dict[str, list[int | str]]) -> None:
     """Write the declared shapes onto the graph's inputs and outputs (fixed dims as numbers,
     variable ones by axis name): Triton's native backend compares its config against them."""
