@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from benchmarks import analysis as an
 from benchmarks import cpu
 from benchmarks.feeds import named_state
 from benchmarks.memory import peak_rss_bytes, reset_peak
-from benchmarks.user_cache import serving
 from client.api import RankerClient
 from client.split_contract import SplitContract
 from client.traffic import random_features
@@ -38,6 +38,7 @@ from export.split_contract import ReferenceSplitModel, SplitModel
 from export.split_export import graph_io, graphs_for, trace
 from export.split_fuzz import appended
 from export.triton_configs import config_source
+from local_server.triton import free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A peer forward -> the graph it stands in for (replicated K/V: after the same user_encoder)
@@ -47,6 +48,7 @@ TABLES = ("history", "append", "memory", "triton")  # long_<name>.csv
 APPEND_EVENTS = 10
 WARM_S = 0.5  # timed() warms a function faster than this right before each timed run
 MAX_SECONDS = 8.0  # a run slower than this is not repeated
+log = an.Progress("long_history")
 
 
 @dataclass
@@ -60,7 +62,6 @@ class Run:
     sessions: dict = field(default_factory=dict)  # graph -> (session, its input names)
     tables: dict[str, list[dict]] = field(default_factory=lambda: {t: [] for t in TABLES})
     facts: dict[str, object] = field(default_factory=dict)
-    progress: an.Progress = field(default_factory=an.Progress)
 
     @property
     def contract(self) -> SplitContract:
@@ -90,8 +91,7 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int,
           max_seconds: float = MAX_SECONDS) -> dict[str, tuple[float, object]]:
     """Each function's median seconds and last result over `repeats` rounds in turns after a
     warm-up round (one under WARM_S warmed again before each; one over max_seconds: no more)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    results = {}
+    times, results = {name: [] for name in fns}, {}
     for _ in range(repeats + 1):  # the first round warms up; its time counts only if alone
         for name, fn in fns.items():
             if times[name] and times[name][0] > max_seconds:
@@ -105,8 +105,7 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int,
 
 
 def bytes_needed(run: Run, graph: str, n: int, kept: int) -> int:
-    """Estimated working set: naive as measured, the reference's dense single pass and its N
-    copies of K/V (HSTU's single pass is blocked: linear)."""
+    """Estimated working set: naive's as measured, the reference model's dense peers'."""
     if graph == "ranker_naive":
         return int(run.naive_bytes * n * (kept + 1) ** 2)
     if graph not in PEERS or not isinstance(run.family.model, ReferenceSplitModel):
@@ -127,8 +126,7 @@ def naive_slice(run: Run, n: int, kept: int) -> tuple[int, str]:
 
 
 def measure_point(run: Run, values: dict[str, np.ndarray], n: int, length: int) -> None:
-    """Every method at one (N, L), timed in turns, and its scores against the oracle (naive
-    above naive_max_work or the budget: one slice of candidates timed, times the slices)."""
+    """Every method at one (N, L), timed in turns, and its scores against the oracle."""
     kept, graphs, notes = min(length, run.contract.max_history), [], {}
     for graph in ("user_encoder", "target_fusion", *run.peers):
         if (need := bytes_needed(run, graph, n, kept)) > run.budget_bytes:
@@ -183,12 +181,12 @@ def in_process(run: Run, lengths: list[int], ns: list[int]) -> None:
         request = random_features(run.contract, length + APPEND_EVENTS, max(ns), rng)
         history = {f.name: request[f.name] for f in run.contract.history_features}
         if run.contract.appendable and length + APPEND_EVENTS <= run.contract.max_history:
-            run.progress(f"append L={length} + {APPEND_EVENTS}")
+            log(f"append L={length} + {APPEND_EVENTS}")
             measure_append(run, history, length)
         values = {**request, **{k: v[:length] for k, v in history.items()}}
         values.update(named_state(run.contract, run.run("user_encoder", values)))
         for n in ns:
-            run.progress(f"in-process L={length} N={n}")
+            log(f"in-process L={length} N={n}")
             measure_point(run, {**values, **{f.name: values[f.name][:n]
                                              for f in run.contract.candidate_features}}, n, length)
     run.facts["others' CPU during the in-process timings (cores)"] = {
@@ -222,15 +220,17 @@ def fresh_probe(config: Path, graph: str, n: int, length: int) -> dict[str, obje
 def through_triton(run: Run, lengths: list[int], ns: list[int]) -> None:
     """`ranker` through a local tritonserver (gRPC, concurrency 1) at every point."""
     rng = np.random.default_rng(1)
-    with serving(run.repository) as (server, _), RankerClient(
-            server.grpc_url, timeout_s=600, validate=False) as client:
-        for length in lengths:
-            for n in ns:
-                request = random_features(run.contract, length, n, rng)
-                seconds = timed({"ranker": partial(client.score, request)},
-                                run.repeats)["ranker"][0]
-                run.progress(f"ranker through Triton L={length} N={n}: {seconds * 1e3:.1f} ms")
+    log(f"starting tritonserver on {run.repository}")
+    server = start_server(grpc_port=free_port(), repository=run.repository, timeout_s=300)
+    try:
+        with RankerClient(server.grpc_url, timeout_s=600, validate=False) as client:
+            for length, n in product(lengths, ns):
+                score = partial(client.score, random_features(run.contract, length, n, rng))
+                seconds = timed({"ranker": score}, run.repeats)["ranker"][0]
+                log(f"ranker through Triton L={length} N={n}: {seconds * 1e3:.1f} ms")
                 run.tables["triton"].append(dict(L=length, N=n, p50_ms=round(seconds * 1e3, 3)))
+    finally:
+        server.stop()
 
 
 def export_peers(model: SplitModel, directory: Path) -> tuple[str, ...]:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     out = args.out or REPO_ROOT / "build" / "bench" / f"long_{time.strftime('%Y%m%d_%H%M%S')}"
     lengths, ns = ([int(v) for v in s.split(",")] for s in (args.lengths, args.ns))
-    run.progress(f"exporting {args.config} (and the peers) into {run.repository}")
+    log(f"exporting {args.config} (and the peers) into {run.repository}")
     start = time.perf_counter()  # the family's repository pair, as `python -m export.family`
     if export_family(["--config", str(args.config), "--output", str(run.repository)]):
         raise SystemExit("export failed")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                          *((g, n) for n in ns for g in ("target_fusion", *run.peers))]:
             if not (naive_slice(run, 1, length)[1] if graph == "ranker_naive"
                     else bytes_needed(run, graph, n, length) > run.budget_bytes):
-                run.progress(f"memory {graph} N={n} L={length}")
+                log(f"memory {graph} N={n} L={length}")
                 run.tables["memory"].append(fresh_probe(args.config, graph, n, length))
     if not args.no_triton:
         through_triton(run, lengths, ns)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             an.write_csv(out / f"long_{table}.csv", rows)
     (out / "long_facts.json").write_text(json.dumps(run.facts, indent=2) + "\n")
     write_report(out)
-    run.progress(f"wrote {out}")
+    log(f"wrote {out}")
     return 0
 
 
