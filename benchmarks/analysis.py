@@ -1,12 +1,6 @@
-"""Result CSVs -> markdown tables and plots: the one analysis module every benchmark writes with.
-
-A benchmark writes its rows with `write_csv` and builds its report from them as DataFrames;
-`read_csv` gives the same frame back from a committed CSV, so every report can be regenerated
-without measuring. Beside them: `pick` (a row or value by column equality), number formats
-(`num`, `ratio`, `fmt`, `ms`, `count`, `pct`, `sci`), `table` (markdown), `check` (a target's
-verdict and margin), `machine`/`machine_table` (what every result states about its machine),
-`figure`/`loglog` (matplotlib), `Progress` (time-stamped progress lines).
-"""
+"""Result CSVs -> pandas frames -> markdown tables and plots: the one analysis module, so every
+committed report regenerates from its CSVs alone (`write_csv`, `read_csv`) with the same number
+formats, target verdicts (`check`), machine description (`machine`) and plots (`figure`)."""
 
 from __future__ import annotations
 
@@ -15,7 +9,6 @@ import importlib.metadata as md
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -31,67 +24,43 @@ import psutil
 MISSING = "–"
 Formatter = Callable[[Any], str] | str
 Rows = pd.DataFrame | Sequence[Mapping[str, Any]]
-
-# --------------------------------------------------------------------------- CSV
+LOCAL_SERVER = {"tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
+                                "python-backend stand-ins running ONNX Runtime)"}
 
 
 def write_csv(path: Path, rows: Rows) -> None:
     """Rows (dicts, keys in first-seen order, or a DataFrame) to CSV: floats to 6 significant
-    digits (the timings carry no more), None/NaN as an empty cell, CRLF line ends."""
+    digits (the timings carry no more), None/NaN as an empty cell, CRLF line ends (RFC 4180)."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    frame = frame.astype(object).where(frame.notna(), None)
-    frame = frame.map(lambda v: f"{v:.6g}" if isinstance(v, float) else v)
-    frame.to_csv(path, index=False, lineterminator="\r\n")  # RFC 4180, as csv.writer writes
+    frame = frame.map(lambda v: f"{v:.6g}" if isinstance(v, float) and not pd.isna(v) else v)
+    frame.to_csv(path, index=False, lineterminator="\r\n")
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A results CSV as written by `write_csv`: only empty cells are missing (a status such as
-    "n/a" stays a string)."""
+    """A CSV as `write_csv` wrote it: only empty cells are missing ("n/a" stays a string)."""
     return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """The frame as row dicts with None for missing values (what the reports iterate over)."""
-    return [{k: (None if _missing(v) else v) for k, v in row.items()}
-            for row in df.to_dict("records")]
+    """The frame as row dicts with None for missing values."""
+    return df.astype(object).where(df.notna(), None).to_dict("records")
 
 
 def pick(df: pd.DataFrame | Sequence[Mapping[str, Any]], column: str | None = None,
          **where: Any) -> Any:
     """The first row whose columns equal `where` (as a dict), or its `column` value; None if no
     row matches (or the value is missing)."""
-    rows = records(df) if isinstance(df, pd.DataFrame) else df
-    for row in rows:
-        if all(_same(row.get(k), v) for k, v in where.items()):
-            if column is None:
-                return dict(row)
-            value = row.get(column)
-            return None if _missing(value) else value
+    for row in records(df) if isinstance(df, pd.DataFrame) else df:
+        if all(row.get(k) == v for k, v in where.items()):
+            value = dict(row) if column is None else row.get(column)
+            return None if np.ndim(value) == 0 and pd.isna(value) else value
     return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return float(a) == float(b)
-    return a == b
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
-
-
-# --------------------------------------------------------------------------- numbers
 
 
 def num(v: Any) -> float | None:
     """A number, or None for a missing/empty/non-numeric value."""
-    if _missing(v) or v == "":
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
+    x = pd.to_numeric(v, errors="coerce") if np.ndim(v) == 0 else None
+    return None if x is None or pd.isna(x) else float(x)
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float:
@@ -105,44 +74,33 @@ def ratio(a: Any, b: Any) -> float | None:
     return x / y if x is not None and y else None
 
 
-def fmt(v: Any, digits: int = 2, unit: str = "", *, adaptive: bool = True,
-        missing: str = MISSING) -> str:
+def fmt(v: Any, digits: int = 2, *, adaptive: bool = True, missing: str = MISSING) -> str:
     """A number for a table: thousands grouped; with `adaptive`, 0 decimals from 100 up and 1
     from 10 up (the digits that carry information in a noisy timing), else `digits` always."""
     x = num(v)
-    if x is None:
-        return missing
-    if adaptive and abs(x) >= 100:
-        s = f"{x:,.0f}"
-    elif adaptive and abs(x) >= 10:
-        s = f"{x:.1f}"
-    else:
-        s = f"{x:,.{digits}f}"
-    return s + unit
+    if adaptive and x is not None and abs(x) >= 10:
+        digits = 0 if abs(x) >= 100 else 1
+    return missing if x is None else f"{x:,.{digits}f}"
 
 
 def ms(us: Any) -> str:
     """Microseconds printed as milliseconds."""
-    x = num(us)
-    return MISSING if x is None else fmt(x / 1e3, 2)
+    return fmt(ratio(us, 1e3), 2)
 
 
 def count(v: Any) -> str:
     """A count (read back as a float where its column has gaps) as an integer."""
-    x = num(v)
-    return MISSING if x is None else str(int(x))
+    return MISSING if num(v) is None else str(int(num(v)))
 
 
 def pct(v: Any) -> str:
     """A fraction printed as a percentage."""
-    x = num(v)
-    return MISSING if x is None else f"{100 * x:.1f} %"
+    return MISSING if num(v) is None else f"{100 * num(v):.1f} %"
 
 
 def sci(v: Any) -> str:
     """A small difference (scores vs the oracle) in scientific notation."""
-    x = num(v)
-    return MISSING if x is None else f"{x:.1e}"
+    return MISSING if num(v) is None else f"{num(v):.1e}"
 
 
 def check(value: float | None, threshold: float, higher: bool = True) -> tuple[str, str]:
@@ -150,58 +108,41 @@ def check(value: float | None, threshold: float, higher: bool = True) -> tuple[s
     if value is None:
         return "not measured", MISSING
     met = value >= threshold if higher else value <= threshold
-    margin = (value / threshold - 1) if higher else (threshold / value - 1)
-    return ("met", f"+{100 * margin:.0f} % headroom") if met else \
-        ("missed", f"short by {100 * abs(margin):.0f} %")
+    margin = 100 * abs((value / threshold - 1) if higher else (threshold / value - 1))
+    return ("met", f"+{margin:.0f} % headroom") if met else ("missed", f"short by {margin:.0f} %")
 
 
-# --------------------------------------------------------------------------- markdown
+def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Sequence[str]
+          | None = None, formats: Mapping[str, Formatter] | None = None,
+          missing: str = MISSING) -> str:
+    """A markdown table of a DataFrame, row dicts, or row lists (then `columns` are the headers).
+    `columns`: header -> column, or the columns to show (default: all); `formats`: column or
+    header -> a callable or format string; else floats by `fmt`, missing cells as `missing`."""
+    formats = formats or {}
+    if isinstance(data, pd.DataFrame) or not data or isinstance(data[0], Mapping):
+        frame = pd.DataFrame(data)
+        rows, columns = frame.to_dict("records"), columns or list(frame.columns)
+    else:
+        rows = [dict(zip(columns, r, strict=True)) for r in data]
+    pairs = list(columns.items()) if isinstance(columns, Mapping) else [(c, c) for c in columns]
+    lines = ["| " + " | ".join(h for h, _ in pairs) + " |", "|" + "---|" * len(pairs)]
+    lines += ["| " + " | ".join(_cell(row.get(src), formats.get(src, formats.get(h)), missing)
+                                for h, src in pairs) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _cell(v: Any, formatter: Formatter | None, missing: str) -> str:
     if callable(formatter):
         return formatter(v)
-    if _missing(v):
+    if np.ndim(v) == 0 and pd.isna(v):  # a scalar missing value (a list cell is shown as it is)
         return missing
     if isinstance(formatter, str):
         return formatter.format(v)
     return fmt(v) if isinstance(v, float) else str(v)
 
 
-def table(data: Rows | Sequence[Sequence[Any]], columns: Mapping[str, str] | Sequence[str]
-          | None = None, formats: Mapping[str, Formatter] | None = None,
-          missing: str = MISSING) -> str:
-    """A markdown table.
-
-    `data`: a DataFrame, row dicts, or row lists (then `columns` is the list of headers).
-    `columns`: header -> source column (a dict), or the columns to show under their own names;
-    default: all columns. `formats`: source column (or header) -> a callable or a format string
-    ("{:.2f}"); unformatted cells: strings and integers as they are, floats by `fmt`, missing
-    ones as `missing`.
-    """
-    formats = formats or {}
-    if not isinstance(data, pd.DataFrame) and data and not isinstance(data[0], Mapping):
-        headers = list(columns or [])
-        rows = [[_cell(v, formats.get(h), missing) for h, v in zip(headers, r, strict=True)]
-                for r in data]  # type: ignore[arg-type]
-    else:
-        frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(list(data))
-        pairs = (list(columns.items()) if isinstance(columns, Mapping) else
-                 [(c, c) for c in (columns if columns is not None else frame.columns)])
-        headers = [h for h, _ in pairs]
-        rows = [[_cell(row.get(src), formats.get(src, formats.get(h)), missing)
-                 for h, src in pairs] for row in frame.to_dict("records")]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- progress
-
-
 class Progress:
-    """Progress lines of a long run, stamped with the time since it started:
-    `log = Progress("bench"); log("...")` prints `[bench 01:02.3] ...`."""
+    """Time-stamped progress lines: `Progress("bench")("x")` prints `[bench 01:02.3] x`."""
 
     def __init__(self, name: str = "bench", stream: Any = None) -> None:
         self.name, self.stream, self.t0 = name, stream, time.monotonic()
@@ -212,63 +153,39 @@ class Progress:
               file=self.stream or sys.stdout, flush=True)
 
 
-# --------------------------------------------------------------------------- the machine
-
-
-def _version(dist: str) -> str:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "not installed"
-
-
-# The server the benchmarks start (local_server/): its line in a machine description.
-LOCAL_SERVER = {"tritonserver": "2.51 (nvidia-pytriton wheel, local flavour: ONNX models in "
-                                "python-backend stand-ins running ONNX Runtime)"}
+def _version(*dists: str) -> str:
+    for dist in dists:
+        with contextlib.suppress(md.PackageNotFoundError):
+            return md.version(dist)
+    return "not installed"
 
 
 def _gpu() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "none"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
                               "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"unknown ({type(e).__name__})"
+        return "none" if isinstance(e, FileNotFoundError) else f"unknown ({type(e).__name__})"
     return out.stdout.strip().replace("\n", "; ") or "none"
 
 
 def machine(**extra: str) -> dict[str, str]:
-    """What every result file states about where it was measured: date, CPU model and SIMD
-    flags, cores, GPU (nvidia-smi), available memory, OS and the versions that set the numbers;
-    `extra` adds or overrides items (tritonserver, perf_analyzer, nginx; LOCAL_SERVER)."""
-    cpu, flags = "unknown", set()
-    # /proc/cpuinfo: psutil has no CPU model name or flags, and platform.processor() is empty
-    # on Linux.
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+    """Where a result was measured: date, CPU (/proc/cpuinfo: psutil has no model name or flags),
+    cores, GPU, available memory, OS and the versions that set the numbers; `extra` adds or
+    overrides items (tritonserver, perf_analyzer, nginx; LOCAL_SERVER, the local server's)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    first = cpuinfo.read_text().split("\n\n")[0] if cpuinfo.exists() else ""
+    fields = dict(tuple(p.strip() for p in line.split(":", 1))
+                  for line in first.splitlines() if ":" in line)
+    flags = set(fields.get("flags", "").split())
     simd = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags)
-    info = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "simd": simd or "none listed",
-        "cores": str(os.cpu_count()),
-        "gpu": _gpu(),
-        "memory": f"{psutil.virtual_memory().available / 2**30:.1f} GiB available at start",
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": _version("torch"),
-        "onnxruntime": _version("onnxruntime-gpu") if _version("onnxruntime") == "not installed"
-        else _version("onnxruntime"),
-        "numpy": _version("numpy"),
-        "tritonclient": _version("tritonclient"),
-    }
-    info.update(extra)
-    return info
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": fields.get("model name", "unknown"), "simd": simd or "none listed",
+            "cores": str(os.cpu_count()), "gpu": _gpu(),
+            "memory": f"{psutil.virtual_memory().available / 2**30:.1f} GiB available at start",
+            "os": platform.platform(), "python": platform.python_version(),
+            "torch": _version("torch"), "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
+            "numpy": _version("numpy"), "tritonclient": _version("tritonclient"), **extra}
 
 
 def machine_table(info: Mapping[str, Any]) -> str:
@@ -276,25 +193,17 @@ def machine_table(info: Mapping[str, Any]) -> str:
     return table([[k, str(v)] for k, v in info.items()], ["item", "value"])
 
 
-# --------------------------------------------------------------------------- plots
-
-
 @contextlib.contextmanager
 def figure(path: Path, ncols: int = 1, size: tuple[float, float] = (6.5, 4.5),
            dpi: int = 110) -> Iterator[list[Any]]:
-    """Axes of a one-row figure, saved to `path` (tight layout) and closed on exit."""
-    import matplotlib
+    """Axes of a one-row figure saved to `path` on exit (a bare Figure: no pyplot state)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=size, squeeze=False)
-    try:
-        yield list(axes[0])
-        fig.tight_layout()
-        fig.savefig(path, dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=size)
+    axes = fig.subplots(1, ncols, squeeze=False)
+    yield list(axes[0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
 
 
 def loglog(ax: Any, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:

@@ -1,387 +1,233 @@
 """perf_analyzer benchmark: `ranker` (shared user K/V) vs `ranker_naive` and `ranker_base` across
-N and L, against the FLOP bound (scripts/bench.sh; the method: benchmarks/README.md). Measures,
-writes the run's CSVs and run.json, then benchmarks/report.py turns them into the report."""
+N and L through a local tritonserver, the same ONNX files timed in process (model time without
+Triton) and the FLOP bound (scripts/bench.sh; the method: benchmarks/README.md). Writes the run's
+CSVs and run.json; benchmarks/report.py turns them into the report."""
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
+import multiprocessing
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 import psutil
 
 from benchmarks import analysis as an
-from benchmarks import cpu, direct, report
+from benchmarks import cpu, memory, report
 from benchmarks import perf_analyzer as pa
+from benchmarks.feeds import fusion_feeds, history_feeds
 from benchmarks.flops import FlopModel
-from benchmarks.state import (
-    CONTENDED_CORES,
-    FULL,
-    HEAVY_K,
-    HEAVY_MAX_TRIALS,
-    HEAVY_S,
-    MEMORY_SHARE,
-    MODEL_REPOSITORY,
-    MODELS,
-    OVERHEAD_US,
-    QUICK,
-    REPO_ROOT,
-    RETRY_MAX_S,
-    SMOKE,
-    Mode,
-    Progress,
-    State,
-)
+from benchmarks.state import FULL, MODELS, QUICK, REPO_ROOT, SMOKE, Mode
 from client.traffic import RequestGenerator
 from export.config import DEFAULT_CONFIG, ModelConfig
+from export.reference_features import reference_contract
+from export.repositories import MODEL_REPOSITORY, onnx_path
+from export.runtime import make_session
 
-T = TypeVar("T")
-
-
-def mem_available_bytes() -> int:
-    return int(psutil.virtual_memory().available)
-
-
-def machine_info(server_version: str) -> dict[str, str]:
-    """analysis.machine() with the server's and perf_analyzer's versions."""
-    try:
-        pa_version = pa.perf_analyzer_version().replace("Perf Analyzer Version ", "")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        pa_version = f"unavailable ({e})"
-    return an.machine(tritonserver=server_version, perf_analyzer=pa_version)
+GRAPHS = ("user_encoder", "target_fusion", "ranker_naive", "ranker_base")
+OVERHEAD_US = {"ranker": 1500.0, "ranker_naive": 1000.0, "ranker_base": 1000.0}  # rough, for K
+HEAVY_S = 1.0  # heavier requests: one warm-up, 2 timed runs at least, K >= 3 and <= 8 windows
+MEMORY_SHARE = 0.5  # naive is skipped where its attention working set exceeds this share
+Row = dict[str, Any]
+Request = dict[str, np.ndarray]
 
 
-def calm_now(seconds: float = 1.0) -> bool:
-    """Whether other processes use less than CONTENDED_CORES right now (a short idle probe):
-    a contended measurement is retried only then, persistent contention is not waited out."""
-    snap = cpu.snapshot()
-    time.sleep(seconds)
-    return cpu.external_cores(snap).get("ext_cpu_cores", 1e9) <= CONTENDED_CORES
+@dataclass
+class Bench:
+    """One run: its settings, the in-process sessions, the rows of its CSVs (report.CSVS)."""
 
+    mode: Mode
+    cfg: ModelConfig
+    repository: Path
+    config: Path
+    out: Path
+    log: an.Progress = field(default_factory=an.Progress)
+    sessions: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[tuple[int, int], tuple[list[Request], Path]] = field(default_factory=dict)
+    naive_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (N, L) -> seconds
+    rows: dict[str, list[Row]] = field(default_factory=lambda: {n: [] for n in report.CSVS})
 
-def measured(st: State, fn: Callable[[], T], retry: Callable[[T], bool] = lambda _: True,
-             note: Callable[[str], None] | None = None) -> tuple[T, dict[str, float], int]:
-    """fn() with the CPU other processes used meanwhile; in modes that retry, once more when
-    that exceeded CONTENDED_CORES and a probe finds the machine calm again, keeping the attempt
-    with less outside CPU use (chosen by the contention figure, never by the result); `retry`
-    can rule a retry out by the first result (too long a run). Returns (result, load, attempts)."""
-    snap = cpu.snapshot()
-    result, load = fn(), cpu.external_cores(snap)
-    others = load.get("ext_cpu_cores", 0.0)
-    if not (st.mode.retry_contended and others > CONTENDED_CORES and retry(result)):
-        return result, load, 1
-    if not calm_now():
-        if note:
-            note(f"others used {others:.2f} cores meanwhile and still do: kept")
-        return result, load, 1
-    if note:
-        note(f"others used {others:.2f} cores meanwhile, now calm: measuring once more")
-    snap = cpu.snapshot()
-    again, load_again = fn(), cpu.external_cores(snap)
-    if load_again.get("ext_cpu_cores", 1e9) < others:
-        return again, load_again, 2
-    return result, load, 2
+    def __post_init__(self) -> None:
+        self.flops = FlopModel.from_config(self.cfg)
+        self.contract = reference_contract(self.cfg)
 
-
-def grid(mode: Mode) -> list[tuple[int, int]]:
-    """(N, L) points, L outer, N ascending (naive's time estimate grows from the previous N)."""
-    return [(n, length) for length in mode.lengths for n in mode.ns]
-
-
-def make_requests(st: State, seed: int) -> None:
-    gen = RequestGenerator(st.contract, seed=seed)
-    wanted = list(grid(st.mode))
-    if st.mode.sweep_point and st.mode.sweep_point not in wanted:
-        wanted.append(st.mode.sweep_point)
-    inputs_dir = st.out / "inputs"
-    inputs_dir.mkdir(parents=True, exist_ok=True)
-    for n, length in wanted:
-        reqs = [gen.request(length, n).as_inputs() for _ in range(st.mode.requests_per_point)]
-        st.requests[(n, length)] = reqs
-        path = inputs_dir / f"N{n}_L{length}.json"
-        pa.write_input_data(path, reqs)
-        st.input_files[(n, length)] = path
-
-
-def naive_estimate_s(st: State, sessions: direct.Sessions, n: int, length: int) -> float:
-    """Seconds for one naive request: the latest naive time measured at this L (at N_ref),
-    scaled by the FLOP model's C_naive(N, L) / C_naive(N_ref, L); without one, a single timed
-    request at N = 1 first."""
-    if length not in st.naive_ref:
-        req = RequestGenerator(st.contract, seed=12345).request(length, 1)
-        inputs = req.as_inputs()
-        sessions.naive(inputs)  # warm-up
+    def run_graph(self, graph: str, request: Request) -> tuple[list[float], np.ndarray]:
+        """Seconds (the split: user_encoder, target_fusion, both) and scores of one request."""
         t0 = time.perf_counter()
-        sessions.naive(inputs)
-        st.naive_ref[length] = (1, time.perf_counter() - t0)
-        st.progress(f"  naive calibration at N=1, L={length}: {st.naive_ref[length][1]*1e3:.1f} ms")
-    n_ref, t_ref = st.naive_ref[length]
-    return t_ref * st.flops.naive(n, length) / st.flops.naive(n_ref, length)
+        if graph != "split":
+            scores = self.sessions[graph].run(None, request)[0]
+            return [time.perf_counter() - t0], scores
+        state = self.sessions["user_encoder"].run(None, history_feeds(self.contract, request))
+        t1 = time.perf_counter()
+        feeds = fusion_feeds(self.contract, request, state)
+        scores = self.sessions["target_fusion"].run(None, feeds)[0]
+        t2 = time.perf_counter()
+        return [t1 - t0, t2 - t1, t2 - t0], scores
 
+    def time_graph(self, graph: str, requests: Sequence[Request],
+                   budget_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Seconds [run, part] round-robin after a warm-up, and the first run's scores."""
+        est = self.run_graph(graph, requests[0])[0][-1]
+        for request in requests[1:] if est <= HEAVY_S else []:  # heavy: that one warm-up only
+            est = min(est, self.run_graph(graph, request)[0][-1])
+        reps = int(max(2 if est > HEAVY_S else 3, min(500, budget_s // est)))
+        runs = [self.run_graph(graph, requests[i % len(requests)]) for i in range(reps)]
+        return np.array([seconds for seconds, _ in runs]), runs[0][1]
 
-def naive_skip_reason(st: State, est_s: float, n: int, length: int, concurrency: int) -> str:
-    tokens = min(length, st.cfg.max_history) + 1
-    if n * tokens**2 > st.cfg.naive_max_work:
-        return (f"skipped: N x (L+1)^2 above naive_max_work={st.cfg.naive_max_work}, which "
-                "ranker_naive's graph refuses (bench a repository exported with a larger "
-                "naive_max_work to measure the unbounded baseline)")
-    latency = est_s * concurrency
-    if latency > st.mode.naive_limit_s:
-        conc = f" x concurrency {concurrency}" if concurrency > 1 else ""
-        return (f"skipped: est. {latency:.1f} s per request{conc} "
-                f"(limit {st.mode.naive_limit_s:g} s)")
-    need = st.flops.naive_attention_bytes(n, length)
-    free = mem_available_bytes()
-    if free and need > MEMORY_SHARE * free:
-        return (f"skipped: est. >= {need / 2**30:.1f} GiB attention working set "
-                f"({free / 2**30:.1f} GiB available)")
-    return ""
+    def naive_skip(self, n: int, length: int, concurrency: int) -> str:
+        """Why ranker_naive is not run at this point, "" where it is."""
+        cfg, fm = self.cfg, self.flops
+        if n * (min(length, cfg.max_history) + 1) ** 2 > cfg.naive_max_work:
+            return (f"skipped: N x (L+1)^2 above naive_max_work={cfg.naive_max_work}, which "
+                    "ranker_naive's graph refuses (bench a repository exported with a larger "
+                    "naive_max_work to measure the unbounded baseline)")
+        known = {k[0]: t for k, t in self.naive_s.items() if k[1] == length}  # latest last
+        n_ref = n if n in known else next(reversed(known), n)
+        est = known.get(n_ref, 0.0) * fm.naive(n, length) / fm.naive(n_ref, length)
+        if est * concurrency > self.mode.naive_limit_s:
+            return (f"skipped: est. {est * concurrency:.1f} s per request"
+                    + (f" x concurrency {concurrency}" if concurrency > 1 else "")
+                    + f" (limit {self.mode.naive_limit_s:g} s)")
+        need, free = fm.naive_attention_bytes(n, length), psutil.virtual_memory().available
+        if need > MEMORY_SHARE * free:
+            return (f"skipped: est. >= {need / 2**30:.1f} GiB attention working set "
+                    f"({free / 2**30:.1f} GiB available)")
+        return ""
 
-
-def run_direct(st: State, sessions: direct.Sessions, n: int, length: int,
-               naive_skip: str, naive_est_s: float) -> dict[str, float]:
-    """In-process timings at one point; returns p50 (us) by model for window sizing."""
-    reqs = st.requests[(n, length)]
-    m = st.mode
-    out: dict[str, float] = {}
-    split, load, _ = measured(
-        st, lambda: direct.time_split(sessions, reqs, m.direct_budget_s, 3, 500))
-    flop_of = {"user_encoder": st.flops.user(length), "target_fusion": st.flops.fusion(n, length),
-               "split": st.flops.split(n, length)}
-    for name, timing in split.items():
-        out[name] = timing.p50_us
-        st.direct.append({**direct_row(name, n, length, "ok", timing, flop_of[name]), **load})
-    if naive_skip:
-        st.direct.append({"model": "ranker_naive", "n": n, "length": length,
-                          "status": naive_skip})
-    else:
-        (timing, first), load, _ = measured(st, lambda: direct.time_single(
-            "ranker_naive", sessions.naive, reqs, naive_est_s, m.direct_budget_s,
-            2 if naive_est_s > HEAVY_S else 3, 500), lambda _: False)  # too slow to repeat
-        out["ranker_naive"] = timing.p50_us
-        st.naive_ref[length] = (n, timing.p50_us / 1e6)
-        st.direct.append({**direct_row("ranker_naive", n, length, "ok", timing,
-                                       st.flops.naive(n, length)), **load})
-        st.direct[-1]["max_abs_diff"] = float(np.max(np.abs(first - sessions.split(reqs[0]))))
-    (timing, _), base_load, _ = measured(st, lambda: direct.time_single(
-        "ranker_base", sessions.base, reqs, 1e-4, m.direct_budget_s, 3, 500))
-    out["ranker_base"] = timing.p50_us
-    st.direct.append({**direct_row("ranker_base", n, length, "ok", timing, st.flops.base(n)),
-                      **base_load})
-    return out
-
-
-def direct_row(model: str, n: int, length: int, status: str, t: direct.Timing,
-               flop: float) -> dict[str, object]:
-    return {"model": model, "n": n, "length": length, "status": status,
-            "p50_us": round(t.p50_us, 1), "p90_us": round(t.p90_us, 1), "reps": t.reps,
-            "gflop": flop / 1e9, "gflops": flop / 1e9 / (t.p50_us / 1e6)}
-
-
-def settings_for(st: State, service_us: float, concurrency: int) -> pa.Settings:
-    m = st.mode
-    service_s = service_us / 1e6
-    heavy = service_s > HEAVY_S
-    k_min = HEAVY_K if heavy else m.k_min
-    trials = min(m.max_trials, HEAVY_MAX_TRIALS) if heavy else m.max_trials
-    k = max(k_min, math.ceil(m.window_s / max(service_s, 1e-6)))
-    window = max(1.0, k * service_s)
-    timeout = 60 + 2 * (trials + 1) * (window + concurrency * service_s)
-    return pa.Settings(request_count=k, stability=m.stability, max_trials=trials,
-                       concurrency=concurrency, timeout_s=timeout)
-
-
-def run_pa(st: State, url: str, model: str, n: int, length: int, concurrency: int,
-           service_us: float | None, skip: str, step: str) -> pa.Result | None:
-    row: dict[str, object] = {"model": model, "n": n, "length": length,
-                              "concurrency": concurrency}
-    if skip:
-        st.progress(f"{step} {model:<12} N={n} L={length} c={concurrency}: {skip}")
-        row["status"] = skip
-        st.points.append(row)
-        return None
-    s = settings_for(st, service_us or 1000.0, concurrency)
-    tag = f"{model}_N{n}_L{length}_c{concurrency}"
-    label = f"{step} {model:<12} N={n} L={length} c={concurrency}"
-    st.progress(f"{label}: perf_analyzer K={s.request_count} -s {s.stability:g} "
-                f"-r {s.max_trials} ...")
-    attempt = iter(range(1, 3))
-
-    def once() -> pa.Result:
-        i = next(attempt)
-        return pa.run(model, url, st.input_files[(n, length)], st.out / "perf_analyzer", s,
-                      tag if i == 1 else f"{tag}_attempt{i}")
-
-    res, load, attempts = measured(st, once, lambda r: r.wall_s < RETRY_MAX_S,
-                                   lambda msg: st.progress(f"{label}: {msg}"))
-    p50 = f"{res.p50_us / 1e3:.2f} ms" if res.p50_us is not None else "-"
-    thr = f"{res.throughput:.2f}/s" if res.throughput is not None else "-"
-    ext = f", others used {load['ext_cpu_cores']:.2f} cores" if load else ""
-    st.progress(f"{label}: {res.status}, "
-                f"p50 {p50}, {thr}, {res.passes} windows, {res.wall_s:.1f} s{ext}"
-                + (f" ({res.message})" if res.message else ""))
-    row.update({
-        "status": res.status, "p50_us": res.p50_us, "p90_us": res.p90_us,
-        "p95_us": res.p95_us, "p99_us": res.p99_us, "throughput": res.throughput,
-        "requests": res.stats.get(model, {}).get("inference_count"), "windows": res.passes,
-        "request_count_k": s.request_count, "stability_pct": s.stability,
-        "max_trials": s.max_trials, "wall_s": round(res.wall_s, 1),
-        "server_queue_us": res.server.get("Server Queue"),
-        "server_compute_infer_us": res.server.get("Server Compute Infer"),
-        **load, "attempts": attempts,
-        "message": res.message,
-    })
-    st.points.append(row)
-    if model == "ranker" and res.stats:
-        record_breakdown(st, res, n, length, concurrency)
-    return res
-
-
-def record_breakdown(st: State, res: pa.Result, n: int, length: int, c: int) -> None:
-    """The ensemble's time by part: the client's view (perf_analyzer's CSV) and Triton's
-    statistics of `ranker` and its composing models over the run."""
-    base = {"n": n, "length": length, "concurrency": c, "status": res.status}
-    parts = {"client_p50": res.p50_us, "client_avg_grpc": res.avg_grpc_us}
-    for model, values in res.stats.items():
-        prefix = "ensemble" if model == "ranker" else model
-        for k, v in values.items():
-            parts[f"{prefix}_{k}"] = v
-    st.breakdown += [{**base, "part": part, "us": value} for part, value in parts.items()
-                     if value is not None]
-
-
-def benchmark_server(st: State, seed: int) -> None:
-    from local_server.triton import free_port, start_server
-
-    m, pts = st.mode, grid(st.mode)
-    # (N, L, concurrency): the grid at concurrency 1, then the sweep at its point
-    work = [(n, length, 1) for n, length in pts] + [
-        (*m.sweep_point, c) for c in m.sweep_concurrency
-        if m.sweep_point and (c != 1 or m.sweep_point not in pts)]
-    st.progress(f"loading ONNX Runtime sessions for the in-process timings ({st.repository})")
-    sessions = direct.Sessions(st.repository, st.contract)
-    st.progress("starting tritonserver (local flavour, gRPC only, free port)")
-    t0 = time.monotonic()
-    server = start_server(grpc_port=free_port(), http_port=None, repository=st.repository,
-                          log_file=st.out / "tritonserver.log")
-    st.progress(f"tritonserver pid {server.pid} ready on {server.grpc_url} in "
-                f"{time.monotonic() - t0:.1f} s: models {', '.join(server.models)}")
-    try:
-        st.machine = machine_info(server_version(server.grpc_url))
-        service: dict[tuple[int, int], tuple[dict[str, float], str]] = {}
-        for i, (n, length, c) in enumerate(work):
-            if (n, length) not in service:
-                st.progress(f"point N={n} L={length}: in-process ONNX Runtime timings")
-                est = naive_estimate_s(st, sessions, n, length)
-                skip = naive_skip_reason(st, est, n, length, 1)
-                d = run_direct(st, sessions, n, length, skip, est)
-                service[(n, length)] = d, skip
-                st.progress(
-                    f"point N={n} L={length}: direct p50 split {d['split']/1e3:.2f} ms (encoder "
-                    f"{d['user_encoder']/1e3:.2f}, fusion {d['target_fusion']/1e3:.2f}), "
-                    + (f"naive {d['ranker_naive']/1e3:.1f} ms, " if "ranker_naive" in d else
-                       f"naive {skip}, ") + f"base {d['ranker_base']/1e3:.2f} ms")
-            d, skip = service[(n, length)]
-            if c > 1:
-                st.progress(f"concurrency sweep N={n} L={length}: concurrency {c}")
-                est = d.get("ranker_naive", 0.0) / 1e6 or naive_estimate_s(st, sessions, n, length)
-                skip = naive_skip_reason(st, est, n, length, c)
-            for j, model in enumerate(MODELS):
-                svc = d.get("split" if model == "ranker" else model)
-                run_pa(st, server.grpc_url, model, n, length, c,
-                       None if svc is None else svc + OVERHEAD_US[model],
-                       skip if model == "ranker_naive" else "",
-                       f"[{i * len(MODELS) + j + 1}/{len(work) * len(MODELS)}]")
-    finally:
-        code = server.stop()
-        st.progress(f"stopped tritonserver pid {server.pid} (exit code {code})")
-        del sessions
-        gc.collect()
-
-
-def server_version(url: str) -> str:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        meta = client.get_server_metadata()
-        return f"{meta.name} {meta.version}"
-    except Exception as e:  # the version is a report detail, never a reason to fail
-        return f"unknown ({type(e).__name__})"
-    finally:
-        client.close()
-
-
-def run_memory(st: State) -> None:
-    for model, n, length in st.mode.memory_points:
-        row: dict[str, object] = {"model": model, "n": n, "length": length,
-                                  "user_kv_bytes": st.flops.user_kv_bytes(length),
-                                  "naive_kv_bytes": st.flops.naive_kv_bytes(n, length),
-                                  "naive_attention_est_bytes":
-                                      st.flops.naive_attention_bytes(n, length)}
-        if model == "ranker_naive":
-            ref = st.naive_ref.get(length)
-            est = ref[1] * st.flops.naive(n, length) / st.flops.naive(ref[0], length) if ref \
-                else 0.0
-            skip = naive_skip_reason(st, est, n, length, 1)
-            if skip:
-                st.progress(f"memory {model} N={n} L={length}: {skip}")
-                row["status"] = skip
-                st.memory.append(row)
+    def run_direct(self, n: int, length: int, naive_skip: str) -> dict[str, float]:
+        """In-process timings at one point into direct.csv; p50 (us) per graph."""
+        fm, p50, scores = self.flops, {}, {}
+        flop = {"user_encoder": fm.user(length), "target_fusion": fm.fusion(n, length),
+                "split": fm.split(n, length), "ranker_naive": fm.naive(n, length),
+                "ranker_base": fm.base(n)}
+        for graph in ("split", "ranker_naive", "ranker_base"):
+            if graph == "ranker_naive" and naive_skip:
+                self.rows["direct"].append({"model": graph, "n": n, "length": length,
+                                            "status": naive_skip})
                 continue
-        st.progress(f"memory {model} N={n} L={length}: fresh subprocess, peak RSS delta ...")
-        cmd = [sys.executable, "-m", "benchmarks.memory", "--model", model, "--n", str(n),
-               "--length", str(length), "--repository", str(st.repository),
-               "--config", str(st.config_path)]
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            row["status"] = f"error: exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
-        else:
-            data = json.loads(proc.stdout.strip().splitlines()[-1])
-            row.update({"status": "ok", "peak_delta_bytes": data["peak_delta"],
-                        "method": data["method"], "rss_before_bytes": data["rss_before"],
-                        "peak_rss_bytes": data["peak_rss"],
-                        "ru_maxrss_before_bytes": data["maxrss_before"],
-                        "ru_maxrss_after_bytes": data["maxrss_after"],
-                        "run_s": round(data["run_s"], 3)})
-        st.progress(f"memory {model} N={n} L={length}: {row['status']}"
-                    + (f", peak +{row['peak_delta_bytes'] / 2**20:.1f} MiB"
-                       if "peak_delta_bytes" in row else ""))
-        st.memory.append(row)
+            snap = cpu.snapshot()
+            seconds, scores[graph] = self.time_graph(graph, self.inputs[(n, length)][0],
+                                                     self.mode.direct_budget_s)
+            load = cpu.external_cores(snap)
+            names = ("user_encoder", "target_fusion", "split") if graph == "split" else (graph,)
+            for name, us in zip(names, seconds.T * 1e6, strict=True):
+                p50[name] = float(np.percentile(us, 50))
+                self.rows["direct"].append({
+                    "model": name, "n": n, "length": length, "status": "ok",
+                    "p50_us": round(p50[name], 1), "p90_us": round(np.percentile(us, 90), 1),
+                    "reps": len(us), "gflop": flop[name] / 1e9,
+                    "gflops": flop[name] / 1e3 / p50[name], **load})
+            if graph == "ranker_naive":
+                self.naive_s[(n, length)] = p50[graph] / 1e6
+                diff = np.max(np.abs(scores[graph] - scores["split"]))
+                self.rows["direct"][-1]["max_abs_diff"] = float(diff)
+        self.log(f"N={n} L={length} in process: "
+                 + ", ".join(f"{g} {v / 1e3:.2f} ms" for g, v in p50.items()))
+        return p50
 
+    def run_pa(self, url: str, model: str, n: int, length: int, c: int, service_us: float,
+               skip: str, step: str) -> None:
+        """One perf_analyzer run into points.csv (`ranker`'s: ensemble_breakdown.csv too)."""
+        point = {"model": model, "n": n, "length": length, "concurrency": c}
+        label = f"{step} {model:<12} N={n} L={length} c={c}"
+        if skip:
+            self.log(f"{label}: {skip}")
+            self.rows["points"].append({**point, "status": skip})
+            return
+        m, service_s = self.mode, service_us / 1e6
+        heavy = service_s > HEAVY_S
+        k = max(3 if heavy else m.k_min, math.ceil(m.window_s / max(service_s, 1e-6)))
+        trials = min(m.max_trials, 8) if heavy else m.max_trials
+        timeout = 60 + 2 * (trials + 1) * (max(1.0, k * service_s) + c * service_s)
+        s = pa.Settings(k, m.stability, trials, c, timeout)
+        self.log(f"{label}: perf_analyzer K={k} -s {m.stability:g} -r {trials} ...")
+        res = pa.run(model, url, self.inputs[(n, length)][1], self.out / "perf_analyzer", s,
+                     f"{model}_N{n}_L{length}_c{c}")
+        r = res.row
+        self.log(f"{label}: {r['status']}, p50 {an.ms(r['p50_us'])} ms, {an.fmt(r['throughput'])}"
+                 f"/s, {r['wall_s']} s, others used {an.fmt(r.get('ext_cpu_cores'))} cores "
+                 + str(r["message"]))
+        self.rows["points"].append({**point, **r})
+        if model == "ranker" and res.stats:  # the client's view and Triton's, per model
+            parts = {"client_p50": r["p50_us"], "client_avg_grpc": res.avg_grpc_us}
+            for name, stats in res.stats.items():
+                prefix = "ensemble" if name == "ranker" else name
+                parts |= {f"{prefix}_{part}": us for part, us in stats.items()}
+            self.rows["ensemble_breakdown"] += [
+                {"n": n, "length": length, "concurrency": c, "status": r["status"],
+                 "part": part, "us": us} for part, us in parts.items() if us is not None]
 
-# --------------------------------------------------------------------------- CLI
+    def measure(self, seed: int) -> dict[str, str]:
+        """The grid at concurrency 1, then the sweep at its point; returns the machine."""
+        from local_server.triton import free_port, start_server
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/bench.sh", description=__doc__ + " Full run: N "
-                                "in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep "
-                                "(15-30 min on 2 cores).")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true",
-                      help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
-                      "request takes <= 5 s, so the headline point L=1000, N=50 is in (~4 min)")
-    size.add_argument("--smoke", action="store_true",
-                      help="one tiny point (N=5, L=64), for CI (seconds)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default build/bench/<timestamp>; the committed full run "
-                   "is benchmarks/results)")
-    p.add_argument("--seed", type=int, default=0, help="request generator seed (default 0)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help="model config the ONNX files were exported from (FLOP model)")
-    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
-                   help="model repository with the exported ONNX files (default %(default)s)")
-    return p.parse_args(argv)
+        m = self.mode
+        work = [(n, length, 1) for length in m.lengths for n in m.ns]
+        work += [(*m.sweep_point, c) for c in m.sweep_concurrency
+                 if m.sweep_point and (*m.sweep_point, c) not in work]
+        gen = RequestGenerator(self.contract, seed=seed)
+        (self.out / "inputs").mkdir()
+        for n, length in dict.fromkeys((n, length) for n, length, _ in work):
+            reqs = [gen.request(length, n).as_inputs() for _ in range(m.requests_per_point)]
+            self.inputs[(n, length)] = reqs, self.out / "inputs" / f"N{n}_L{length}.json"
+            pa.write_input_data(self.inputs[(n, length)][1], reqs)
+        self.sessions = {g: make_session(onnx_path(self.repository, g)) for g in GRAPHS}
+        server = start_server(grpc_port=free_port(), http_port=None, repository=self.repository,
+                              log_file=self.out / "tritonserver.log")
+        self.log(f"tritonserver pid {server.pid} ready on {server.grpc_url}")
+        try:
+            p50: dict[tuple[int, int], dict[str, float]] = {}
+            for i, (n, length, c) in enumerate(work):
+                if length not in {k[1] for k in self.naive_s}:  # one naive request at N=1
+                    req = RequestGenerator(self.contract, seed=12345).request(length, 1)
+                    seconds = self.time_graph("ranker_naive", [req.as_inputs()], 0.0)[0]
+                    self.naive_s[(1, length)] = float(np.median(seconds))
+                skip = self.naive_skip(n, length, c)
+                if (n, length) not in p50:
+                    p50[(n, length)] = self.run_direct(n, length, skip)
+                for j, model in enumerate(MODELS):
+                    service = p50[(n, length)].get("split" if model == "ranker" else model, 0.0)
+                    self.run_pa(server.grpc_url, model, n, length, c,
+                                service + OVERHEAD_US[model], skip if model == "ranker_naive"
+                                else "", f"[{i * 3 + j + 1}/{len(work) * 3}]")
+        finally:
+            self.log(f"stopped tritonserver pid {server.pid} (exit code {server.stop()})")
+            self.sessions.clear()
+        return an.machine(**an.LOCAL_SERVER, perf_analyzer=pa.perf_analyzer_version())
+
+    def run_memory(self) -> None:
+        """Peak memory of one run per graph into memory.csv, each in a fresh process."""
+        fm = self.flops
+        for model, n, length in self.mode.memory_points:
+            row = {"model": model, "n": n, "length": length,
+                   "user_kv_bytes": fm.user_kv_bytes(length),
+                   "naive_kv_bytes": fm.naive_kv_bytes(n, length),
+                   "naive_attention_est_bytes": fm.naive_attention_bytes(n, length),
+                   "status": self.naive_skip(n, length, 1) if model == "ranker_naive" else ""}
+            if not row["status"]:
+                spawn = multiprocessing.get_context("spawn")
+                try:
+                    with ProcessPoolExecutor(1, mp_context=spawn) as fresh:
+                        row |= {"status": "ok", **fresh.submit(
+                            memory.probe, model, n, length, self.repository, self.config).result()}
+                except Exception as e:  # the probe's own error, or its process died (memory)
+                    row["status"] = f"error: {type(e).__name__}: {e}"
+            peak = row.get("peak_delta_bytes")
+            self.log(f"memory {model} N={n} L={length}: {row['status']}"
+                     + (f", peak +{peak / 2**20:.1f} MiB" if peak is not None else ""))
+            self.rows["memory"].append(row)
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -389,52 +235,55 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(prog="scripts/bench.sh", description=__doc__ + " Full run: N "
+                                "in {1,5,10,50,100,1000} x L in {256,1000} + a concurrency sweep "
+                                "(15-30 min on 2 cores).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="N in {1,10,50}, L in {256,1000}, short windows, naive only where a "
+                      "request takes <= 5 s, so the headline point L=1000, N=50 is in (~4 min)")
+    size.add_argument("--smoke", action="store_true",
+                      help="one tiny point (N=5, L=64), for CI (seconds)")
+    p.add_argument("--out", type=Path, help="output folder (default: build/bench/<timestamp>; "
+                   "the committed full run is benchmarks/results)")
+    p.add_argument("--seed", type=int, default=0, help="request generator seed")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="model config the ONNX files were exported from (FLOP model)")
+    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY,
+                   help="model repository with the exported ONNX files")
+    args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     mode = SMOKE if args.smoke else QUICK if args.quick else FULL
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = (args.out or REPO_ROOT / "build" / "bench" / stamp).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("perf_analyzer", "inputs"):  # a previous run's per-run files
-        shutil.rmtree(out / stale, ignore_errors=True)
-    progress = Progress()
-    cfg = ModelConfig.load(args.config)
-    repository = args.repository.resolve()
-    missing = [m for m in direct.MODELS if not direct.model_path(repository, m).exists()]
+    repository, config = args.repository.resolve(), args.config.resolve()
+    missing = [g for g in GRAPHS if not onnx_path(repository, g).exists()]
     if missing:
-        print(f"bench: error: no ONNX model for {missing}: run `python -m export` first",
-              file=sys.stderr)
-        return 2
+        p.error(f"no ONNX model for {missing}: run `python -m export` first")
     try:
         pa.perf_analyzer_version()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        print(f"bench: error: perf_analyzer does not run: {e}", file=sys.stderr)
-        return 2
-    st = State(mode=mode, cfg=cfg, flops=FlopModel.from_config(cfg), out=out, progress=progress,
-               repository=repository, config_path=args.config.resolve())
-    progress(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
-             f"{mode.requests_per_point} requests per point -> {out}")
-    progress("generating requests (client.traffic.RequestGenerator) and perf_analyzer inputs")
-    make_requests(st, args.seed)
-    benchmark_server(st, args.seed)
-    run_memory(st)
-    progress("writing points.csv, direct.csv, memory.csv, ensemble_breakdown.csv, "
-             "run.json; then summary.csv, report.md, speedup.png")
-    for name, rows in (("points", st.points), ("direct", st.direct), ("memory", st.memory),
-                       ("ensemble_breakdown", st.breakdown)):
+        p.error(f"perf_analyzer does not run: {e}")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = (args.out or REPO_ROOT / "build" / "bench" / stamp).resolve()
+    for stale in ("perf_analyzer", "inputs"):  # a previous run's per-run files
+        shutil.rmtree(out / stale, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(mode, ModelConfig.load(config), repository, config, out)
+    bench.log(f"mode {mode.name}: N {list(mode.ns)}, L {list(mode.lengths)}, "
+              f"{mode.requests_per_point} requests per point -> {out}")
+    machine = bench.measure(args.seed)
+    bench.run_memory()
+    for name, rows in bench.rows.items():
         an.write_csv(out / f"{name}.csv", rows)
-    config = args.config.resolve()
-    total_s = time.monotonic() - progress.t0
+    total_s = time.monotonic() - bench.log.t0
     (out / "run.json").write_text(json.dumps({
         "mode": mode.name, "naive_limit_s": mode.naive_limit_s, "seed": args.seed,
         "config": str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT)
-                      else config),
-        "total_s": round(total_s, 1), "machine": st.machine},
-        indent=1))
+                      else config), "total_s": round(total_s, 1), "machine": machine}, indent=1))
     report.write(out)
-    shutil.rmtree(out / "inputs", ignore_errors=True)  # the same --seed regenerates them
-    progress(f"done in {total_s / 60:.1f} min: {out / 'report.md'}")
+    shutil.rmtree(out / "inputs")  # the same --seed regenerates them
+    bench.log(f"done in {total_s / 60:.1f} min: {out / 'report.md'}")
     return 0
 
 

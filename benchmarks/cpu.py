@@ -1,39 +1,15 @@
-"""How much CPU others used while the benchmark measured (a shared, noisy machine): the machine's
+"""How much CPU others used while a benchmark measured (a shared, noisy machine): the machine's
 CPU time minus that of the benchmark's own process tree (children's times included, so exited
 ones stay counted), over the wall time, in cores (psutil); steal on its own."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 import psutil
 
 CONTENDED_CORES = 0.3  # others' CPU use (cores) above which a measurement counts as contended
-
-
-def _machine_busy_and_steal() -> tuple[float, float]:
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq, t.steal
-
-
-def _tree_cpu(root: int) -> float:
-    """CPU seconds of `root` and all its descendants (alive ones, plus reaped ones via the
-    children_user / children_system times of their parents)."""
-    try:
-        tree = [psutil.Process(root)]
-        tree += tree[0].children(recursive=True)
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for proc in tree:
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:  # exited meanwhile: its parent's children times hold it once reaped
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 @dataclass
@@ -44,10 +20,24 @@ class Snapshot:
     ours: float
 
 
+def _tree_cpu() -> float:
+    """CPU seconds of this process and its descendants (reaped ones via their parents')."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # exited meanwhile: its parent's children times hold it once reaped
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def snapshot() -> Snapshot | None:
     try:
-        busy, steal = _machine_busy_and_steal()
-        return Snapshot(time.monotonic(), busy, steal, _tree_cpu(os.getpid()))
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + t.irq + t.softirq
+        return Snapshot(time.monotonic(), busy, t.steal, _tree_cpu())
     except (OSError, psutil.Error):
         return None
 
@@ -55,7 +45,7 @@ def snapshot() -> Snapshot | None:
 def external_cores(start: Snapshot | None, end: Snapshot | None = None) -> dict[str, float]:
     """{'ext_cpu_cores', 'steal_cores'} between two snapshots (empty where unavailable)."""
     end = end or snapshot()
-    if start is None or end is None or end.wall - start.wall <= 0:
+    if start is None or end is None or end.wall <= start.wall:
         return {}
     dt = end.wall - start.wall
     ext = (end.busy - start.busy) - (end.ours - start.ours)

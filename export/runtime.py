@@ -20,8 +20,7 @@ def session_options(threads: int | None = None, inter_threads: int = 1,
     cores, and an idle model's spinning threads would steal them from the busy one: production
     shares one ONNX Runtime pool between the models (`--backend-config=onnxruntime,
     enable-global-threadpool=true`), the local stand-in runs each model in its own process, where
-    turning spinning off is the equivalent (`spinning` exists for benchmarks/threads.py, which
-    measures both)."""
+    turning spinning off is the equivalent (`spinning` is there to compare both)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(os.environ.get(THREADS_ENV, "0")) if threads is None else threads

@@ -61,7 +61,7 @@ def test_bench_smoke_writes_numbers(tmp_path: Path, small_repository: Path) -> N
     assert all(_number(r["peak_delta_bytes"]) >= 0 for r in memory)
 
     report = (out / "report.md").read_text()
-    for heading in ("## Machine and versions", "## Targets", "## FLOP model (formulas)",
+    for heading in ("## Machine and versions", "## Targets", "## Speedup vs the FLOP bound",
                     "## In LONGER's form (throughput drop)", "## Memory", "## Where the time goes"):
         assert heading in report
     png = (out / "speedup.png").read_bytes()

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from benchmarks import load_test as lt
@@ -88,37 +89,37 @@ def test_process_tree_memory_of_own_children() -> None:
         assert parent.pid in tree and grandchild in tree
         assert processes.process_tree(parent.pid) == [parent.pid, grandchild]
         sample = lt.sample_memory(parent.pid)
-        assert set(sample.by_process) == {"tritonserver", "sleep"}  # the root is the server
-        assert sample.total_bytes == sum(sample.by_process.values())
-        assert sample.by_process["sleep"] > 0  # (exact value: it may still be paging in)
-        assert sample.by_process["tritonserver"] > 0
+        assert set(sample.index) == {"tritonserver", "sleep"}  # the root is the server
+        assert sample["sleep"] > 0  # (exact value: it may still be paging in)
+        assert sample["tritonserver"] > 0
         assert processes.kill_lingering([grandchild], marker="python") == []  # not its command line
         assert processes.kill_lingering([grandchild], marker="sleep") == [grandchild]
         assert processes.wait_gone([grandchild], 5.0) == []
         assert processes.rss_bytes(grandchild) == 0  # a zombie until its parent reaps it, or gone
-        assert lt.sample_memory(parent.pid).by_process.get("sleep", 0) == 0
+        assert lt.sample_memory(parent.pid).get("sleep", 0) == 0
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
 
 
 def test_verdict_and_figures() -> None:
-    def sample(total: int) -> lt.MemorySample:
-        return lt.MemorySample(0.0, total, {"tritonserver": total})
+    def sample(total: int) -> pd.Series:
+        return pd.Series({"tritonserver": total - lt.MIB, "stub:x": lt.MIB}, dtype=float)
 
-    mem = lt.memory_figures(sample(100 * lt.MIB), sample(130 * lt.MIB), sample(140 * lt.MIB),
-                            20.0, 1)
+    mem = lt.memory_figures(sample(100 * lt.MIB), sample(130 * lt.MIB), 140 * lt.MIB, 20.0)
     assert (mem["growth_mib"], mem["growth_pct"], mem["max_mib"]) == (30.0, 30.0, 140.0)
+    assert mem["growth_by_process_mib"] == {"stub:x": 0.0, "tritonserver": 30.0}
     base = {"errors": 0, "error_codes": {}, "mismatches": 0, "max_abs_diff": 0.0,
             "not_sent": 0, "checks_skipped": 0, "memory": mem,
             "warmup": {"errors": 0, "mismatches": 0, "not_sent": 0, "checks_skipped": 0}}
     assert lt.verdict(base) == ["server memory grew 30.0 % after the warm-up (> 20 %)"]
-    ok = {**base, "memory": lt.memory_figures(sample(100), sample(110), None, 20.0, 1)}
+    ok = {**base, "memory": lt.memory_figures(sample(100 * lt.MIB), sample(110 * lt.MIB), 0.0,
+                                              20.0)}
     assert lt.verdict(ok) == []
     bad = {**ok, "errors": 2, "error_codes": {"INTERNAL": 2}, "mismatches": 1,
            "max_abs_diff": 1e-3}
     assert len(lt.verdict(bad)) == 2
-    assert lt.memory_figures(None, None, None, 20.0, None)["measured"] is False
+    assert lt.memory_figures(None, None, 0.0, 20.0)["measured"] is False
     assert lt.percentiles_ms([0.001, 0.002, 0.003])["p50"] == 2.0
     assert lt.percentiles_ms([]) is None
 
