@@ -1,4 +1,4 @@
-"""The ranking transformer: one set of weights, two forwards.
+"""The ranking transformer: one set of weights, two forwards (and the benchmark's peers).
 
 * `forward` is the naive (traditional) scheme: every candidate gets its own copy of the history and
   the whole [history..., target] sequence is encoded once per candidate. It is the baseline and the
@@ -394,6 +394,52 @@ class RankingTransformer(nn.Module):
             torch.tensor(events.shape[0]) > 0,
         )
         return self.head(x, profile)
+
+    # ----------------------------------------------------------------- the benchmark's peers
+    def mfalcon(self, *request: Tensor) -> Tensor:
+        """M-FALCON single pass (Meta's generative recommenders), the long-history benchmark's
+        peer of the split: one forward over [history; N candidates], request contract in,
+        scores [N, T] out, nothing cached. History tokens see the history (causal or
+        bidirectional mask), each candidate sees the history and itself, never another
+        candidate, at the one target position: scores equal `forward`'s. A dense masked forward
+        in plain ONNX ops (what ONNX Runtime offers on CPU; Meta's kernels are jagged and
+        block-sparse, on GPU): its attention is [H, L+N, L+N]."""
+        hist_items, hist_actions, hist_ts, cand_items, cand_cats, request_ts, profile = request
+        history, last_ts = self.embed_history(hist_items, hist_actions, hist_ts)
+        length = history.shape[0]
+        candidates = self.embed_candidates(cand_items, cand_cats, request_ts, last_ts,
+                                           torch.tensor(length) > 0)
+        x = torch.cat([history, candidates]).unsqueeze(0)  # [1, L + N, d]
+        pos = torch.arange(x.shape[1], dtype=torch.int64)
+        q, k = pos[:, None], pos[None, :]
+        history_sees = (k <= q) if self.cfg.mask == "causal" else (k < length)
+        is_history = q < length
+        allowed = (is_history & history_sees & (k < length)) | (
+            ~is_history & ((k < length) | (k == q)))
+        bias = torch.where(allowed, 0.0, float("-inf"))
+        for block in self.blocks:
+            x, _, _ = block(x, bias)
+        return self.head(x[0, length:], profile)
+
+    def replicated_fusion(self, candidate_item_ids: Tensor, candidate_category_ids: Tensor,
+                          request_timestamp: Tensor, user_profile: Tensor, user_kv: Tensor,
+                          last_event_timestamp: Tensor) -> Tensor:
+        """`score_candidates` with the user K/V replicated to candidate granularity, the
+        `np.repeat` pattern of Merlin-style pipelines and the benchmark's other peer: N copies
+        of each layer's [H, L, dh], one attention per candidate. Scores equal
+        `score_candidates`'."""
+        x = self.embed_candidates(candidate_item_ids, candidate_category_ids, request_timestamp,
+                                  last_event_timestamp, torch.tensor(user_kv.shape[3]) > 0)
+        n = x.shape[0]
+        for i, block in enumerate(self.blocks):
+            q, k, v = (block._split_heads(t).transpose(0, 1).unsqueeze(2)
+                       for t in block.qkv(block.ln1(x)).chunk(3, dim=-1))  # [N, H, 1, dh]
+            keys = torch.cat([user_kv[i, 0].repeat(n, 1, 1, 1), k], dim=2)  # [N, H, L+1, dh]
+            values = torch.cat([user_kv[i, 1].repeat(n, 1, 1, 1), v], dim=2)
+            probs = torch.softmax((q * block.scale) @ keys.transpose(-1, -2), dim=-1)
+            attn = (probs @ values).squeeze(2)  # [N, H, dh]
+            x = block._ffn(x + block.out(attn.reshape(n, block.num_heads * block.head_dim)))
+        return self.head(x, user_profile)
 
     def split_forward(self, *request: Tensor) -> Tensor:
         """encode_user + score_candidates on the request contract (same argument order as

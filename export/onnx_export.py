@@ -17,19 +17,15 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from export import split_export
 from export.config import ModelConfig
-from export.model import RankingTransformer, SplitNotExactError, build_model, full_mask_refusal
-from export.split_contract import ReferenceSplitModel, reference_contract
+from export.model import RankingTransformer, SplitNotExactError, full_mask_refusal
+from export.split_contract import ReferenceSplitModel
 from export.split_export import OPSET
 
-__all__ = ["DYNAMIC_AXES", "OPSET", "example_inputs", "export_graph", "graphs_for",
-           "weight_hash", "write_model_card"]
-
-# Every tensor's variable axes by name, any config (the axis names do not depend on it).
-DYNAMIC_AXES = split_export.dynamic_axes(reference_contract(ModelConfig()))
+__all__ = ["OPSET", "export_graph", "graphs_for", "weight_hash", "write_model_card"]
 
 
 def graphs_for(cfg: ModelConfig, naive_only: bool = False) -> list[str]:
@@ -54,12 +50,6 @@ def export_graph(model: RankingTransformer, name: str, path: Path, fp16: bool | 
     split_export.export_graph(ReferenceSplitModel(model), name, Path(path),
                               max_candidates=model.cfg.max_candidates,
                               naive_max_work=model.cfg.naive_max_work, target=target)
-
-
-def example_inputs(cfg: ModelConfig) -> dict[str, Tensor]:
-    """Small tracing inputs of every reference graph by name (split_export.example_feeds), for
-    tracing other modules with the same inputs (benchmarks/peers.py)."""
-    return split_export.example_feeds(ReferenceSplitModel(build_model(cfg)))
 
 
 def weight_hash(model: nn.Module) -> str:

@@ -114,9 +114,10 @@ class ReferenceSplitModel(nn.Module):
     """`RankingTransformer` seen through the SplitModel protocol, its code unchanged: its
     forwards already take the protocol's argument orders; this adds `contract()`, the request's
     contract dtypes at the boundary of an fp16 model (`user_profile` enters in the weights'
-    dtype, the scores leave as fp32, the K/V stay in the weights' dtype) and its benchmark
-    baseline `ranker_base` (`forward_base`, an evaluation graph). A module itself, so that an
-    export traces its weights as weights."""
+    dtype, the scores leave as fp32, the K/V stay in the weights' dtype), its benchmark
+    baseline `ranker_base` (`forward_base`, an evaluation graph) and the long-history
+    benchmark's peers (`mfalcon`, `replicated_fusion`). A module itself, so that an export
+    traces its weights as weights."""
 
     evaluation_graphs: ClassVar[dict[str, str]] = {"ranker_base": "forward_base"}
 
@@ -147,6 +148,17 @@ class ReferenceSplitModel(nn.Module):
         *candidates, profile, user_kv, last = inputs
         return self.model.score_candidates(*candidates, profile.to(self._dtype()), user_kv,
                                            last).float()
+
+    def mfalcon(self, *features: Tensor) -> Tensor:
+        """The model's M-FALCON single pass (a benchmark peer), at the boundary as `forward`."""
+        *ids, profile = features
+        return self.model.mfalcon(*ids, profile.to(self._dtype())).float()
+
+    def replicated_fusion(self, *inputs: Tensor) -> Tensor:
+        """The model's replicated-K/V fusion (a benchmark peer), as `score_candidates`."""
+        *candidates, profile, user_kv, last = inputs
+        return self.model.replicated_fusion(*candidates, profile.to(self._dtype()), user_kv,
+                                            last).float()
 
     def encode_append(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         """cached_user_kv (every layer but the last), cached_last_event_timestamp, the new

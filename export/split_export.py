@@ -159,12 +159,6 @@ def example_inputs(contract: SplitContract, graph: str, model: SplitModel) -> tu
     return tuple(named[n] for n in graph_io(contract, graph)[0])
 
 
-def dynamic_axes(contract: SplitContract) -> dict[str, dict[int, str]]:
-    """Every tensor's variable axes by name (the torch.onnx.export argument), any graph."""
-    return {name: {i: d for i, d in enumerate(dims) if isinstance(d, str)}
-            for name, dims in tensor_dims(contract, "").items()}
-
-
 def declare_io_shapes(proto: onnx.ModelProto, dims: dict[str, list[int | str]]) -> None:
     """Write the declared shapes onto the graph's inputs and outputs (fixed dims as numbers,
     variable ones by axis name): Triton's native backend compares its config against them."""
@@ -206,12 +200,24 @@ def export_graph(model: SplitModel, graph: str, path: Path, *, max_candidates: i
     known = graphs_for(contract, tuple(evaluation_graphs(model)))
     if graph not in known:
         raise ValueError(f"unknown graph {graph!r} for {contract.family}: one of {known}")
+    proto = trace(model, methods[graph], graph, path, target)
+    add_guards(proto, graph, contract, max_candidates, naive_max_work)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+
+
+def trace(model: SplitModel, method: str, graph: str, path: Path,
+          target: str = "cpu") -> onnx.ModelProto:
+    """Trace `model.<method>` with `graph`'s inputs and outputs (names, dynamic and declared
+    dims from the declaration) into `path`; the graph back, to be guarded and saved (a
+    benchmark's peer forward is traced so as the graph it stands in for)."""
+    contract = model.contract()
     inputs, outputs = graph_io(contract, graph)
     dims = tensor_dims(contract, graph)
     dynamic = {name: {i: d for i, d in enumerate(dims[name]) if isinstance(d, str)}
                for name in inputs + outputs}
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = _Graph(model, methods[graph]).eval()
+    module = _Graph(model, method).eval()
     args = example_inputs(contract, graph, model)
     with warnings.catch_warnings(), torch.no_grad(), export_target(target):
         warnings.simplefilter("ignore")  # tracer warnings about shape-to-int conversions
@@ -219,9 +225,7 @@ def export_graph(model: SplitModel, graph: str, path: Path, *, max_candidates: i
                           input_names=inputs, output_names=outputs, dynamic_axes=dynamic)
     proto = onnx.load(str(path))
     declare_io_shapes(proto, dims)
-    add_guards(proto, graph, contract, max_candidates, naive_max_work)
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(str(path))
+    return proto
 
 
 def export_all(model: SplitModel, directory: Path, *, max_candidates: int, naive_max_work: int,

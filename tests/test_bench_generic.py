@@ -16,9 +16,6 @@ from export.hstu import HSTUConfig, hstu_contract
 from tests.conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# peers.py holds the reference model's own peer forwards (model code: its K/V is a parameter
-# there); the names its graphs are exported with come from the declaration all the same.
-OWN_NAMES = ("peers.py",)
 CFG = small_config("causal")
 CONTRACT = ref.reference_contract(CFG)
 
@@ -36,7 +33,7 @@ def test_the_benchmarks_name_no_family_feature_or_state() -> None:
         (isinstance(v, str) and v in names) or (isinstance(v, tuple) and v and set(v) <= names))}
     assert {"USER_KV", "HISTORY_INPUTS", "CACHED_USER_KV"} <= constants  # the test can fail
     pattern = re.compile(r"\b(" + "|".join(sorted(names | constants)) + r")\b")
-    files = [p for p in sorted((ROOT / "benchmarks").glob("*.py")) if p.name not in OWN_NAMES]
+    files = sorted((ROOT / "benchmarks").glob("*.py"))
     assert len(files) > 10
     found = [f"{p.name}: {m.group(0)}" for p in files for m in pattern.finditer(p.read_text())]
     assert not found, found

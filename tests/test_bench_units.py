@@ -192,14 +192,15 @@ def test_a_run_without_a_breakdown_still_gets_its_report(tmp_path: Path) -> None
     assert (tmp_path / "summary.csv").read_text() == (RESULTS / "quick" / "summary.csv").read_text()
 
 
-@pytest.mark.parametrize("run", ["long_history", "long_history_bidirectional"])
+@pytest.mark.parametrize("run", ["long_history", "long_history_bidirectional", "hstu",
+                                 "hstu/reference_check"])
 def test_committed_long_history_report_is_the_generator_output(run: str, tmp_path: Path) -> None:
-    from benchmarks import long_report
+    from benchmarks import long_history
 
     for f in (RESULTS / run).glob("long_*.*"):
         if f.suffix in (".csv", ".json"):
             shutil.copy(f, tmp_path / f.name)
-    assert long_report.main([str(tmp_path)]) == 0
+    assert long_history.main(["--report-only", str(tmp_path)]) == 0
     assert (tmp_path / "long_history.md").read_text() == (RESULTS / run / "long_history.md"
                                                          ).read_text()
 
@@ -207,10 +208,12 @@ def test_committed_long_history_report_is_the_generator_output(run: str, tmp_pat
 def test_rebuilding_a_report_from_a_folder_without_a_run_says_so(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture
                                                                   ) -> None:
-    from benchmarks import long_report, report
+    from benchmarks import long_history, report
 
-    for module, marker in ((report, "run.json"), (long_report, "long_facts.json")):
+    for main, argv, marker in ((report.main, [str(tmp_path)], "run.json"),
+                               (long_history.main, ["--report-only", str(tmp_path)],
+                                "long_facts.json")):
         with pytest.raises(SystemExit) as exit_info:
-            module.main([str(tmp_path)])
+            main(argv)
         assert exit_info.value.code == 2
         assert f"{marker} not found" in capsys.readouterr().err

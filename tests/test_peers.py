@@ -1,6 +1,7 @@
-"""The benchmark's peers (benchmarks/peers.py) score exactly what the naive oracle scores, for
-both masks and for the HSTU family's single pass, so the long-history benchmark compares costs of
-equal answers."""
+"""The benchmark's peers (the models' own `mfalcon` and `replicated_fusion` forwards, exported by
+benchmarks/long_history.py as the graphs they stand in for) score exactly what the naive oracle
+scores, for both masks and for the HSTU family's single pass, so the long-history benchmark
+compares costs of equal answers."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.peers import MFALCON, PEERS, REPLICATED_FUSION, export_peer, export_peers
+from benchmarks.long_history import PEERS, export_peers
 from export import reference_features as c
 from export.hstu import build_hstu
 from export.hstu_export import export_hstu
 from export.model import build_model
 from export.onnx_export import export_graph
 from export.runtime import make_session
-from export.split_contract import naive_scores
+from export.split_contract import ReferenceSplitModel, naive_scores
 from export.split_fuzz import as_torch, max_diff
 from tests.conftest import OnnxModels, random_request, small_config
 from tests.test_hstu import CFG, REPO_ROOT, TOLERANCE
@@ -30,23 +31,31 @@ from tests.test_hstu import random_request as hstu_request
 
 @pytest.mark.parametrize("mask", ["causal", "bidirectional"])
 def test_peers_equal_the_oracle(tmp_path: Path, mask: str) -> None:
+    """The reference model's peer forwards against its naive forward, in torch and exported."""
     cfg = small_config(mask)
     model = build_model(cfg)
     graphs = ["user_encoder", "ranker_naive"]
     for graph in graphs:
         export_graph(model, graph, tmp_path / graph / "model.onnx")
-    for peer in PEERS:
-        export_peer(model, peer, tmp_path / peer / "model.onnx")
-    models = OnnxModels(tmp_path, [*graphs, *PEERS])
+    assert export_peers(ReferenceSplitModel(model), tmp_path) == tuple(PEERS)
+    models = OnnxModels(tmp_path, [*graphs, *(f"{peer}/1" for peer in PEERS)])
+    contract = c.reference_contract(cfg)
     rng = np.random.default_rng(4)
     for length, n in [(0, 3), (1, 1), (40, 7), (cfg.max_history + 50, 4)]:
         request = random_request(rng, cfg, length, n)
         naive = models.naive(request)
         user_kv, last_ts = models.run("user_encoder", request)
-        replicated = models.run(REPLICATED_FUSION, {**request, c.USER_KV: user_kv,
-                                                    c.LAST_EVENT_TIMESTAMP: last_ts})[0]
-        for name, scores in ((MFALCON, models.run(MFALCON, request)[0]),
-                             (REPLICATED_FUSION, replicated)):
+        state = {c.USER_KV: user_kv, c.LAST_EVENT_TIMESTAMP: last_ts}
+        tensors = as_torch({**request, **state})
+        with torch.no_grad():
+            in_torch = {
+                "mfalcon": model.mfalcon(*(tensors[f.name] for f in contract.features)),
+                "replicated_fusion": model.replicated_fusion(
+                    *(tensors[name] for name in contract.fusion_inputs))}
+        for name, scores in (("mfalcon", models.run("mfalcon/1", request)[0]),
+                             ("replicated_fusion",
+                              models.run("replicated_fusion/1", {**request, **state})[0]),
+                             *((f"torch {p}", s.numpy()) for p, s in in_torch.items())):
             assert scores.shape == naive.shape, name
             assert float(np.abs(scores - naive).max(initial=0.0)) <= 1e-5, (name, length, n)
 
@@ -56,10 +65,10 @@ def test_hstu_single_pass_equals_the_oracle(tmp_path: Path) -> None:
     the torch naive forward and the exported ranker_naive: history past one attention block and
     past max_history, candidates in several blocks of the single pass, N = 0 and N = 1."""
     model = build_hstu(CFG)
-    assert export_peers(model, tmp_path) == (MFALCON,)
+    assert export_peers(model, tmp_path) == ("mfalcon",)
     export_hstu(model, tmp_path, ("ranker_naive",))
     contract = model.contract()
-    single = make_session(tmp_path / MFALCON / "1" / "model.onnx")
+    single = make_session(tmp_path / "mfalcon" / "1" / "model.onnx")
     naive = make_session(tmp_path / "ranker_naive" / "1" / "model.onnx")
     for length, n in [(0, 3), (1, 0), (1, 1), (65, 17), (CFG.max_history + 41, 130)]:
         request = hstu_request(np.random.default_rng(7 * length + n), length, n)

@@ -143,7 +143,7 @@ def test_serve_needs_exported_models(tmp_path: Path, small_repository: Path) -> 
     ["scripts/gpu_check.sh"],
     [sys.executable, "-m", "benchmarks.perf_inputs"],
     [sys.executable, "-m", "local_server.repository"],
-    [sys.executable, "-m", "benchmarks.report"], [sys.executable, "-m", "benchmarks.long_report"],
+    [sys.executable, "-m", "benchmarks.report"],
     [sys.executable, "-m", "export.hstu_export"],
     [sys.executable, "-m", "export.family"], [sys.executable, "-m", "export.check"],
 ])
