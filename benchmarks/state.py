@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.analysis import Progress  # noqa: F401 (long_history's import until it moves)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("ranker", "ranker_naive", "ranker_base")  # the order of every point
 
@@ -27,7 +25,6 @@ class Mode:
     sweep_point: tuple[int, int] | None  # (N, L) of the concurrency sweep
     sweep_concurrency: tuple[int, ...]
     memory_points: tuple[tuple[str, int, int], ...]  # (graph, N, L), each in a fresh process
-    retry_contended: bool = False  # no mode does any more (retired, benchmarks/README.md)
 
 
 FULL = Mode(

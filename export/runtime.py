@@ -13,19 +13,18 @@ import onnxruntime as ort
 THREADS_ENV = "RANKER_ORT_THREADS"
 
 
-def session_options(threads: int | None = None, inter_threads: int = 1,
-                    spinning: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None = None, inter_threads: int = 1) -> ort.SessionOptions:
     """Full graph optimisation; the thread counts of the Triton config (`intra_op_thread_count`,
     `inter_op_thread_count`); no spinning. In an ensemble the models take turns on the same
     cores, and an idle model's spinning threads would steal them from the busy one: production
     shares one ONNX Runtime pool between the models (`--backend-config=onnxruntime,
     enable-global-threadpool=true`), the local stand-in runs each model in its own process, where
-    turning spinning off is the equivalent (`spinning` is there to compare both)."""
+    turning spinning off is the equivalent."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(os.environ.get(THREADS_ENV, "0")) if threads is None else threads
     so.inter_op_num_threads = inter_threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
